@@ -1,0 +1,159 @@
+"""Load released checkpoints into the models of this package, strictly.
+
+`load_pretrained(model, path)` reads a `.pth`/`.pt`/`.bin` (torch.load, weights_only=True) or `.safetensors`
+file, peels `model` / `state_dict` wrappers and a DDP `module.` prefix, renames a foreign layout with one
+explicit function per family, resizes position tables to the model's input size, skips a classifier head
+made for another number of classes, and fails with the full list of missing / unexpected / mis-shaped keys.
+
+    family           layouts accepted                                   renaming
+    EfficientFormer  timm `efficientformer_l*.snap_dist_in1k`           -
+                     snap-research `efficientformer_l*_300d.pth`        efficientformer.snap_to_timm
+    ViT / DeiT III   timm `vit_*.augreg_*`, `deit3_*.fb_*`              -
+                     facebookresearch `deit_3_*.pth` (gamma_1/gamma_2)  vit.deit3_fb_to_timm
+    SAM              Meta `sam_vit_b_01ec64.pth`                        - (sam.resize_sam_state_dict for sizes)
+"""
+import argparse
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import efficientformer, vit
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat {key: tensor} dict on the CPU (wrappers and `module.` peeled off)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file)")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            obj = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for bad headers / short files
+            raise ValueError(f"could not read {str(path)!r} as a safetensors file (expected a file written by "
+                             f"safetensors' save_file; it may be truncated or of another type): {e}") from e
+    elif suffix in TORCH_SUFFIXES:
+        obj = _torch_load(path)
+    else:
+        raise ValueError(f"{str(path)!r}: unknown checkpoint type {suffix!r}; expected a torch.save file "
+                         f"({', '.join(TORCH_SUFFIXES)}) or a .safetensors file")
+    return unwrap_state_dict(obj, str(path))
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # training checkpoints often carry the argparse Namespace of their run next to the weights; allow
+        # that one plain-data class, refuse every other pickled object
+        if "argparse.Namespace" in str(e):
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        raise ValueError(f"{str(path)!r} holds pickled objects that weights_only loading refuses; re-save only the "
+                         f"state_dict (torch.save(model.state_dict(), path)): {e}") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"could not read {str(path)!r} as a PyTorch checkpoint (expected a file written by "
+                         f"torch.save; it may be truncated or of another type): {e}") from e
+
+
+def unwrap_state_dict(obj, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Peel `{'model': ...}` / `{'state_dict': ...}` wrappers and a DDP `module.` key prefix."""
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{where}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+    while True:
+        inner = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+        if not inner:
+            break
+        obj = obj[inner[0]]
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise TypeError(f"{where}: no tensors found (top-level keys: {sorted(obj)[:10]}); expected a state_dict, "
+                        f"possibly under 'model' or 'state_dict'")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_sam(model: nn.Module) -> bool:
+    return all(hasattr(model, n) for n in ("image_encoder", "prompt_encoder", "mask_decoder"))
+
+
+def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: bool = True,
+                    verbose: bool = True) -> dict:
+    """Load a checkpoint (file path, or an in-memory state_dict) into `model`.
+
+    Args:
+        model: an EfficientFormer, VisionTransformer, Sam, or any other module of this package.
+        path: checkpoint file (.pth/.pt/.bin/.ckpt or .safetensors), or a state_dict.
+        strict: raise a ValueError listing every missing, unexpected and mis-shaped key (after renaming,
+            resizing and head skipping); with strict=False those are reported and the rest is loaded.
+        verbose: print a one-line summary.
+
+    Returns:
+        dict(layout=str, skipped=[keys of a skipped head], resized=[keys resampled to the model's size],
+             missing=[...], unexpected=[...], mismatched=[...]).
+    """
+    where = str(path) if not isinstance(path, Mapping) else "state_dict"
+    sd = read_checkpoint(path) if not isinstance(path, Mapping) else unwrap_state_dict(path, where)
+
+    # 1. foreign layouts -> our (timm / Meta) names, 2. tables resized to the model's input size
+    layout, resized, skipped, head_prefixes = "native", [], [], ()
+    if isinstance(model, efficientformer.EfficientFormer):
+        layout, head_prefixes = "timm", ("head.", "head_dist.")
+        if any(k.startswith(("network.", "patch_embed.")) for k in sd):
+            sd, layout = efficientformer.snap_to_timm(sd), "snap"
+        sd, resized = efficientformer.adapt_state_dict(sd, model)
+    elif isinstance(model, vit.VisionTransformer):
+        layout, head_prefixes = "timm", ("head.",)
+        if any(k.endswith((".gamma_1", ".gamma_2")) for k in sd):
+            sd, layout = vit.deit3_fb_to_timm(sd), "deit3_fb"
+        sd, resized = vit.adapt_state_dict(sd, model)
+    elif _is_sam(model):
+        from . import sam  # imported lazily: the SAM files are only needed for SAM
+        layout = "sam"
+        new = sam.resize_sam_state_dict(sd, model)
+        resized = sorted(k for k in sd if new[k] is not sd[k])
+        sd, skipped = sam.drop_mask_token_keys(new, model)
+
+    own = model.state_dict()
+    # 3. a head for another number of classes (or a model without a head): keep the model's own head
+    if head_prefixes:
+        ckpt_head = [k for k in sd if k.startswith(head_prefixes)]
+        if any(k not in own or own[k].shape != sd[k].shape for k in ckpt_head):
+            skipped = sorted(set(ckpt_head) | {k for k in own if k.startswith(head_prefixes)})
+            sd = {k: v for k, v in sd.items() if not k.startswith(head_prefixes)}
+        elif not ckpt_head:  # backbone-only checkpoint
+            skipped = sorted(k for k in own if k.startswith(head_prefixes))
+
+    missing = sorted(k for k in own if k not in sd and k not in skipped)
+    unexpected = sorted(k for k in sd if k not in own)
+    mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in sd if k in own and sd[k].shape != own[k].shape)
+    if strict and (missing or unexpected or mismatched):
+        lines = [f"checkpoint {where!r} ({layout} layout) does not match {type(model).__name__}:"]
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                lines.append(f"  {len(keys)} {name} key(s): " + ", ".join(keys))
+        lines.append("  (is it the right model size / family? pass strict=False to load the matching keys only)")
+        raise ValueError("\n".join(lines))
+    sd = {k: v for k, v in sd.items() if k in own and sd[k].shape == own[k].shape}
+    model.load_state_dict(sd, strict=False)
+
+    if verbose:
+        msg = f"load_pretrained: {where} ({layout} layout): {len(sd)} tensors loaded"
+        if resized:
+            msg += f", resized to the model's input size: {', '.join(resized)}"
+        if skipped:
+            msg += f"; head skipped (kept the model's fresh {', '.join(sorted({k.split('.')[0] for k in skipped}))})"
+        if missing or unexpected or mismatched:
+            msg += f"; NOT loaded: {len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped"
+        print(msg)
+    return dict(layout=layout, skipped=skipped, resized=resized, missing=missing, unexpected=unexpected,
+                mismatched=mismatched)

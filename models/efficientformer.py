@@ -1,0 +1,467 @@
+"""EfficientFormer (V1) L1 / L3 / L7.
+
+Li et al., "EfficientFormer: Vision Transformers at MobileNet Speed", NeurIPS 2022. Module names equal the keys
+of timm's `efficientformer_l{1,3,7}.snap_dist_in1k` checkpoints, so those load with strict key checking and no
+renaming; the original snap-research files go through `snap_to_timm`.
+
+    stem      conv3x3 s2 + BN + ReLU, conv3x3 s2 + BN + ReLU       (B, 3, H, W) -> (B, C0, H/4, W/4)
+    stages.0  Meta4D x d0                                          (B, C0, H/4, W/4)
+    stages.1  downsample (conv3x3 s2 + BN), Meta4D x d1            (B, C1, H/8, W/8)
+    stages.2  downsample, Meta4D x d2                              (B, C2, H/16, W/16)
+    stages.3  downsample, Meta4D x (d3 - num_vit), Flat, Meta3D x num_vit    -> (B, H/32 * W/32, C3)
+    norm (LayerNorm), mean over tokens, (head(x) + head_dist(x)) / 2
+
+Meta4D (a PoolFormer block on maps):  x = x + ls1 * (avgpool3x3(x) - x);  x = x + ls2 * BN(fc2(GELU(BN(fc1(x)))))
+Meta3D (a transformer block on tokens): x = x + ls1 * attn(LN(x));          x = x + ls2 * mlp(LN(x))
+The attention adds a learned bias per head and per relative offset (|dy|, |dx|) on the H/32 x W/32 grid.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import DropPath, LayerScale, LayerScale2d, Mlp, check_image_input
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def attention_bias_idxs(resolution: tuple[int, int]) -> torch.Tensor:
+    """Index into the bias table for every (query, key) pair of an Rh x Rw grid: |dy| * Rw + |dx|.
+
+    Returns a (N, N) LongTensor, N = Rh * Rw, tokens in row-major order.
+    """
+    rh, rw = resolution
+    ys, xs = torch.meshgrid(torch.arange(rh), torch.arange(rw), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()  # (N,)
+    dy = (ys[:, None] - ys[None, :]).abs()  # (N, N)
+    dx = (xs[:, None] - xs[None, :]).abs()
+    return dy * rw + dx
+
+
+def resize_attention_biases(table: torch.Tensor, old_res: tuple[int, int], new_res: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resampling of a (heads, Rh * Rw) bias table, seen as a (heads, Rh, Rw) image over (|dy|, |dx|),
+    to another grid (as LeViT / TinyViT and the snap segmentation backbone do for larger inputs)."""
+    if tuple(old_res) == tuple(new_res):
+        return table
+    heads = table.shape[0]
+    t = table.float().reshape(1, heads, old_res[0], old_res[1])  # (1, heads, Rh, Rw)
+    t = F.interpolate(t, size=tuple(new_res), mode="bicubic", align_corners=False, antialias=True)
+    return t.reshape(heads, new_res[0] * new_res[1]).to(table.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with learned relative-position biases (Meta3D token mixer).
+
+    qkv is laid out per head: the 1536 outputs (L7) are [q_h (32) | k_h (32) | v_h (128)] for h = 0..7.
+
+    Args:
+        dim: token channels.
+        key_dim: channels of q and k per head.
+        num_heads: number of heads.
+        attn_ratio: value channels per head = attn_ratio * key_dim.
+        resolution: (Rh, Rw) token grid the biases are defined on (H/32, W/32).
+    """
+
+    def __init__(self, *, dim: int, key_dim: int = 32, num_heads: int = 8, attn_ratio: int = 4,
+                 resolution: tuple[int, int] = (7, 7)) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.val_dim = int(attn_ratio * key_dim)
+        self.resolution = tuple(resolution)
+        self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.val_dim))
+        self.proj = nn.Linear(num_heads * self.val_dim, dim)
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution[0] * resolution[1]))
+        # persistent: timm's and snap's checkpoints store it, so strict loading needs the key
+        self.register_buffer("attention_bias_idxs", attention_bias_idxs(self.resolution), persistent=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, nh, N, 2 * kd + vd)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=-1)  # (B, nh, N, kd/kd/vd)
+        bias = self.attention_biases[:, self.attention_bias_idxs]  # (nh, N, N)
+        # softmax(q k^T / sqrt(kd) + bias) v, the bias passed as an additive float mask
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, N, vd)
+        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.val_dim)  # (B, N, nh * vd)
+        return self.proj(x)
+
+
+class Pooling(nn.Module):
+    """PoolFormer token mixer: avgpool(x) - x (the block's residual adds x back).
+
+    Args:
+        pool_size: pooling window (stride 1, same padding, padded cells not counted).
+    """
+
+    def __init__(self, *, pool_size: int = 3) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x) - x
+
+
+class ConvMlp(nn.Module):
+    """Meta4D MLP on maps: BN(fc2(GELU(BN(fc1(x))))) with 1x1 convs, x (B, C, H, W).
+
+    Args:
+        dim: input and output channels.
+        hidden_dim: hidden channels.
+        drop: dropout after the activation and at the end.
+    """
+
+    def __init__(self, *, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.norm1 = nn.BatchNorm2d(hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.act(self.norm1(self.fc1(x))))  # (B, hidden, H, W)
+        return self.drop(self.norm2(self.fc2(x)))  # (B, C, H, W)
+
+
+class Meta4D(nn.Module):
+    """Pooling block on (B, C, H, W) maps.
+
+    Args:
+        dim: channels.
+        pool_size: pooling window of the token mixer.
+        mlp_ratio: hidden channels of the MLP / dim.
+        drop: dropout in the MLP.
+        drop_path: stochastic depth probability.
+        layer_scale_init: initial layer-scale value.
+    """
+
+    def __init__(self, *, dim: int, pool_size: int = 3, mlp_ratio: float = 4.0, drop: float = 0.0,
+                 drop_path: float = 0.0, layer_scale_init: float = 1e-5) -> None:
+        super().__init__()
+        self.token_mixer = Pooling(pool_size=pool_size)
+        self.ls1 = LayerScale2d(dim, layer_scale_init)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = ConvMlp(dim=dim, hidden_dim=int(dim * mlp_ratio), drop=drop)
+        self.ls2 = LayerScale2d(dim, layer_scale_init)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.token_mixer(x)))
+        return x + self.drop_path2(self.ls2(self.mlp(x)))
+
+
+class Meta3D(nn.Module):
+    """Transformer block on (B, N, C) tokens.
+
+    Args:
+        dim: channels.
+        resolution: token grid of the attention biases.
+        mlp_ratio: hidden channels of the MLP / dim.
+        drop: dropout in the MLP.
+        drop_path: stochastic depth probability.
+        layer_scale_init: initial layer-scale value.
+    """
+
+    def __init__(self, *, dim: int, resolution: tuple[int, int], mlp_ratio: float = 4.0, drop: float = 0.0,
+                 drop_path: float = 0.0, layer_scale_init: float = 1e-5) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.token_mixer = Attention(dim=dim, resolution=resolution)
+        self.ls1 = LayerScale(dim, layer_scale_init)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim=dim, hidden_dim=int(dim * mlp_ratio), drop=drop)
+        self.ls2 = LayerScale(dim, layer_scale_init)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.token_mixer(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class Flat(nn.Module):
+    """(B, C, H, W) -> (B, H*W, C). No parameters; it sits among the last stage's blocks, so it takes a block index
+    (L1: 3, L3: 2, L7: 0) exactly as in the checkpoints."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class Downsample(nn.Module):
+    """conv3x3 stride 2 + BN between stages: (B, C_in, H, W) -> (B, C_out, H/2, W/2).
+
+    Args:
+        in_dim: input channels.
+        out_dim: output channels.
+    """
+
+    def __init__(self, *, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class Stem(nn.Sequential):
+    """Two conv3x3 stride 2 + BN + ReLU: (B, 3, H, W) -> (B, C0, H/4, W/4).
+
+    Args:
+        out_dim: output channels C0 (the first conv gives C0 / 2).
+    """
+
+    def __init__(self, *, out_dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, out_dim // 2, 3, stride=2, padding=1)
+        self.norm1 = nn.BatchNorm2d(out_dim // 2)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_dim // 2, out_dim, 3, stride=2, padding=1)
+        self.norm2 = nn.BatchNorm2d(out_dim)
+        self.act2 = nn.ReLU()
+
+
+class Stage(nn.Module):
+    """Optional downsample, then `blocks`: Meta4D blocks, and for the last stage a Flat and `num_vit` Meta3D blocks.
+
+    Args:
+        in_dim: input channels.
+        dim: channels of the stage.
+        depth: number of Meta4D + Meta3D blocks.
+        downsample: whether to start with a stride-2 Downsample.
+        num_vit: number of Meta3D blocks at the end (0 for all but the last stage).
+        resolution: token grid of this stage (for the attention biases).
+        drop_path: per-block stochastic depth probabilities (length depth).
+        pool_size, mlp_ratio, drop, layer_scale_init: block settings.
+    """
+
+    def __init__(self, *, in_dim: int, dim: int, depth: int, downsample: bool, num_vit: int,
+                 resolution: tuple[int, int], drop_path: list[float], pool_size: int = 3, mlp_ratio: float = 4.0,
+                 drop: float = 0.0, layer_scale_init: float = 1e-5) -> None:
+        super().__init__()
+        self.downsample = Downsample(in_dim=in_dim, out_dim=dim) if downsample else nn.Identity()
+        blocks = []
+        for j in range(depth):
+            if j == depth - num_vit:
+                blocks.append(Flat())  # maps -> tokens before the first Meta3D block
+            if j >= depth - num_vit:
+                blocks.append(Meta3D(dim=dim, resolution=resolution, mlp_ratio=mlp_ratio, drop=drop,
+                                     drop_path=drop_path[j], layer_scale_init=layer_scale_init))
+            else:
+                blocks.append(Meta4D(dim=dim, pool_size=pool_size, mlp_ratio=mlp_ratio, drop=drop,
+                                     drop_path=drop_path[j], layer_scale_init=layer_scale_init))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class EfficientFormer(nn.Module):
+    """EfficientFormer V1 classifier with a distillation head.
+
+    Args:
+        depths: blocks per stage, e.g. (3, 2, 6, 4) for L1.
+        embed_dims: channels per stage, e.g. (48, 96, 224, 448) for L1.
+        num_vit: number of Meta3D (attention) blocks at the end of the last stage.
+        num_classes: classes of `head` and `head_dist`; 0 gives no heads (forward returns pooled features).
+        img_size: input size (int or (H, W)), a multiple of 32; the attention biases live on the
+            (H/32, W/32) grid, so a model takes exactly this size.
+        mlp_ratios: hidden / input channels of every MLP.
+        pool_size: pooling window of the Meta4D token mixer.
+        layer_scale_init: initial layer-scale value.
+        drop_rate: dropout before the heads (and inside the MLPs).
+        drop_path_rate: stochastic depth, increasing linearly over all blocks up to this value.
+        distillation: keep the `head_dist` head (all released checkpoints have it).
+    """
+
+    def __init__(self, *, depths: tuple[int, ...], embed_dims: tuple[int, ...], num_vit: int,
+                 num_classes: int = 1000, img_size: int | tuple[int, int] = 224, mlp_ratios: float = 4,
+                 pool_size: int = 3, layer_scale_init: float = 1e-5, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, distillation: bool = True) -> None:
+        super().__init__()
+        if len(depths) != len(embed_dims):
+            raise ValueError(f"depths {tuple(depths)} and embed_dims {tuple(embed_dims)} must have one entry per stage")
+        if not 0 <= num_vit <= depths[-1]:
+            raise ValueError(f"num_vit={num_vit} must be between 0 and the last stage's depth {depths[-1]}")
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.stride = 2 ** (len(depths) + 1)  # 32 for four stages
+        if img_size[0] % self.stride or img_size[1] % self.stride or min(img_size) <= 0:
+            raise ValueError(f"img_size {img_size} must be a positive multiple of {self.stride} (e.g. 224, 256, "
+                             f"384, 512), because the attention biases live on the (H/{self.stride}, W/{self.stride}) grid")
+        self.img_size = img_size
+        self.grid_size = (img_size[0] // self.stride, img_size[1] // self.stride)
+        self.num_classes = num_classes
+        self.num_features = embed_dims[-1]
+        self.distillation = distillation
+        self.data_cfg = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.95, interpolation="bicubic",
+                             input_size=(3, *img_size))
+
+        self.stem = Stem(out_dim=embed_dims[0])
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth per block
+        stages, start = [], 0
+        for i, (depth, dim) in enumerate(zip(depths, embed_dims)):
+            stages.append(Stage(in_dim=embed_dims[max(i - 1, 0)], dim=dim, depth=depth, downsample=i > 0,
+                                num_vit=num_vit if i == len(depths) - 1 else 0, resolution=self.grid_size,
+                                drop_path=dpr[start:start + depth], pool_size=pool_size, mlp_ratio=mlp_ratios,
+                                drop=drop_rate, layer_scale_init=layer_scale_init))
+            start += depth
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features, eps=1e-5)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.reset_classifier(num_classes)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New `head` (and `head_dist`) for `num_classes` classes (nn.Identity for 0)."""
+        self.num_classes = num_classes
+        ref = self.norm.weight
+        heads = ["head", "head_dist"] if self.distillation else ["head"]
+        for name in heads:
+            if num_classes > 0:
+                layer = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                self._init_weights(layer)
+            else:
+                layer = nn.Identity()
+            setattr(self, name, layer)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_image_input(x, self.img_size, "EfficientFormer",
+                          f"build the model with img_size=({x.shape[-2]}, {x.shape[-1]}) if both are multiples "
+                          f"of {self.stride} (load_pretrained then resizes the attention biases)")
+
+    def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The four stage outputs as maps (B, C_i, H/4, W/4) ... (B, C_3, H/32, W/32); no final norm."""
+        self._check_input(x)
+        x = self.stem(x)  # (B, C0, H/4, W/4)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            if x.ndim == 3:  # tokens of the last stage -> map
+                B, N, C = x.shape
+                outs.append(x.transpose(1, 2).reshape(B, C, *self.grid_size))  # (B, N, C) -> (B, C, H/32, W/32)
+            else:
+                outs.append(x)
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, C) tokens of the last stage after the final norm, N = H/32 * W/32."""
+        self._check_input(x)
+        x = self.stages(self.stem(x))
+        if x.ndim == 4:  # num_vit == 0: the last stage never flattened
+            x = x.flatten(2).transpose(1, 2)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(x.mean(dim=1))  # (B, C)
+        if pre_logits:
+            return x
+        if not self.distillation:
+            return self.head(x)
+        return (self.head(x) + self.head_dist(x)) / 2  # (B, num_classes), train and eval alike
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def efficientformer_l1(**kwargs) -> EfficientFormer:
+    """EfficientFormer-L1: 12.3M parameters with both heads, 1.3 GMACs at 224."""
+    cfg = dict(depths=(3, 2, 6, 4), embed_dims=(48, 96, 224, 448), num_vit=1)
+    return EfficientFormer(**{**cfg, **kwargs})
+
+
+def efficientformer_l3(**kwargs) -> EfficientFormer:
+    """EfficientFormer-L3: 31.4M parameters with both heads, 3.9 GMACs at 224."""
+    cfg = dict(depths=(4, 4, 12, 6), embed_dims=(64, 128, 320, 512), num_vit=4)
+    return EfficientFormer(**{**cfg, **kwargs})
+
+
+def efficientformer_l7(**kwargs) -> EfficientFormer:
+    """EfficientFormer-L7: 82.2M parameters with both heads, 10.1 GMACs at 224."""
+    cfg = dict(depths=(6, 6, 18, 8), embed_dims=(96, 192, 384, 768), num_vit=8)
+    return EfficientFormer(**{**cfg, **kwargs})
+
+
+_SNAP_STEM = {"0": "conv1", "1": "norm1", "3": "conv2", "4": "norm2"}
+
+
+def snap_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an original snap-research EfficientFormer state_dict (`efficientformer_l*_300d.pth`, the dict under
+    `ckpt['model']`) to timm's keys, which are this file's module names:
+
+        patch_embed.{0,1,3,4}.*     -> stem.{conv1,norm1,conv2,norm2}.*
+        network.{0,2,4,6}.j.*       -> stages.{0,1,2,3}.blocks.j.*
+        network.{1,3,5}.proj/norm.* -> stages.{1,2,3}.downsample.conv/norm.*
+        *.layer_scale_{1,2}         -> *.ls{1,2}.gamma
+        dist_head.*                 -> head_dist.*
+    """
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "patch_embed":
+            parts = ["stem", _SNAP_STEM[parts[1]]] + parts[2:]
+        elif parts[0] == "network":
+            i = int(parts[1])
+            if i % 2 == 0:  # a stage's blocks
+                parts = ["stages", str(i // 2), "blocks"] + parts[2:]
+            else:  # the downsample in front of stage (i + 1) / 2
+                parts = ["stages", str((i + 1) // 2), "downsample", {"proj": "conv", "norm": "norm"}[parts[2]]] + parts[3:]
+        elif parts[0] == "dist_head":
+            parts = ["head_dist"] + parts[1:]
+        if parts[-1] in ("layer_scale_1", "layer_scale_2"):
+            parts = parts[:-1] + ["ls" + parts[-1][-1], "gamma"]
+        out[".".join(parts)] = value
+    return out
+
+
+def timm_to_snap(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `snap_to_timm` (used by the tests to write snap-layout files)."""
+    inv_stem = {v: k for k, v in _SNAP_STEM.items()}
+    out = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "stem":
+            parts = ["patch_embed", inv_stem[parts[1]]] + parts[2:]
+        elif parts[0] == "stages" and parts[2] == "blocks":
+            parts = ["network", str(2 * int(parts[1]))] + parts[3:]
+        elif parts[0] == "stages" and parts[2] == "downsample":
+            parts = ["network", str(2 * int(parts[1]) - 1), {"conv": "proj", "norm": "norm"}[parts[3]]] + parts[4:]
+        elif parts[0] == "head_dist":
+            parts = ["dist_head"] + parts[1:]
+        if len(parts) >= 2 and parts[-1] == "gamma" and parts[-2] in ("ls1", "ls2"):
+            parts = parts[:-2] + ["layer_scale_" + parts[-2][-1]]
+        out[".".join(parts)] = value
+    return out
+
+
+def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: EfficientFormer) -> tuple[dict, list[str]]:
+    """Resize a checkpoint's attention bias tables to `model`'s token grid and use the model's bias indices.
+
+    Returns the new state_dict and the list of keys that were changed.
+    """
+    own = model.state_dict()
+    out, changed = dict(state_dict), []
+    for key, value in state_dict.items():
+        if key not in own or own[key].shape == value.shape:
+            continue
+        if key.endswith("attention_biases"):
+            heads, n_old = value.shape
+            s = int(math.isqrt(n_old))
+            if s * s != n_old:
+                raise ValueError(f"{key}: cannot resize a bias table of {n_old} entries (not a square grid)")
+            new_res = tuple(model.get_submodule(key.rsplit(".", 1)[0]).resolution)
+            out[key] = resize_attention_biases(value, (s, s), new_res)
+            changed.append(key)
+        elif key.endswith("attention_bias_idxs"):
+            out[key] = own[key]  # indices for the model's grid, not the checkpoint's
+            changed.append(key)
+    return out, changed
