@@ -135,10 +135,10 @@ class LoRAConv2d(nn.Conv2d):
     def merged_weight(self, mask: torch.Tensor | None = None) -> torch.Tensor:
         """W' = W0 + dW (or a W0 + (1 - a) dW), summed in fp32 and cast to W0's dtype; optional * mask."""
         w0 = self.weight_orig if self.merged else self.weight          # (c_out, c_in/g, kh, kw)
-        w = w0.to(torch.float32, copy=True)
-        dw = (self.lora_B.float() @ self.lora_A.float()).view(w.shape) * self.scaling
+        w = w0.to(torch.promote_types(w0.dtype, torch.float32), copy=True)  # fp32 (or fp64) copy of W0
+        dw = (self.lora_B.to(w.dtype) @ self.lora_A.to(w.dtype)).view(w.shape) * self.scaling
         if self.learn_interp:
-            a = self.lora_interp.float()
+            a = self.lora_interp.to(w.dtype)
             w = a * w + (1 - a) * dw
         else:
             w += dw

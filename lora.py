@@ -192,11 +192,12 @@ class LoRALinear(nn.Linear):
         mask (same shape as weight, True = keep) gives the mask-preserving merge (W0 + dW) * mask.
         """
         w0 = self.weight_orig if self.merged else self.weight        # (out, in)
-        w = w0.to(torch.float32, copy=True)                           # fp32 accumulator, never aliases W0
-        dw = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out or len(rows), in)
+        # Accumulate in fp32 (fp64 for fp64 weights) even for bf16 / fp16 weights: one rounding at the end.
+        w = w0.to(torch.promote_types(w0.dtype, torch.float32), copy=True)  # a copy: never aliases W0
+        dw = (self.lora_B.to(w.dtype) @ self.lora_A.to(w.dtype)) * self.scaling  # (out or len(rows), in)
         rows = slice(None) if self.lora_rows is None else self.lora_rows
         if self.learn_interp:
-            a = self.lora_interp.float()
+            a = self.lora_interp.to(w.dtype)
             w[rows] = a * w[rows] + (1 - a) * dw
         else:
             w[rows] += dw
