@@ -282,7 +282,7 @@ def _is_norm(m: nn.Module) -> bool:
 
 
 def _pattern_str(pattern) -> str:
-    return repr(pattern) if isinstance(pattern, str) else getattr(pattern, "__name__", repr(pattern))
+    return f"'{pattern}'" if isinstance(pattern, str) else getattr(pattern, "__name__", repr(pattern))
 
 
 def _matcher(pattern):
