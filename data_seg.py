@@ -1,0 +1,579 @@
+"""
+Segmentation data: image folders with masks (UCC AI Quest vegetation), ADE20K, and an embedded synthetic set.
+
+    train_ds, val_ds, test_ds, num_classes, ignore_index = build_seg_datasets(
+        "folder", "data/phase1", img_size=1024, mean=MEAN, std=STD, randaug=True)
+
+Every dataset returns `(image, mask)`: a normalised float tensor (3, S, S) and an int64 tensor (S, S) with class
+ids in 0..num_classes-1 and `ignore_index` (255) where there is no label (ADE20K's "other", padding). Binary sets
+have num_classes = 2 (0 = background, 1 = foreground, e.g. high vegetation).
+
+Training transform (joint): random scale (shorter side = img_size * s, s ~ U(scale_range)), random crop
+img_size x img_size (padded with 0 / ignore_index where the image is smaller), horizontal and vertical flips,
+RandAugment whose geometric ops (shear, translate, rotate) move the mask with the image (nearest neighbour,
+ignore_index filled in) and whose colour ops touch only the image, optional photometric distortion (brightness,
+contrast, saturation, hue; image only). Evaluation: the longer side resized to img_size, padded to a square
+(image with the mean colour, mask with ignore_index), so the whole image is seen and padding is never scored.
+
+Also: `list_images(dir)` for prediction, `rle_encode` / `rle_decode` (the competition's run-length format:
+1-based start/length pairs over the column-major flattened mask), `save_mask_png`.
+"""
+
+import colorsys
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from data import IMG_EXTENSIONS, CorruptImageError, read_image
+
+SEG_DATASETS = ("folder", "ade20k", "synthetic")
+IGNORE_INDEX = 255
+
+# -----------------------------------------------------------------------------
+# joint image + mask transforms (image uint8 (3, H, W), mask uint8 (H, W))
+
+# RandAugment (Cubuk et al. 2020) as torchvision implements it: 2 ops, magnitude 9 of 31 bins.
+_GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+_COLOUR_OPS = ("Identity", "Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast",
+               "Equalize")
+
+
+def _affine_pair(image, mask, *, angle=0.0, translate=(0, 0), shear=(0.0, 0.0), center=None, ignore_index):
+    """One affine warp applied to both: bilinear for the image (fill 0), nearest for the mask (fill ignore)."""
+    kw = dict(angle=angle, translate=list(translate), scale=1.0, shear=list(shear), center=center)
+    image = TF.affine(image, interpolation=InterpolationMode.BILINEAR, fill=0, **kw)
+    mask = TF.affine(mask[None], interpolation=InterpolationMode.NEAREST, fill=ignore_index, **kw)[0]
+    return image, mask
+
+
+def rand_augment_pair(image, mask, *, num_ops=2, magnitude=9, num_bins=31, ignore_index=IGNORE_INDEX):
+    """RandAugment on an (image, mask) pair: geometric ops move both, colour ops change only the image.
+
+    Args:
+        image: uint8 (3, H, W). mask: uint8 (H, W).
+        num_ops, magnitude, num_bins: as torchvision.transforms.RandAugment.
+        ignore_index: mask value for pixels that come from outside the image.
+    """
+    H, W = mask.shape
+    m = magnitude / (num_bins - 1)  # fraction of each op's maximum
+    ops = _GEOMETRIC_OPS + _COLOUR_OPS
+    for _ in range(num_ops):
+        op = ops[int(torch.randint(len(ops), ()))]
+        sign = -1.0 if torch.rand(()) < 0.5 else 1.0
+        if op == "ShearX":
+            shear = math.degrees(math.atan(0.3 * m)) * sign
+            image, mask = _affine_pair(image, mask, shear=(shear, 0.0), center=[0, 0], ignore_index=ignore_index)
+        elif op == "ShearY":
+            shear = math.degrees(math.atan(0.3 * m)) * sign
+            image, mask = _affine_pair(image, mask, shear=(0.0, shear), center=[0, 0], ignore_index=ignore_index)
+        elif op == "TranslateX":
+            image, mask = _affine_pair(image, mask, translate=(int(150 / 331 * W * m * sign), 0),
+                                       ignore_index=ignore_index)
+        elif op == "TranslateY":
+            image, mask = _affine_pair(image, mask, translate=(0, int(150 / 331 * H * m * sign)),
+                                       ignore_index=ignore_index)
+        elif op == "Rotate":
+            image, mask = _affine_pair(image, mask, angle=30.0 * m * sign, ignore_index=ignore_index)
+        elif op == "Brightness":
+            image = TF.adjust_brightness(image, 1.0 + 0.9 * m * sign)
+        elif op == "Color":
+            image = TF.adjust_saturation(image, 1.0 + 0.9 * m * sign)
+        elif op == "Contrast":
+            image = TF.adjust_contrast(image, 1.0 + 0.9 * m * sign)
+        elif op == "Sharpness":
+            image = TF.adjust_sharpness(image, 1.0 + 0.9 * m * sign)
+        elif op == "Posterize":
+            image = TF.posterize(image, int(round(8 - 4 * m)))
+        elif op == "Solarize":
+            image = TF.solarize(image, 255.0 * (1.0 - m))
+        elif op == "AutoContrast":
+            image = TF.autocontrast(image)
+        elif op == "Equalize":
+            image = TF.equalize(image)
+    return image, mask
+
+
+def photometric_distortion(image):
+    """mmseg-style PhotoMetricDistortion on a float image (3, H, W) in [0, 1]: each of brightness (+-32/255),
+    contrast (x0.5-1.5), saturation (x0.5-1.5) and hue (+-18 degrees) with probability 1/2."""
+    r = torch.rand(8).tolist()
+    if r[0] < 0.5:
+        image = image + (2 * r[1] - 1) * 32 / 255
+    if r[2] < 0.5:
+        image = TF.adjust_contrast(image.clamp(0, 1), 0.5 + r[3])
+    if r[4] < 0.5:
+        image = TF.adjust_saturation(image.clamp(0, 1), 0.5 + r[5])
+    if r[6] < 0.5:
+        image = TF.adjust_hue(image.clamp(0, 1), (2 * r[7] - 1) * 18 / 360)
+    return image.clamp(0, 1)
+
+
+class SegTransform:
+    """Joint transform: (uint8 image (3, H, W), uint8 mask (H, W)) -> (float image (3, S, S), int64 mask (S, S)).
+
+    Args:
+        train: random scale + crop + flips (+ RandAugment, photometric distortion) if True; else the longer side
+            resized to img_size and padded to a square.
+        img_size: output side S.
+        mean, std: image normalisation (in [0, 1] units).
+        scale_range: range of the random scale s; the shorter side becomes img_size * s before cropping.
+        hflip, vflip: random horizontal / vertical flips (p = 0.5 each).
+        randaug: joint RandAugment (2 ops, magnitude 9).
+        photometric: photometric distortion (image only).
+        ignore_index: mask value for padding and pixels moved in from outside the image.
+    """
+
+    def __init__(self, *, train, img_size, mean, std, scale_range=(0.5, 2.0), hflip=True, vflip=False,
+                 randaug=False, photometric=False, ignore_index=IGNORE_INDEX):
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+        self.train, self.img_size, self.scale_range = train, img_size, tuple(scale_range)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.hflip, self.vflip, self.randaug, self.photometric = hflip, vflip, randaug, photometric
+        self.ignore_index = ignore_index
+
+    def _resize(self, image, mask, h, w):
+        image = TF.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        mask = TF.resize(mask[None], [h, w], interpolation=InterpolationMode.NEAREST)[0]
+        return image, mask
+
+    def __call__(self, image, mask):
+        S = self.img_size
+        H, W = mask.shape
+        if self.train:
+            s = self.scale_range[0] + (self.scale_range[1] - self.scale_range[0]) * float(torch.rand(()))
+            f = S * s / min(H, W)
+            image, mask = self._resize(image, mask, max(1, round(H * f)), max(1, round(W * f)))
+            H, W = mask.shape
+            if H < S or W < S:  # pad bottom/right: black image, ignored mask
+                image = TF.pad(image, [0, 0, max(0, S - W), max(0, S - H)], fill=0)
+                mask = TF.pad(mask[None], [0, 0, max(0, S - W), max(0, S - H)], fill=self.ignore_index)[0]
+                H, W = mask.shape
+            y0, x0 = int(torch.randint(H - S + 1, ())), int(torch.randint(W - S + 1, ()))
+            image, mask = image[:, y0:y0 + S, x0:x0 + S], mask[y0:y0 + S, x0:x0 + S]
+            if self.hflip and torch.rand(()) < 0.5:
+                image, mask = image.flip(-1), mask.flip(-1)
+            if self.vflip and torch.rand(()) < 0.5:
+                image, mask = image.flip(-2), mask.flip(-2)
+            if self.randaug:
+                image, mask = rand_augment_pair(image, mask, ignore_index=self.ignore_index)
+            image = TF.to_dtype(image, torch.float32, scale=True)
+            if self.photometric:
+                image = photometric_distortion(image)
+            image = (image - self.mean) / self.std
+        else:
+            f = S / max(H, W)
+            h, w = max(1, round(H * f)), max(1, round(W * f))
+            if (h, w) != (H, W):
+                image, mask = self._resize(image, mask, h, w)
+            image = (TF.to_dtype(image, torch.float32, scale=True) - self.mean) / self.std
+            # pad after normalising: 0 = the mean colour
+            image = TF.pad(image, [0, 0, S - w, S - h], fill=0.0)
+            mask = TF.pad(mask[None], [0, 0, S - w, S - h], fill=self.ignore_index)[0]
+        return image.contiguous(), mask.long()
+
+
+# -----------------------------------------------------------------------------
+# masks, run-length encoding
+
+
+def read_mask(path):
+    """A single-channel label PNG as a uint8 tensor (H, W) (palette PNGs give their indices)."""
+    try:
+        mask = decode_image(str(path), mode=ImageReadMode.UNCHANGED)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise CorruptImageError(f"cannot read mask {path}: {e}") from e
+    if mask.dtype != torch.uint8:
+        raise ValueError(f"mask {path} is {mask.dtype}; expected an 8-bit single-channel PNG")
+    if mask.shape[0] != 1:  # RGB(A) mask: accept only if the colour channels are equal (a grey image)
+        if mask.shape[0] in (3, 4) and bool((mask[0] == mask[1]).all() and (mask[0] == mask[2]).all()):
+            return mask[0]
+        raise ValueError(f"mask {path} has {mask.shape[0]} channels; expected a single-channel PNG of class ids")
+    return mask[0]
+
+
+def _to_numpy_or_tensor_2d(mask):
+    mask = torch.as_tensor(mask)
+    if mask.dim() != 2:
+        raise ValueError(f"expected a 2-d mask (H, W), got shape {tuple(mask.shape)}")
+    return mask
+
+
+def rle_encode(mask):
+    """Run-length encoding of the foreground (mask != 0) as in the competition's submission JSON.
+
+    Pixels are numbered 1..H*W down each column first (column-major); the result is [start, length, start,
+    length, ...] of the foreground runs. Accepts a (H, W) tensor or numpy array.
+    """
+    mask = _to_numpy_or_tensor_2d(mask)
+    flat = (mask != 0).t().reshape(-1).to(torch.int8)  # (W*H,) column-major
+    edges = torch.diff(flat, prepend=flat.new_zeros(1), append=flat.new_zeros(1))  # +1 at run starts, -1 after ends
+    starts = (edges == 1).nonzero().flatten() + 1  # 1-based
+    ends = (edges == -1).nonzero().flatten() + 1  # 1-based index one past the run
+    return torch.stack([starts, ends - starts], 1).flatten().tolist()
+
+
+def rle_decode(rle, shape):
+    """Inverse of rle_encode: a uint8 tensor of `shape` (H, W) with 1 on the encoded runs, 0 elsewhere."""
+    H, W = shape
+    rle = [int(x) for x in rle]
+    if len(rle) % 2:
+        raise ValueError(f"run-length list has odd length {len(rle)}; expected start/length pairs")
+    flat = torch.zeros(H * W, dtype=torch.uint8)
+    for start, length in zip(rle[0::2], rle[1::2]):
+        if start < 1 or length < 0 or start - 1 + length > H * W:
+            raise ValueError(f"run (start={start}, length={length}) lies outside a {H}x{W} mask (1-based starts)")
+        flat[start - 1:start - 1 + length] = 1
+    return flat.view(W, H).t().contiguous()  # column-major back to (H, W)
+
+
+def save_mask_png(mask, path, *, scale=1):
+    """Write a (H, W) mask of class ids as a single-channel 8-bit PNG (scale=255 makes a binary mask visible)."""
+    mask = _to_numpy_or_tensor_2d(mask).long() * scale
+    if mask.min() < 0 or mask.max() > 255:
+        raise ValueError(f"mask values must lie in 0..255 after scaling, got {int(mask.min())}..{int(mask.max())}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_png(mask.to(torch.uint8)[None], str(path))
+
+
+def list_images(directory):
+    """Sorted image files (jpg/jpeg/png/webp/gif) directly inside `directory`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image directory {directory} does not exist")
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{directory} holds no {'/'.join(IMG_EXTENSIONS)} images")
+    return files
+
+
+# -----------------------------------------------------------------------------
+# datasets on disk
+
+
+class SegFiles(Dataset):
+    """(image, mask) file pairs, decoded with torchvision.io, mapped to class ids and jointly transformed.
+
+    Args:
+        pairs: list of (image path, mask path).
+        num_classes: valid class ids are 0..num_classes-1 (plus ignore_index).
+        transform: SegTransform (or any callable (uint8 image, uint8 mask) -> (image, mask)).
+        lut: optional uint8 lookup table (256,) applied to raw mask values (ADE20K: 0 -> 255, k -> k-1).
+        binary_255: accept 0/255 masks for binary sets: a mask with 255 and no 1 is read as 255 -> 1.
+        ignore_index: the ignore label.
+    """
+
+    def __init__(self, pairs, *, num_classes, transform=None, lut=None, binary_255=False, ignore_index=IGNORE_INDEX):
+        if not pairs:
+            raise ValueError("SegFiles got no (image, mask) pairs")
+        self.samples = [(str(i), str(m)) for i, m in pairs]
+        self.num_classes, self.transform, self.lut = num_classes, transform, lut
+        self.binary_255, self.ignore_index = binary_255, ignore_index
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, index):
+        """Untransformed (uint8 image (3, H, W), uint8 mask (H, W) of class ids / ignore_index)."""
+        image_path, mask_path = self.samples[index]
+        image, mask = read_image(image_path), read_mask(mask_path)
+        if image.shape[1:] != mask.shape:
+            raise ValueError(f"image {image_path} is {image.shape[2]}x{image.shape[1]} (WxH) but its mask "
+                             f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}; they must have the same size")
+        if self.lut is not None:
+            mask = self.lut[mask.long()]
+        if self.binary_255 and bool((mask == 255).any()) and not bool((mask == 1).any()):
+            mask = (mask == 255).to(torch.uint8)  # a 0/255 binary mask
+        bad = (mask >= self.num_classes) & (mask != self.ignore_index)
+        if bool(bad.any()):
+            vals = sorted(set(mask[bad].unique().tolist()))[:8]
+            raise ValueError(f"mask {mask_path} (for {image_path}) holds values {vals} outside 0..{self.num_classes - 1}"
+                             f" and the ignore index {self.ignore_index}; pass num_classes or fix the mask")
+        return image, mask
+
+    def __getitem__(self, index):
+        image, mask = self.load(index)
+        if self.transform is not None:
+            return self.transform(image, mask)
+        return image, mask.long()
+
+
+_SPLIT_NAMES = {"train": ("train", "training"), "val": ("valid", "val", "validation"), "test": ("test",)}
+_FOLDER_LAYOUT = ("  ROOT/img/{train,valid[,test]}/<name>.jpg + ROOT/ann/{train,valid[,test]}/<name>.png "
+                  "(UCC AI Quest), or ROOT/images/... + ROOT/masks/...; masks single-channel with class ids "
+                  "{0,1} (0/255 accepted)")
+_ADE_LAYOUT = ("  ROOT/ADEChallengeData2016/images/{training,validation}/*.jpg + "
+               "ROOT/ADEChallengeData2016/annotations/{training,validation}/*.png")
+
+
+def _pairs(image_dir, mask_dir):
+    images = sorted(p for p in Path(image_dir).iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not images:
+        raise FileNotFoundError(f"{image_dir} holds no {'/'.join(IMG_EXTENSIONS)} images")
+    pairs = []
+    for img in images:
+        mask = Path(mask_dir) / (img.stem + ".png")
+        if not mask.is_file():
+            raise ValueError(f"image {img} has no mask: expected {mask}")
+        pairs.append((img, mask))
+    return pairs
+
+
+def _folder_pairs(root):
+    if root is None:
+        raise FileNotFoundError(f"folder: no dataset root given (--data-root DIR). Expected layout:\n{_FOLDER_LAYOUT}")
+    root = Path(os.path.expanduser(str(root)))
+    for img_name, ann_name in (("img", "ann"), ("images", "masks")):
+        if (root / img_name).is_dir():
+            break
+    else:
+        raise FileNotFoundError(f"folder: no img/ or images/ directory under {root}. Expected layout:\n"
+                                f"{_FOLDER_LAYOUT}\n(--download does not apply to --data folder.)")
+    splits = {}
+    for split, names in _SPLIT_NAMES.items():
+        for name in names:
+            if (root / img_name / name).is_dir():
+                if (root / ann_name / name).is_dir():
+                    splits[split] = _pairs(root / img_name / name, root / ann_name / name)
+                elif split != "test":  # an unlabelled test split is for prediction only (list_images)
+                    raise FileNotFoundError(f"folder: {root / img_name / name} has no mask directory "
+                                            f"{root / ann_name / name}. Expected layout:\n{_FOLDER_LAYOUT}")
+                break
+    for split in ("train", "val"):
+        if split not in splits:
+            raise FileNotFoundError(f"folder: no {split} split ({'/'.join(_SPLIT_NAMES[split])}) under "
+                                    f"{root / img_name}. Expected layout:\n{_FOLDER_LAYOUT}")
+    return splits
+
+
+def _ade_pairs(root, download):
+    if root is None:
+        raise FileNotFoundError(f"ade20k: no dataset root given (--data-root DIR). Expected layout:\n{_ADE_LAYOUT}")
+    root = Path(os.path.expanduser(str(root)))
+    base = root if root.name == "ADEChallengeData2016" else root / "ADEChallengeData2016"
+    dirs = [base / k / s for k in ("images", "annotations") for s in ("training", "validation")]
+    if not all(d.is_dir() for d in dirs):
+        missing = ", ".join(str(d) for d in dirs if not d.is_dir())
+        raise FileNotFoundError(
+            f"ade20k: dataset not found under {root} (missing {missing}). Expected layout:\n{_ADE_LAYOUT}\n"
+            f"--download is not supported for ADE20K here: fetch ADEChallengeData2016.zip from "
+            f"http://data.csail.mit.edu/places/ADEchallenge/ and unzip it into ROOT.")
+    return {"train": _pairs(base / "images" / "training", base / "annotations" / "training"),
+            "val": _pairs(base / "images" / "validation", base / "annotations" / "validation")}
+
+
+# -----------------------------------------------------------------------------
+# the embedded synthetic set
+
+
+_CACHE = {}  # per image size: coordinate grid and noise banks (2S, 2S), built once per process
+
+
+def _banks(size):
+    """Noise banks of side 2S: 'blob' (smooth, a few blobs per image), 'edge' (medium, for label-edge noise),
+    'leaf' (fine, 1-3 px grain) and 'grain' (white). A sample reads S x S windows at seeded offsets."""
+    if size not in _CACHE:
+        g = torch.Generator().manual_seed(54321 + size)
+        n = 2 * size
+
+        def smooth(cells):
+            x = torch.randn(1, 1, cells, cells, generator=g)
+            x = torch.nn.functional.interpolate(x, size=(n, n), mode="bicubic", align_corners=False)[0, 0]
+            return (x - x.mean()) / x.std()
+
+        blob, edge = smooth(12), smooth(max(4, n // 6))
+        leaf = smooth(max(4, min(n // 2, 96)))  # grain ~ S/48 px, at least 2 px
+        grain = torch.randn(n, n, generator=g)
+        c = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
+        ys, xs = torch.meshgrid(c, c, indexing="ij")
+        _CACHE[size] = dict(blob=blob, edge=edge, leaf=leaf, grain=grain, xs=xs, ys=ys)
+    return _CACHE[size]
+
+
+def _hsv(h, s, v):
+    return torch.tensor(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0)))[:, None, None]
+
+
+class SyntheticVegetation(Dataset):
+    """Procedural aerial-photo stand-in: textured "vegetation" over textured ground, with noisy label edges.
+
+    Deterministic per index (seed from (seed, split, index); splits never share a seed); no files. Each image:
+    ground of soil/asphalt colour with smooth shading and grain, smooth green "lawn" patches (background: they
+    are green but not high vegetation, so colour alone does not solve the task), a few grey/red rectangles
+    (roofs, roads), then the foreground: blobs of a thresholded smooth field, leafy (fine, high-contrast)
+    texture, brighter crowns and a cast shadow. The label is the same field thresholded after adding a
+    medium-frequency noise, so label edges wander a few pixels off the visible edge, as hand-drawn masks do.
+    Foreground covers about 20-60% of an image.
+
+    With num_classes = K > 2, classes 1..K-1 are K-1 foreground materials (each its own hue and texture
+    frequency), layered in order; class 0 is the ground.
+
+    Args:
+        split: "train", "val" or "test".
+        num_samples: number of images in the split.
+        image_size: rendered side S (images are square).
+        num_classes: 2 (binary, default) or more.
+        seed: data seed.
+        edge_noise: how far label edges wander from the visible edges (0 = exact labels).
+        transform: joint transform (uint8 image (3, S, S), uint8 mask (S, S)) -> (image, mask); None returns
+            the float image in [0, 1] and the int64 mask.
+    """
+
+    _SPLITS = {"train": 0, "val": 1, "test": 2}
+
+    def __init__(self, *, split="train", num_samples=256, image_size=128, num_classes=2, seed=0, edge_noise=0.25,
+                 transform=None):
+        if split not in self._SPLITS:
+            raise ValueError(f"split must be one of {list(self._SPLITS)}, got {split!r}")
+        if num_classes < 2 or num_classes > 32 or image_size < 16 or num_samples < 1:
+            raise ValueError(f"need 2 <= num_classes <= 32, image_size >= 16, num_samples >= 1; got "
+                             f"{num_classes}, {image_size}, {num_samples}")
+        self.split, self.num_samples, self.image_size = split, num_samples, image_size
+        self.num_classes, self.seed, self.edge_noise, self.transform = num_classes, seed, edge_noise, transform
+        # foreground materials: class 1 = green leafy vegetation; further classes other hues/textures
+        g = torch.Generator().manual_seed(99)
+        self.materials = [(0.3, 0.6, 0.45, 1.0)]  # (hue, saturation, value, texture frequency factor)
+        for k in range(2, num_classes):
+            r = torch.rand(4, generator=g).tolist()
+            self.materials.append(((0.3 + k / num_classes) % 1.0, 0.4 + 0.4 * r[1], 0.35 + 0.4 * r[2], 0.5 + r[3]))
+
+    def __len__(self):
+        return self.num_samples
+
+    def sample_seed(self, index):
+        return ((self.seed * 3 + self._SPLITS[self.split]) << 32) + index
+
+    def _window(self, bank, r1, r2, r3):
+        """An S x S window of a (2S, 2S) bank at a seeded offset, randomly transposed/flipped."""
+        S = self.image_size
+        oy, ox = int(r1 * S), int(r2 * S)
+        w = bank[oy:oy + S, ox:ox + S]
+        k = int(r3 * 4)
+        return w.t() if k == 1 else w.flip(0) if k == 2 else w.flip(1) if k == 3 else w
+
+    def render(self, index):
+        """The untransformed float image (3, S, S) in [0, 1] and its int64 mask (S, S)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        S = self.image_size
+        b = _banks(S)
+        g = torch.Generator().manual_seed(self.sample_seed(index))
+        r = torch.rand(30 + 8 * len(self.materials), generator=g).tolist()
+
+        # ground: soil / dry grass / asphalt colour, smooth shading, fine grain
+        ground = _hsv(0.06 + 0.08 * r[0], 0.15 + 0.35 * r[1], 0.35 + 0.35 * r[2])
+        image = ground * (1 + 0.15 * self._window(b["blob"], r[3], r[4], r[5]))
+        image = image + 0.04 * self._window(b["grain"], r[6], r[7], r[8])
+        # lawns: smooth green patches that are background
+        lawn = torch.sigmoid((self._window(b["blob"], r[9], r[10], r[11]) - 0.6 - r[12]) * 6)
+        image = torch.lerp(image, _hsv(0.22 + 0.08 * r[13], 0.45, 0.5 + 0.2 * r[14]).expand_as(image), lawn)
+        # roofs / roads: up to two rotated rectangles
+        for j in range(int(r[15] * 3)):
+            q = r[16 + 6 * j:22 + 6 * j]
+            a = math.pi * q[0]
+            u = (b["xs"] - (2 * q[1] - 1)) * math.cos(a) + (b["ys"] - (2 * q[2] - 1)) * math.sin(a)
+            v = -(b["xs"] - (2 * q[1] - 1)) * math.sin(a) + (b["ys"] - (2 * q[2] - 1)) * math.cos(a)
+            inside = torch.sigmoid((torch.minimum(0.1 + 0.3 * q[3] - u.abs(), 0.05 + 0.15 * q[4] - v.abs())) * S)
+            colour = _hsv(0.0, 0.5 * q[5], 0.45 + 0.3 * q[5]) if q[5] < 0.5 else _hsv(0.0, 0.05, 0.6)
+            image = torch.lerp(image, colour.expand_as(image), inside)
+
+        # foreground: blobs of a smooth field above a threshold; the label uses the same field plus edge noise
+        mask = torch.zeros(S, S, dtype=torch.long)
+        for k, (hue, sat, val, freq) in enumerate(self.materials, start=1):
+            q = r[22 + 8 * k:30 + 8 * k]
+            field = self._window(b["blob"], q[0], q[1], q[2])
+            thr = (-0.25 + 1.1 * q[3]) if len(self.materials) == 1 else 0.4 + 0.8 * q[3]  # coverage ~60%..20%
+            vis = field - thr
+            alpha = torch.sigmoid(vis * 8)
+            # cast shadow: the alpha map shifted down-right, darkening what lies under it
+            sh = max(1, S // 32)
+            shadow = torch.nn.functional.pad(alpha, (sh, 0, sh, 0))[:S, :S]
+            image = image * (1 - 0.35 * shadow * (1 - alpha))
+            leaf = self._window(b["leaf"] if freq >= 0.75 else b["edge"], q[4], q[5], q[6])
+            crown = (vis * 2).clamp(0, 1)  # brighter towards the blob's centre
+            tone = (1 + 0.35 * leaf) * (0.75 + 0.35 * crown)
+            image = torch.lerp(image, _hsv(hue + 0.05 * (q[7] - 0.5), sat, val) * tone, alpha)
+            label = (vis + self.edge_noise * self._window(b["edge"], q[2], q[0], q[1])) > 0
+            mask[label] = k
+        image = image.clamp(0, 1)
+        return image, mask
+
+    def __getitem__(self, index):
+        image, mask = self.render(index)
+        if self.transform is not None:
+            return self.transform(TF.to_dtype(image, torch.uint8, scale=True), mask.to(torch.uint8))
+        return image, mask
+
+
+# -----------------------------------------------------------------------------
+
+
+def build_seg_datasets(name, root=None, *, img_size, mean, std, randaug=False, scale_range=(0.5, 2.0),
+                       num_classes=None, hflip=True, vflip=None, photometric=None, train_on_val=False,
+                       synthetic_cfg=None, download=False):
+    """Build (train_ds, val_ds, test_ds or None, num_classes, ignore_index).
+
+    Args:
+        name: "folder", "ade20k" or "synthetic".
+        root: dataset directory (unused for synthetic).
+        img_size: side of the square crops / evaluation canvas.
+        mean, std: image normalisation in [0, 1] units (SAM: pixel_mean / 255, pixel_std / 255).
+        randaug: joint RandAugment in training.
+        scale_range: random scale range of the shorter side relative to img_size.
+        num_classes: folder: classes in the masks (2 = binary, default); synthetic: 2 by default;
+            ade20k: always 150.
+        hflip, vflip: random flips in training; vflip defaults to True for aerial sets (folder, synthetic)
+            and False for ADE20K.
+        photometric: photometric distortion; defaults to True for ADE20K (the mmseg recipe), else False.
+        train_on_val: train on train + val (the val split keeps being returned for evaluation).
+        synthetic_cfg: SyntheticVegetation keywords: train_samples (512), val_samples (64), test_samples (64),
+            seed, edge_noise.
+        download: not supported (ADE20K and the competition data have to be fetched by hand).
+    """
+    if name not in SEG_DATASETS:
+        raise ValueError(f"unknown segmentation dataset {name!r}; choose one of {', '.join(SEG_DATASETS)}")
+    if vflip is None:
+        vflip = name != "ade20k"
+    if photometric is None:
+        photometric = name == "ade20k"
+    train_tf = SegTransform(train=True, img_size=img_size, mean=mean, std=std, scale_range=scale_range,
+                            hflip=hflip, vflip=vflip, randaug=randaug, photometric=photometric)
+    eval_tf = SegTransform(train=False, img_size=img_size, mean=mean, std=std)
+
+    if name == "synthetic":
+        cfg = dict(synthetic_cfg or {})
+        sizes = {s: cfg.pop(f"{s}_samples", d) for s, d in (("train", 512), ("val", 64), ("test", 64))}
+        k = num_classes or cfg.pop("num_classes", 2)
+        make = lambda s, t: SyntheticVegetation(split=s, num_samples=sizes[s], image_size=img_size,  # noqa: E731
+                                                num_classes=k, transform=t, **cfg)
+        train_ds, val_ds, test_ds = make("train", train_tf), make("val", eval_tf), make("test", eval_tf)
+        if train_on_val:
+            train_ds = ConcatDataset([train_ds, make("val", train_tf)])
+        return train_ds, val_ds, test_ds, k, IGNORE_INDEX
+
+    if name == "ade20k":
+        if num_classes not in (None, 150):
+            raise ValueError(f"ade20k has 150 classes, got num_classes={num_classes}")
+        splits = _ade_pairs(root, download)
+        k = 150
+        lut = torch.arange(256, dtype=torch.uint8) - 1  # 1..150 -> 0..149 and 0 -> 255 (uint8 wrap-around)
+        opts = dict(num_classes=k, lut=lut)
+    else:
+        if download:
+            raise ValueError("folder: --download does not apply; point --data-root at the unpacked data")
+        splits = _folder_pairs(root)
+        k = num_classes or 2
+        opts = dict(num_classes=k, binary_255=k == 2)
+    train_ds = SegFiles(splits["train"], transform=train_tf, **opts)
+    val_ds = SegFiles(splits["val"], transform=eval_tf, **opts)
+    test_ds = SegFiles(splits["test"], transform=eval_tf, **opts) if "test" in splits else None
+    if train_on_val:
+        train_ds = ConcatDataset([train_ds, SegFiles(splits["val"], transform=train_tf, **opts)])
+    return train_ds, val_ds, test_ds, k, IGNORE_INDEX
