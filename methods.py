@@ -1,0 +1,184 @@
+"""
+Which layers each fine-tuning method of the PETAH / PETRAS papers adapts or trains, per model family.
+
+One concern: a method name -> a freezing policy. The adapter layers themselves live in lora.py,
+conv_lora.py and ia3.py; this file only decides WHERE they go and WHAT is trainable.
+
+  method     what is trained besides the new task head (PETAH section 4, Table 3)
+  --------   ----------------------------------------------------------------------------------
+  linear     nothing: linear probing on the frozen backbone
+  full       every parameter
+  attn       every parameter of every attention module (EF: the Meta3D token mixers, incl. their
+             attention_biases; ViT: blocks.i.attn)
+  lora       LoRA rank r on qkv and proj of every attention module ("LoRA ATTN")
+  lora_mlp   LoRA ATTN + LoRA rank r on fc1/fc2 of every transformer MLP ("LoRA ATTN+MLP")
+  petah      LoRA ATTN rank r + conv-LoRA rank rc on every convolution: the stem, the 1x1 fc1/fc2 of
+             every Meta4D block and the stride-2 downsamples. No other linear layer is touched.
+             (ViT has no convolutional stages: petah == lora there; the patch embedding stays frozen.)
+  ia3        (IA)^3: learned scaling of keys and values (k/v rows of the fused qkv output) and of the
+             MLP's intermediate activation (input scaling of fc2; in EF both Meta3D and Meta4D MLPs)
+
+A LoRA'd linear layer adds r * (d_in + d_out) parameters, a conv-LoRA'd conv rc * (c_out +
+c_in/groups * kh * kw): with r=8 this gives exactly the #Params column of the paper (REFERENCE.md 1),
+e.g. EF L7 PETAH-2 = 262,144 (attention) + 2 * 94,395 (convolutions) = 450,934.
+
+Layer names are the checkpoint keys (timm layout). A new model family = one more entry in LAYERS
+(and, when its classes differ, FAMILIES); the method logic below stays as it is.
+"""
+
+import re
+
+from torch import nn
+
+from conv_lora import LoRAConv2d
+from ia3 import IA3Conv2d, IA3Linear, add_ia3
+from lora import LoRALinear, add_lora, mark_trainable, qkv_rows
+
+METHODS = ("linear", "full", "attn", "lora", "lora_mlp", "petah", "ia3")
+
+# model class name -> family key of LAYERS
+FAMILIES = {"EfficientFormer": "efficientformer", "VisionTransformer": "vit"}
+
+# Per family, regular expressions (re.fullmatch on qualified module names) for each group of layers a
+# method may touch. The layer type is checked as well: in EfficientFormer `mlp.fc1` is a Linear in the
+# Meta3D blocks but a 1x1 Conv2d in the Meta4D blocks, under the same name pattern.
+LAYERS = {
+    "efficientformer": dict(
+        attn=r"stages\.\d+\.blocks\.\d+\.token_mixer",       # modules trained by `attn` (Meta3D ones have params)
+        attn_linear=r"stages\.\d+\.blocks\.\d+\.token_mixer\.(qkv|proj)",
+        mlp_linear=r"stages\.\d+\.blocks\.\d+\.mlp\.fc[12]",  # Linear: Meta3D MLP
+        conv=r"stem\.conv[12]|stages\.\d+\.downsample\.conv|stages\.\d+\.blocks\.\d+\.mlp\.fc[12]",
+        qkv=r"stages\.\d+\.blocks\.\d+\.token_mixer\.qkv",
+        qkv_layout="per_head",                                 # (B, N, heads, q|k|v): [q_h k_h v_h] * heads
+        mlp_fc2=r"stages\.\d+\.blocks\.\d+\.mlp\.fc2",         # Linear (Meta3D) and 1x1 Conv2d (Meta4D)
+    ),
+    "vit": dict(
+        attn=r"blocks\.\d+\.attn",
+        attn_linear=r"blocks\.\d+\.attn\.(qkv|proj)",
+        mlp_linear=r"blocks\.\d+\.mlp\.fc[12]",
+        conv=None,                                             # patch_embed.proj is never adapted
+        qkv=r"blocks\.\d+\.attn\.qkv",
+        qkv_layout="contiguous",                               # [q | k | v]
+        mlp_fc2=r"blocks\.\d+\.mlp\.fc2",
+    ),
+}
+
+
+def model_family(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name not in FAMILIES:
+        raise ValueError(f"methods.py knows no layer layout for {name}; known model classes: "
+                         f"{sorted(FAMILIES)} (add the family to FAMILIES and LAYERS in methods.py)")
+    return FAMILIES[name]
+
+
+def find_layers(model: nn.Module, pattern: str | None, types: tuple[type, ...], *, prefix: str = "") -> list[str]:
+    """Qualified names of the modules that fullmatch `prefix + pattern` and are instances of `types`."""
+    if pattern is None:
+        return []
+    regex = re.compile(re.escape(prefix) + f"(?:{pattern})")
+    return [n for n, m in model.named_modules() if regex.fullmatch(n) and isinstance(m, types)]
+
+
+def _qkv_widths(attn: nn.Module) -> tuple[int, int, int, int]:
+    """(dim_q, dim_k, dim_v, num_heads) of an attention module's fused qkv, widths summed over heads
+    (EF: 8*32, 8*32, 8*128; ViT: dim, dim, dim)."""
+    heads = attn.num_heads
+    if hasattr(attn, "key_dim"):  # EfficientFormer: key_dim / val_dim per head
+        return heads * attn.key_dim, heads * attn.key_dim, heads * attn.val_dim, heads
+    dim = attn.qkv.out_features // 3
+    return dim, dim, dim, heads
+
+
+def plan_method(model: nn.Module, method: str, *, r: int = 8, rc: int = 1, alpha: float | None = None,
+                learn_interp: bool = False, prefix: str = "") -> dict:
+    """What `method` does to `model`, without changing it.
+
+    Returns dict(lora={module name: LoRA kwargs}, ia3={module name: IA3 kwargs},
+    train_modules=[module-name prefixes whose params are trained], train_all=bool).
+    `prefix`: qualified name of the backbone inside a bigger model ("" when model IS the backbone).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    layers = LAYERS[model_family(model)]
+    lora_cfg = dict(r=r, alpha=alpha, learn_interp=learn_interp)
+    plan = dict(lora={}, ia3={}, train_modules=[], train_all=False)
+
+    if method == "full":
+        plan["train_all"] = True
+    elif method == "attn":
+        plan["train_modules"] = [n for n in find_layers(model, layers["attn"], (nn.Module,), prefix=prefix)
+                                 if any(True for _ in model.get_submodule(n).parameters())]
+    elif method in ("lora", "lora_mlp", "petah"):
+        for n in find_layers(model, layers["attn_linear"], (nn.Linear,), prefix=prefix):
+            plan["lora"][n] = dict(lora_cfg)
+        if method == "lora_mlp":
+            for n in find_layers(model, layers["mlp_linear"], (nn.Linear,), prefix=prefix):
+                plan["lora"][n] = dict(lora_cfg)
+        if method == "petah":
+            for n in find_layers(model, layers["conv"], (nn.Conv2d,), prefix=prefix):
+                plan["lora"][n] = dict(lora_cfg, r=rc)
+    elif method == "ia3":
+        for n in find_layers(model, layers["qkv"], (nn.Linear,), prefix=prefix):
+            dq, dk, dv, heads = _qkv_widths(model.get_submodule(n.rsplit(".", 1)[0]))
+            rows = qkv_rows(dq, dk, dv, heads, parts=("k", "v"), layout=layers["qkv_layout"])
+            plan["ia3"][n] = dict(mode="out", rows=rows)
+        for n in find_layers(model, layers["mlp_fc2"], (nn.Linear, nn.Conv2d), prefix=prefix):
+            plan["ia3"][n] = dict(mode="in")
+    return plan
+
+
+def apply_method(model: nn.Module, model_name: str, method: str, *, r: int = 8, rc: int = 1,
+                 alpha: float | None = None, train_biases: bool = False, train_norms: bool = False,
+                 learn_interp: bool = False, head_names: tuple[str, ...] = ("head", "head_dist"),
+                 prefix: str = "") -> dict:
+    """Insert the adapters of `method` into `model` (in place) and set requires_grad.
+
+    Args:
+        model: the backbone with its (new) task head; module names as in the checkpoint.
+        model_name: reported back only (e.g. "efl7").
+        method: one of METHODS.
+        r: LoRA rank of the linear layers. rc: conv-LoRA rank (petah only).
+        alpha: LoRA alpha (None -> alpha = r, i.e. scale 1).
+        train_biases / train_norms: also train every bias / every norm layer (PETRAS trains both).
+        learn_interp: PETRAS's learned interpolation y = a W0 x + (1 - a) dW x in every LoRA layer.
+        head_names: top-level modules that form the task head; always trained, never counted as adapter.
+        prefix: qualified name of the backbone inside `model` ("" when model is the backbone).
+
+    Returns dict(model, method, adapter_params, head_params, total_params, trainable_params,
+    adapted_layers): adapter_params is every trainable parameter outside the head (the paper's #Params).
+    """
+    plan = plan_method(model, method, r=r, rc=rc, alpha=alpha, learn_interp=learn_interp, prefix=prefix)
+    # one exact-name pattern per layer (re.fullmatch in add_lora / add_ia3)
+    if plan["lora"]:
+        add_lora(model, {re.escape(n): cfg for n, cfg in plan["lora"].items()},
+                 layers={nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d})
+    if plan["ia3"]:
+        add_ia3(model, {re.escape(n): cfg for n, cfg in plan["ia3"].items()},
+                layers={nn.Linear: IA3Linear, nn.Conv2d: IA3Conv2d})
+
+    heads = tuple(h for h in head_names if any(n.startswith(h + ".") for n, _ in model.named_parameters()))
+    if plan["train_all"]:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        mark_trainable(model, biases=train_biases, norms=train_norms, modules=heads + tuple(plan["train_modules"]))
+    counts = count_parameters(model, head_names=heads)
+    return dict(model=model_name, method=method, **counts, adapted_layers=sorted(plan["lora"]) + sorted(plan["ia3"]))
+
+
+def count_parameters(model: nn.Module, *, head_names: tuple[str, ...] = ("head", "head_dist")) -> dict:
+    """adapter_params: trainable params outside the head; head_params: all params of the head modules;
+    total_params: every parameter of the model (adapters included); trainable_params: all trainable."""
+    def in_head(name: str) -> bool:
+        return any(name == h or name.startswith(h + ".") for h in head_names)
+
+    adapter = head = total = trainable = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+        if in_head(name):
+            head += p.numel()
+        elif p.requires_grad:
+            adapter += p.numel()
+    return dict(adapter_params=adapter, head_params=head, total_params=total, trainable_params=trainable)
