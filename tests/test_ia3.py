@@ -1,0 +1,212 @@
+"""(IA)^3 layers: the scaling equations, exact merges, fused-qkv rows, peft parity, lora.py helpers."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+from ia3 import IA3Conv2d, IA3Linear, add_ia3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny ops: single-threaded is far faster on a busy 2-core machine; restored afterwards
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def randomise(model: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ia3_l"):
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):  # (B, N, C) -> (B, 3)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        x = x + F.scaled_dot_product_attention(q, k, v)
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x.mean(1))
+
+
+def test_init_is_identity_and_reuses_parameters():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 10)
+    layer = IA3Linear.from_module(base, mode="out", rows=[0, 5, 9])
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert layer.ia3_l.shape == (3,) and torch.equal(layer.ia3_l, torch.ones(3))
+    x = torch.randn(4, 6)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_out_rows_scale_only_k_and_v_of_a_fused_qkv():
+    torch.manual_seed(0)
+    dim = 8
+    kv_rows = torch.arange(dim, 3 * dim)  # contiguous [q | k | v]
+    layer = IA3Linear(dim, 3 * dim, mode="out", rows=kv_rows)
+    randomise(layer)
+    x = torch.randn(5, dim)
+    base = F.linear(x, layer.weight, layer.bias)
+    y = layer(x)
+    assert torch.equal(y[:, :dim], base[:, :dim])  # q untouched, exactly
+    assert torch.allclose(y[:, dim:], base[:, dim:] * layer.ia3_l, atol=1e-6)  # l * (W x + b)
+
+
+def test_in_mode_on_fc2_scales_the_mlp_activation():
+    torch.manual_seed(0)
+    fc1, fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+    ia3_fc2 = IA3Linear.from_module(copy.deepcopy(fc2), mode="in")
+    randomise(ia3_fc2)
+    x = torch.randn(3, 8)
+    h = F.gelu(fc1(x))
+    assert torch.allclose(ia3_fc2(h), fc2(h * ia3_fc2.ia3_l), atol=1e-6)  # the paper's l_ff * gamma(W1 x)
+
+
+@pytest.mark.parametrize("mode,rows,bias", [("out", None, True), ("out", None, False), ("out", [1, 2, 7], True),
+                                            ("in", None, True), ("in", None, False)])
+def test_linear_merged_equals_unmerged(mode, rows, bias):
+    torch.manual_seed(0)
+    layer = IA3Linear(12, 9, bias=bias, mode=mode, rows=rows)
+    randomise(layer)
+    x = torch.randn(2, 4, 12)
+    y = layer(x)
+    assert rel_err(layer.to_base()(x), y) <= 1e-5
+    layer.merge()
+    assert rel_err(layer(x), y) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["out", "in"])
+def test_conv_merged_equals_unmerged_grid(mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 9)
+    for (c_out, groups), k, padding_mode, bias in itertools.product(
+            [(6, 1), (6, 2), (4, 4)], [1, 3], ["zeros", "reflect"], [True, False]):
+        case = f"groups={groups} k={k} padding_mode={padding_mode} bias={bias}"
+        base = nn.Conv2d(4, c_out, k, padding=k // 2, groups=groups, bias=bias, padding_mode=padding_mode)
+        layer = IA3Conv2d.from_module(base, mode=mode)
+        randomise(layer)
+        y = layer(x)
+        l = layer.ia3_l.view(1, -1, 1, 1)
+        expected = base(x) * l if mode == "out" else base(x * l)  # the (IA)^3 equation
+        assert torch.allclose(y, expected, atol=1e-5), case
+        assert rel_err(layer.to_base()(x), y) <= 1e-5, case
+        layer.merge()
+        assert rel_err(layer(x), y) <= 1e-5, case
+
+
+def test_unmerge_bit_exact_merge_twice_and_state_dict_once():
+    torch.manual_seed(0)
+    layer = IA3Linear(8, 8, mode="out")
+    randomise(layer)
+    x = torch.randn(3, 8)
+    y = layer(x)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.merge()
+    w1, b1 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    assert not torch.equal(b1, b0)  # out-scaling folds into the bias too
+    layer.merge()
+    assert torch.equal(layer.weight, w1) and torch.equal(layer.bias, b1)
+    sd = copy.deepcopy(layer.state_dict())
+    assert torch.equal(sd["weight"], w0) and torch.equal(sd["bias"], b0)
+    twin = IA3Linear(8, 8, mode="out")
+    twin.load_state_dict(sd)
+    assert rel_err(twin(x), y) <= 1e-5
+    layer.load_state_dict(sd)
+    assert layer.merged and rel_err(layer(x), y) <= 1e-5
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0) and torch.equal(layer.bias, b0)
+
+
+def test_petras_setup_trains_saves_loads_and_unloads(tmp_path):
+    """(IA)^3 on k, v and fc2 + norms / biases trainable, through lora.py's duck-typed helpers."""
+    torch.manual_seed(0)
+    model = TinyBlock()
+    keys = list(model.state_dict())
+    names = add_ia3(model, {"qkv": dict(mode="out", rows=list(range(8, 24))), "fc2": "in"})
+    assert names == ["qkv", "fc2"]
+    trainable, _ = lora.mark_trainable(model, biases=True, modules=("head",))
+    assert trainable == 16 + 32 + (24 + 32 + 8 + 3) + 8 * 3  # l vectors + biases + head weight
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, t = torch.randn(4, 5, 8), torch.tensor([0, 1, 2, 0])
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), t).backward()
+        for n, p in model.named_parameters():
+            assert (p.grad is not None) == p.requires_grad, n
+        opt.step()
+    for n, p in model.named_parameters():
+        assert (not torch.equal(p, start[n])) == p.requires_grad, n
+    path = tmp_path / "ia3.safetensors"
+    lora.save_adapters(model, path)
+    torch.manual_seed(0)
+    fresh = TinyBlock()
+    add_ia3(fresh, {"qkv": dict(mode="out", rows=list(range(8, 24))), "fc2": "in"})
+    lora.load_adapters(fresh, path)
+    assert torch.equal(fresh(x), model(x))
+    y = model(x)
+    lora.merge_and_unload(model)
+    assert list(model.state_dict()) == keys and rel_err(model(x), y) <= 1e-5
+
+
+def test_matches_peft_ia3():
+    peft = pytest.importorskip("peft")
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = nn.Linear(6, 6)
+            self.ff = nn.Linear(6, 6)
+            self.conv = nn.Conv2d(6, 6, 1)
+
+        def forward(self, x):  # (B, 6) -> (B, 6)
+            h = self.ff(self.k(x))
+            return self.conv(h[:, :, None, None])[:, :, 0, 0]
+
+    torch.manual_seed(0)
+    base = Tiny()
+    ours = copy.deepcopy(base)
+    add_ia3(ours, {"k|conv": "out", "ff": "in"})
+    randomise(ours)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(target_modules=["k", "ff", "conv"],
+                                                                      feedforward_modules=["ff"]))
+    params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name in ("k", "ff", "conv"):
+            key = next(k for k in params if f".{name}.ia3_l" in k)
+            params[key].copy_(getattr(ours, name).ia3_l.view(params[key].shape))
+    x = torch.randn(3, 6)
+    assert rel_err(ours(x), theirs(x)) <= 1e-6 and rel_err(ours(x), base(x)) > 1e-2
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="mode must be 'out'"):
+        IA3Linear(4, 4, mode="both")
+    with pytest.raises(ValueError, match="mode='out' only"):
+        IA3Linear(4, 4, mode="in", rows=[0])
+    with pytest.raises(ValueError, match=r"lie in \[0, 4\)"):
+        IA3Linear(4, 4, rows=[4])
+    model = TinyBlock()
+    with pytest.raises(ValueError, match="matches no module"):
+        add_ia3(model, {r"attn\.qkv": "out"})
+    with pytest.raises(TypeError, match="'0' is a TinyBlock, which has no"):
+        add_ia3(nn.Sequential(model), {"0": "out"})
