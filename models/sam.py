@@ -99,6 +99,9 @@ class Sam(nn.Module):
                 if key not in record:
                     raise KeyError(f"batched_input[{i}] has no '{key}'; every record needs 'image' (3, H, W) and "
                                    "'original_size' (H, W)")
+            if ("point_coords" in record) != ("point_labels" in record):
+                raise KeyError(f"batched_input[{i}] has only one of 'point_coords' / 'point_labels'; points need "
+                               "both: coords (B, N, 2) and labels (B, N) (1 positive, 0 negative)")
         images = torch.stack([self.preprocess(r["image"]) for r in batched_input], dim=0)  # (N_img, 3, S, S)
         image_embeddings = self.image_encoder(images)  # (N_img, C, h, w)
         image_pe = self.prompt_encoder.get_dense_pe()  # (1, C, h, w)

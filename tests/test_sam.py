@@ -179,9 +179,14 @@ def test_image_embedding_and_segment_parity(vitb_pair):
     """Image embeddings equal; batched prompt-free segment() equals Meta's per-image no-prompt decoder run."""
     ours, ref, _ = vitb_pair
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(4))
+    captured = []  # our image embedding, taken from inside segment() (saves a second encoder pass)
+    handle = ours.image_encoder.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            logits = ours.segment(x)
+    finally:
+        handle.remove()
     with torch.no_grad():
-        logits = ours.segment(x)
-        emb_ours = ours.image_encoder(x)
         emb = ref.image_encoder(x)
         expected = []
         for e in emb:
@@ -190,22 +195,25 @@ def test_image_embedding_and_segment_parity(vitb_pair):
                                       sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                       multimask_output=False)
             expected.append(F.interpolate(low, (256, 256), mode="bilinear", align_corners=False))
-    assert emb_ours.shape == (2, 256, 16, 16)
-    assert max_diff(emb_ours, emb) <= TOL, max_diff(emb_ours, emb)
+    assert captured[0].shape == (2, 256, 16, 16)
+    assert max_diff(captured[0], emb) <= TOL, max_diff(captured[0], emb)
     assert logits.shape == (2, 1, 256, 256)
+    assert torch.cat(expected).abs().max() > 1.0
     assert max_diff(logits, torch.cat(expected)) <= TOL
 
 
 def test_load_pretrained_strict(vitb_pair):
+    """The saved Meta-layout .pth through models.load_pretrained: every tensor lands where Meta has it."""
     models = importlib.import_module("models")
     if not hasattr(models, "load_pretrained"):
         pytest.skip("models.load_pretrained not written yet")
-    ours, ref, path = vitb_pair
-    fresh = build_sam_vit_b(img_size=256).eval()
-    models.load_pretrained(fresh, str(path))
-    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        assert max_diff(fresh.image_encoder(x), ref.image_encoder(x)) <= TOL
+    _, ref, path = vitb_pair
+    fresh = build_sam_vit_b(img_size=256)
+    report = models.load_pretrained(fresh, str(path), strict=True, verbose=False)
+    assert not report["missing"] and not report["unexpected"] and not report["skipped"] and not report["resized"]
+    ref_sd, sd = ref.state_dict(), fresh.state_dict()
+    assert sd.keys() == ref_sd.keys()
+    assert all(torch.equal(sd[k], ref_sd[k]) for k in sd)  # same weights -> the parity tests above apply
 
 
 def test_resize_to_smaller_input_matches_meta_runtime_interpolation():
@@ -311,5 +319,33 @@ def test_bad_inputs():
         small.image_encoder(torch.randn(1, 3, 32, 32))
     with pytest.raises(KeyError, match="original_size"):
         model([dict(image=torch.rand(3, 64, 64))], multimask_output=False)
+    with pytest.raises(KeyError, match="point_labels"):
+        model([dict(image=torch.rand(3, 64, 64), original_size=(64, 64), point_coords=torch.zeros(1, 1, 2))], False)
+    with pytest.raises(ValueError, match="H, W <= 64"):
+        model([dict(image=torch.rand(3, 80, 64), original_size=(80, 64))], multimask_output=False)
     with pytest.raises(ValueError, match="num_classes"):
         build_sam_vit_b(img_size=64, num_classes=0, **TINY)
+
+
+def test_lora_inject_and_merge_restores_meta_keys():
+    """LoRA on the encoder's fused qkv / proj and the decoder's attention projections, merged away again."""
+    lora = pytest.importorskip("lora")
+    torch.manual_seed(0)
+    model = perturb_(build_sam_vit_b(img_size=64, **TINY)).eval()
+    keys = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        base = model.segment(x)
+    names = lora.add_lora(model, {r"image_encoder\.blocks\.\d+\.attn\.(qkv|proj)": 2,
+                                  r"mask_decoder\.transformer\..*_proj": 2})
+    assert len(names) == 2 * 2 + 2 * 3 * 4 + 4  # encoder: 2 blocks x 2; decoder: 2 layers x 3 attns + final x 4
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            if hasattr(m, "lora_B"):
+                m.lora_B.normal_(0, 0.1)  # zero-init B would make the adapted model equal the base
+        adapted = model.segment(x)
+    assert max_diff(adapted, base) > 1e-3
+    lora.merge_and_unload(model)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
+    with torch.no_grad():
+        assert max_diff(model.segment(x), adapted) <= 1e-4
