@@ -107,7 +107,7 @@ def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: boo
     layout, resized, skipped, head_prefixes = "native", [], [], ()
     if isinstance(model, efficientformer.EfficientFormer):
         layout, head_prefixes = "timm", ("head.", "head_dist.")
-        if any(k.startswith(("network.", "patch_embed.")) for k in sd):
+        if any(k.startswith("network.") for k in sd):
             sd, layout = efficientformer.snap_to_timm(sd), "snap"
         sd, resized = efficientformer.adapt_state_dict(sd, model)
     elif isinstance(model, vit.VisionTransformer):

@@ -300,7 +300,8 @@ class EfficientFormer(nn.Module):
                              input_size=(3, *img_size))
 
         self.stem = Stem(out_dim=embed_dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth per block
+        n = sum(depths)
+        dpr = [drop_path_rate * i / max(n - 1, 1) for i in range(n)]  # stochastic depth, linear over blocks
         stages, start = [], 0
         for i, (depth, dim) in enumerate(zip(depths, embed_dims)):
             stages.append(Stage(in_dim=embed_dims[max(i - 1, 0)], dim=dim, depth=depth, downsample=i > 0,
@@ -407,14 +408,14 @@ def snap_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     out = {}
     for key, value in state_dict.items():
         parts = key.split(".")
-        if parts[0] == "patch_embed":
+        if parts[0] == "patch_embed" and parts[1] in _SNAP_STEM:
             parts = ["stem", _SNAP_STEM[parts[1]]] + parts[2:]
-        elif parts[0] == "network":
+        elif parts[0] == "network" and len(parts) > 3 and parts[1].isdigit():
             i = int(parts[1])
             if i % 2 == 0:  # a stage's blocks
                 parts = ["stages", str(i // 2), "blocks"] + parts[2:]
-            else:  # the downsample in front of stage (i + 1) / 2
-                parts = ["stages", str((i + 1) // 2), "downsample", {"proj": "conv", "norm": "norm"}[parts[2]]] + parts[3:]
+            elif parts[2] in ("proj", "norm"):  # the downsample in front of stage (i + 1) / 2
+                parts = ["stages", str((i + 1) // 2), "downsample", "conv" if parts[2] == "proj" else "norm"] + parts[3:]
         elif parts[0] == "dist_head":
             parts = ["head_dist"] + parts[1:]
         if parts[-1] in ("layer_scale_1", "layer_scale_2"):
