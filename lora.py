@@ -580,11 +580,12 @@ def load_adapters(model: nn.Module, path, *, check_fingerprint: bool = True) -> 
         if k not in state:
             problems.append(f"tensor {k} in the file has no place in the model")
         elif tuple(state[k].shape) != tuple(t.shape):
-            problems.append(f"tensor {k} has shape {tuple(t.shape)} in the file but {tuple(state[k].shape)} in the model")
-    if check_fingerprint:
-        if meta.get("fingerprint") != base_fingerprint(model, exclude=set(tensors)):
-            problems.append("the base weights differ from those the adapters were trained on (fingerprint "
-                            "mismatch); load the same base checkpoint, or pass check_fingerprint=False")
+            problems.append(f"tensor {k} has shape {tuple(t.shape)} in the file but "
+                            f"{tuple(state[k].shape)} in the model")
+    if check_fingerprint and meta.get("fingerprint") != base_fingerprint(model, exclude=set(tensors)):
+        problems.append("the base weights differ from those the adapters were trained on (fingerprint mismatch; "
+                        "frozen BatchNorm running statistics count as base, see freeze_bn_stats); load the same "
+                        "base checkpoint, or pass check_fingerprint=False for a deliberate transfer")
     if problems:
         raise ValueError(f"load_adapters: {path} does not fit this model:\n  - " + "\n  - ".join(problems))
     model.load_state_dict(tensors, strict=False)

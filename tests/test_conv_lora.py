@@ -70,6 +70,21 @@ def test_grid_factored_path_merge_and_exact_equation(kernel, stride, padding, di
         assert rel_err(layer(x), y) <= 1e-5, case
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+def test_even_kernels_same_padding_every_padding_mode(padding_mode):
+    """'same' with an even kernel pads asymmetrically; the factored path must pad exactly like the base."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 9, 9, dtype=torch.double)
+    for k, d in itertools.product([2, 4], [1, 2]):
+        base = nn.Conv2d(4, 6, k, padding="same", dilation=d, padding_mode=padding_mode).double()
+        layer = LoRAConv2d.from_module(copy.deepcopy(base), r=2)
+        randomise(layer)
+        with torch.no_grad():
+            base.weight.add_((layer.lora_B @ layer.lora_A).view(base.weight.shape) * layer.scaling)
+        assert torch.allclose(layer(x), base(x), rtol=0, atol=1e-10), f"k={k} dilation={d}"
+
+
 @pytest.mark.parametrize("c_in,c_out,k,groups,r", [(3, 24, 3, 1, 1), (48, 192, 1, 1, 2), (96, 96, 3, 96, 1),
                                                    (8, 16, 5, 2, 4)])
 def test_parameter_count_is_the_papers(c_in, c_out, k, groups, r):
