@@ -50,17 +50,20 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # training checkpoints often carry the argparse Namespace of their run next to the weights; allow
-        # that one plain-data class, refuse every other pickled object
-        if "argparse.Namespace" in str(e):
+    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, KeyError, EOFError... on bad files
+        msg = str(e)
+        if isinstance(e, pickle.UnpicklingError) and "argparse.Namespace" in msg:
+            # training checkpoints often carry their run's argparse Namespace next to the weights: allow that
+            # one plain-data class, refuse every other pickled object
             with torch.serialization.safe_globals([argparse.Namespace]):
                 return torch.load(path, map_location="cpu", weights_only=True)
-        raise ValueError(f"{str(path)!r} holds pickled objects that weights_only loading refuses; re-save only the "
-                         f"state_dict (torch.save(model.state_dict(), path)): {e}") from e
-    except (RuntimeError, EOFError, OSError) as e:
+        if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in msg:
+            what = msg[msg.index("Unsupported global"):].split("\n")[0]
+            raise ValueError(f"{str(path)!r} holds pickled objects that weights_only loading refuses ({what}); "
+                             f"re-save only the state_dict: torch.save(model.state_dict(), path)") from e
         raise ValueError(f"could not read {str(path)!r} as a PyTorch checkpoint (expected a file written by "
-                         f"torch.save; it may be truncated or of another type): {e}") from e
+                         f"torch.save; it may be truncated or of another type): {type(e).__name__}: "
+                         f"{msg[:200]}") from e
 
 
 def unwrap_state_dict(obj, where: str = "checkpoint") -> dict[str, torch.Tensor]:

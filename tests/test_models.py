@@ -366,6 +366,16 @@ def test_bad_files(tmp_path):
     cut_st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
     with pytest.raises(ValueError, match=r"cut\.safetensors.*safetensors"):
         load_pretrained(model, cut_st)
+    text_as_pth = tmp_path / "notes.pth"
+    text_as_pth.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"notes\.pth.*torch\.save"):
+        load_pretrained(model, text_as_pth)
+    import argparse  # a training checkpoint with its run's Namespace loads; other pickled objects are refused
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "run.pth")
+    assert load_pretrained(model, tmp_path / "run.pth")["missing"] == []
+    torch.save({"model": sd, "sched": torch.optim.lr_scheduler.StepLR}, tmp_path / "obj.pth")
+    with pytest.raises(ValueError, match=r"obj\.pth.*Unsupported global.*state_dict"):
+        load_pretrained(model, tmp_path / "obj.pth")
     not_a_dict = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], not_a_dict)
     with pytest.raises(TypeError, match="state_dict"):
