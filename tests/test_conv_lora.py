@@ -11,14 +11,7 @@ import torch.nn.functional as F
 from conv_lora import LoRAConv2d, fold_bn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These ops are tiny: with 2 OpenMP threads on a busy 2-core machine the hand-off costs ~1000x the
-    # work (measured 89 ms vs 11 us per small conv). Restored afterwards, so other test files are unaffected.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

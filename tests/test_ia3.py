@@ -12,13 +12,7 @@ import lora
 from ia3 import IA3Conv2d, IA3Linear, add_ia3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny ops: single-threaded is far faster on a busy 2-core machine; restored afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,13 +13,7 @@ from conv_lora import LoRAConv2d
 from lora import LoRALinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny ops: single-threaded is far faster on a busy 2-core machine; restored afterwards
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 
 
 class TinyNet(nn.Module):
