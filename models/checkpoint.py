@@ -93,7 +93,8 @@ def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: boo
     """Load a checkpoint (file path, or an in-memory state_dict) into `model`.
 
     Args:
-        model: an EfficientFormer, VisionTransformer, Sam, or any other module of this package.
+        model: an EfficientFormer, VisionTransformer, Sam, or any other module of this package, with or
+            without adapters injected (adapter tensors are not expected in the checkpoint and are left alone).
         path: checkpoint file (.pth/.pt/.bin/.ckpt or .safetensors), or a state_dict.
         strict: raise a ValueError listing every missing, unexpected and mis-shaped key (after renaming,
             resizing and head skipping); with strict=False those are reported and the rest is loaded.
@@ -135,7 +136,11 @@ def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: boo
         elif not ckpt_head:  # backbone-only checkpoint
             skipped = sorted(k for k in own if k.startswith(head_prefixes))
 
-    missing = sorted(k for k in own if k not in sd and k not in skipped)
+    # adapters subclass the layers they adapt (lora.py protocol): a base checkpoint fills weight/bias and
+    # leaves the adapter's own tensors as they are
+    adapter_keys = {f"{name}.{a}" if name else a for name, m in model.named_modules()
+                    if hasattr(m, "adapter_names") for a in m.adapter_names}
+    missing = sorted(k for k in own if k not in sd and k not in skipped and k not in adapter_keys)
     unexpected = sorted(k for k in sd if k not in own)
     mismatched = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
                         for k in sd if k in own and sd[k].shape != own[k].shape)
@@ -153,6 +158,8 @@ def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: boo
         msg = f"load_pretrained: {where} ({layout} layout): {len(sd)} tensors loaded"
         if resized:
             msg += f", resized to the model's input size: {', '.join(resized)}"
+        if adapter_keys:
+            msg += f", {len(adapter_keys)} adapter tensors left as they are"
         if skipped:
             msg += f"; head skipped (kept the model's fresh {', '.join(sorted({k.split('.')[0] for k in skipped}))})"
         if missing or unexpected or mismatched:

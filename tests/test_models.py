@@ -466,6 +466,10 @@ def test_lora_and_conv_lora_merge_back_to_official_keys():
             if n.endswith("lora_B"):
                 p.normal_(0, 0.05)
     assert set(model.state_dict()) > set(ref.state_dict())
+    # the base checkpoint still loads strictly into the adapted model (adapters subclass their layers)
+    before = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert load_pretrained(model, ref.state_dict(), verbose=False)["missing"] == []
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_" in n)
     x = torch.randn(2, 3, 224, 224)
     model.eval()
     with torch.no_grad():
