@@ -144,9 +144,7 @@ def window_unpartition(windows: torch.Tensor, window_size: int, pad_hw: tuple[in
     B = windows.shape[0] // (nWh * nWw)
     x = windows.view(B, nWh, nWw, window_size, window_size, -1)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)  # B Hp Wp C
-    if Hp > H or Wp > W:
-        x = x[:, :H, :W, :].contiguous()
-    return x
+    return x[:, :H, :W, :]  # drop the padding (a view; the residual add that follows makes it contiguous)
 
 
 class Block(nn.Module):

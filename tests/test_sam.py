@@ -147,8 +147,7 @@ def test_forward_parity(vitb_pair):
         assert (upsampled[disagree].abs() <= TOL).all()
 
 
-@pytest.mark.parametrize("multimask", [False, True])
-def test_prompt_and_decoder_parity(vitb_pair, multimask):
+def test_prompt_and_decoder_parity(vitb_pair):
     """Prompt encoder + mask decoder on one shared image embedding for every prompt kind (cheap: no encoder)."""
     ours, ref, _ = vitb_pair
     g = torch.Generator().manual_seed(3)
@@ -165,11 +164,13 @@ def test_prompt_and_decoder_parity(vitb_pair, multimask):
             sparse_r, dense_r = ref.prompt_encoder(points=p, boxes=b, masks=m)
             assert sparse_o.shape == sparse_r.shape and max_diff(sparse_o, sparse_r) <= TOL, name
             assert max_diff(dense_o, dense_r) <= TOL, name
-            lo, io = ours.mask_decoder(embedding, ours.prompt_encoder.get_dense_pe(), sparse_o, dense_o, multimask)
-            lr, ir = ref.mask_decoder(image_embeddings=embedding, image_pe=ref.prompt_encoder.get_dense_pe(),
-                                      sparse_prompt_embeddings=sparse_r, dense_prompt_embeddings=dense_r,
-                                      multimask_output=multimask)
-        assert lo.shape == lr.shape == (sparse_r.shape[0], 3 if multimask else 1, 64, 64), name
+            # all 4 masks (single + multimask outputs); forward() only slices them (checked in the tests
+            # around: multimask True in test_forward_parity, False in the segment test)
+            lo, io = ours.mask_decoder.predict_masks(embedding, ours.prompt_encoder.get_dense_pe(), sparse_o, dense_o)
+            lr, ir = ref.mask_decoder.predict_masks(image_embeddings=embedding,
+                                                    image_pe=ref.prompt_encoder.get_dense_pe(),
+                                                    sparse_prompt_embeddings=sparse_r, dense_prompt_embeddings=dense_r)
+        assert lo.shape == lr.shape == (sparse_r.shape[0], 4, 64, 64), name
         assert lr.abs().max() > 1.0
         assert max_diff(lo, lr) <= TOL, (name, max_diff(lo, lr))
         assert max_diff(io, ir) <= TOL, name
@@ -221,6 +222,7 @@ def test_resize_to_smaller_input_matches_meta_runtime_interpolation():
     torch.manual_seed(0)
     src = perturb_(build_sam_vit_b(img_size=64, **TINY))  # grid 8: global rel-pos tables of length 15
     sd = src.state_dict()
+    sd = {k: v * 10 if ".rel_pos_" in k else v for k, v in sd.items()}  # tiny heads: make the rel-pos bias count
     # a pos_embed that is linear in the cell index stays linear after the resize: the new cell i sits at
     # old coordinate 2i + 0.5 (align_corners=False, 8 -> 4 cells)
     ramp = torch.arange(8.0)
@@ -239,7 +241,9 @@ def test_resize_to_smaller_input_matches_meta_runtime_interpolation():
     ref = build_reference(img_size=32, **TINY_REF)
     ref_sd = {k: v for k, v in sd.items() if not k.startswith("image_encoder.blocks.1.attn.rel_pos")}
     ref_sd["image_encoder.pos_embed"] = resized["image_encoder.pos_embed"]
-    ref.load_state_dict(ref_sd, strict=False)
+    result = ref.load_state_dict(ref_sd, strict=False)
+    assert sorted(result.missing_keys) == [f"image_encoder.blocks.1.attn.rel_pos_{a}" for a in "hw"]
+    assert not result.unexpected_keys
     with torch.no_grad():
         for leaf in ("rel_pos_h", "rel_pos_w"):
             setattr(ref.image_encoder.blocks[1].attn, leaf, nn.Parameter(sd[f"image_encoder.blocks.1.attn.{leaf}"]))
@@ -247,6 +251,11 @@ def test_resize_to_smaller_input_matches_meta_runtime_interpolation():
         a, b = dst.image_encoder(x), ref.image_encoder(x)
     assert a.shape == (2, 32, 4, 4)
     assert max_diff(a, b) <= TOL
+    # negative control: the perturbed tables matter, swapping the row and column tables breaks the match
+    attn = dst.image_encoder.blocks[1].attn
+    with torch.no_grad():
+        attn.rel_pos_h, attn.rel_pos_w = attn.rel_pos_w, attn.rel_pos_h
+        assert max_diff(dst.image_encoder(x), b) > 1e-2
 
 
 def test_segment_shapes_and_classes():
