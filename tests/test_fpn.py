@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from models import SemanticFPN, create_model
 
 L1_DIMS = [48, 96, 224, 448]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny ops, busy 2-core machine
 
 
 def maps(dims, size=64, batch=2, seed=0):

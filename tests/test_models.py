@@ -24,6 +24,7 @@ from models.efficientformer import EfficientFormer, snap_to_timm, timm_to_snap  
 from models.vit import VisionTransformer, deit3_fb_to_timm, timm_to_deit3_fb  # noqa: E402
 
 TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny ops, busy 2-core machine
 TINY_EF = dict(depths=(2, 1, 2, 3), embed_dims=(16, 24, 32, 48))
 TINY_VIT = dict(patch_size=16, embed_dim=64, depth=3, num_heads=4)
 
