@@ -41,8 +41,8 @@ def attention_bias_idxs(resolution: tuple[int, int]) -> torch.Tensor:
 
 
 def resize_attention_biases(table: torch.Tensor, old_res: tuple[int, int], new_res: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resampling of a (heads, Rh * Rw) bias table, seen as a (heads, Rh, Rw) image over (|dy|, |dx|),
-    to another grid (as LeViT / TinyViT and the snap segmentation backbone do for larger inputs)."""
+    """Bicubic (antialiased) resampling of a (heads, Rh * Rw) bias table, seen as a (heads, Rh, Rw) image over
+    (|dy|, |dx|), to another grid; the same resampling timm applies to LeViT / TinyViT bias tables."""
     if tuple(old_res) == tuple(new_res):
         return table
     heads = table.shape[0]
@@ -272,7 +272,7 @@ class EfficientFormer(nn.Module):
         mlp_ratios: hidden / input channels of every MLP.
         pool_size: pooling window of the Meta4D token mixer.
         layer_scale_init: initial layer-scale value.
-        drop_rate: dropout before the heads (and inside the MLPs).
+        drop_rate: dropout before the heads (as timm's drop_rate; the blocks have no dropout).
         drop_path_rate: stochastic depth, increasing linearly over all blocks up to this value.
         distillation: keep the `head_dist` head (all released checkpoints have it).
     """
@@ -307,7 +307,7 @@ class EfficientFormer(nn.Module):
             stages.append(Stage(in_dim=embed_dims[max(i - 1, 0)], dim=dim, depth=depth, downsample=i > 0,
                                 num_vit=num_vit if i == len(depths) - 1 else 0, resolution=self.grid_size,
                                 drop_path=dpr[start:start + depth], pool_size=pool_size, mlp_ratio=mlp_ratios,
-                                drop=drop_rate, layer_scale_init=layer_scale_init))
+                                layer_scale_init=layer_scale_init))
             start += depth
         self.stages = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features, eps=1e-5)

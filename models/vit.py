@@ -132,7 +132,7 @@ class VisionTransformer(nn.Module):
         layer_scale_init: layer-scale init (1e-6 for DeiT III), None for no layer scale.
         no_embed_class: DeiT III layout: pos_embed covers only the patch tokens, added before the class token
             is prepended.
-        drop_rate: dropout after the position embedding, in blocks and before the head.
+        drop_rate: dropout before the head (as timm's drop_rate; the blocks have no dropout).
         attn_drop_rate: dropout on attention probabilities.
         drop_path_rate: stochastic depth, increasing linearly over the blocks up to this value.
     """
@@ -160,11 +160,10 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size=patch_size, embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + (0 if no_embed_class else 1), embed_dim))
-        self.pos_drop = nn.Dropout(drop_rate)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth, linear
         self.blocks = nn.Sequential(*[
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, layer_scale_init=layer_scale_init,
-                  drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i]) for i in range(depth)])
+                  attn_drop=attn_drop_rate, drop_path=dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.reset_classifier(num_classes)
@@ -201,7 +200,7 @@ class VisionTransformer(nn.Module):
             x = torch.cat([cls, x + self.pos_embed], dim=1)  # (B, 1 + N, C)
         else:
             x = torch.cat([cls, x], dim=1) + self.pos_embed
-        x = self.blocks(self.pos_drop(x))
+        x = self.blocks(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
