@@ -247,18 +247,19 @@ def poly_lr_factor(step: int, *, total_steps: int, warmup_steps: int, power: flo
 
 
 def predict_logits(model: nn.Module, x: torch.Tensor, *, mode: str, out_size: tuple[int, int],
-                   stride: int | None = None) -> torch.Tensor:
+                   stride: int | None = None, amp=nullcontext()) -> torch.Tensor:
     """(B, 3, H, W) normalised images -> (B, K, *out_size) float logits.
 
     whole: resize to the model's S x S input, predict, resize the logits back.
     slide: S x S windows every `stride` pixels (images smaller than S are zero-padded), logits averaged where
            windows overlap (mmseg's "slide" inference).
+    amp: the autocast context of the forward passes.
     """
     S = model.img_size
     H, W = x.shape[-2:]
     if mode == "whole" or (H == S and W == S):
         xs = x if (H, W) == (S, S) else F.interpolate(x, size=(S, S), mode="bilinear", align_corners=False)
-        with autocast:
+        with amp:
             logits = model.segment(xs).float()  # (B, K, S, S)
     else:
         stride = stride or max(1, S * 2 // 3)
@@ -270,7 +271,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, *, mode: str, out_size: tu
         logits, count = None, torch.zeros(1, 1, Hp, Wp, device=x.device)
         for y0 in ys:
             for x0 in xs_:
-                with autocast:
+                with amp:
                     out = model.segment(xp[..., y0:y0 + S, x0:x0 + S]).float()  # (B, K, S, S)
                 if logits is None:
                     logits = torch.zeros(x.shape[0], out.shape[1], Hp, Wp, device=x.device)
@@ -302,12 +303,13 @@ def evaluate(model: nn.Module, loader: DataLoader, *, compare: nn.Module | None 
             group = [(img, m) for img, m in batch if tuple(img.shape[-2:]) == size]
             x = torch.stack([img for img, _ in group]).to(dist.device)  # (B, 3, H, W)
             y = torch.stack([m for _, m in group]).to(dist.device).long()  # (B, H, W)
-            logits = predict_logits(model, x, mode=args.eval_mode, out_size=y.shape[-2:], stride=args.eval_stride)
+            logits = predict_logits(model, x, mode=args.eval_mode, out_size=y.shape[-2:], stride=args.eval_stride,
+                                    amp=autocast)
             pred = to_classes(logits)
             cm += confusion_matrix(pred, y, num_classes).cpu()
             if compare is not None:
                 other = predict_logits(compare, x, mode=args.eval_mode, out_size=y.shape[-2:],
-                                       stride=args.eval_stride)
+                                       stride=args.eval_stride, amp=autocast)
                 diff["pixels_differ"] += float((to_classes(other) != pred).sum())
                 diff["max_logit_diff"] = max(diff["max_logit_diff"], float((other - logits).abs().max()))
             for i in range(min(vis - len(samples), len(group))):
@@ -654,7 +656,7 @@ if args is not None:
                 x, where = to_canvas(img, torch.zeros(H, W, dtype=torch.uint8))  # (3, C, C), (C, C)
                 h, w = int((where != IGNORE).any(1).sum()), int((where != IGNORE).any(0).sum())
                 logits = predict_logits(raw_model, x[None].to(dist.device), mode=args.eval_mode,
-                                        out_size=x.shape[-2:], stride=args.eval_stride)[..., :h, :w]
+                                        out_size=x.shape[-2:], stride=args.eval_stride, amp=autocast)[..., :h, :w]
                 logits = F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
                 mask = to_classes(logits)[0].cpu()  # (H, W) class ids
                 data_seg.save_mask_png(mask, out_dir / (path.stem + ".png"))

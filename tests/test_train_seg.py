@@ -1,0 +1,332 @@
+"""train_seg.py end to end on CPU: tiny SAM and tiny EfficientFormer + FPN on the synthetic set.
+
+The script runs in this process (runpy, as `python train_seg.py ...` would run it) to skip interpreter and torch
+start-up; every number checked here is recomputed independently (baselines from the masks, the top-k mean from the
+kept files, the merged export through a plain model, RLE through data_seg.rle_decode), never copied from a run.
+"""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import decode_image, write_jpeg, write_png
+from torchvision.transforms.v2 import functional as TF
+
+import data_seg
+import train_seg
+from lora import load_adapters, read_safetensors
+from models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train_seg.py")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SYN = ["--data", "synthetic", "--img-size", "64", "--synthetic-train", "64", "--synthetic-val", "16", "--workers", "0"]
+SAM_RUN = ["--model", "sam_tiny", "--method", "lora", *SYN, "--no-randaug", "--epochs", "4", "--batch-size", "4",
+           "--lr", "1e-2", "--top-k", "3"]
+EF_RUN = ["--model", "ef_tiny", "--head", "fpn", "--method", "petah", *SYN, "--fpn-channels", "32",
+          "--fpn-head-channels", "32", "--epochs", "4", "--batch-size", "4", "--lr", "1e-2"]
+
+
+def run(*argv) -> int:
+    """`python train_seg.py *argv` in this process; returns the exit status."""
+    old = sys.argv
+    sys.argv = ["train_seg.py", *map(str, argv)]
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+
+
+def read_log(out: Path) -> tuple[list[dict], dict]:
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in lines if not r.get("summary")], lines[-1]
+
+
+def val_baselines() -> dict:
+    """Metrics of the two constant predictors on the val masks the runs evaluate on."""
+    _, val, _, k, _ = data_seg.build_seg_datasets("synthetic", img_size=64, mean=MEAN, std=STD,
+                                                  synthetic_cfg=dict(train_samples=64, val_samples=16,
+                                                                     test_samples=16))
+    masks = torch.stack([val[i][1] for i in range(len(val))])
+    valid = masks != 255
+    p = float((masks[valid] == 1).float().mean())  # foreground fraction
+    # all background: IoU_bg = 1 - p, IoU_fg = 0; all foreground: IoU_fg = p, IoU_bg = 0
+    return dict(fg_frac=p, all_bg_miou=(1 - p) / 2, all_fg_miou=p / 2, all_fg_iou=p)
+
+
+@pytest.fixture(scope="module")
+def sam_run(one_thread, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sam")
+    assert run(*SAM_RUN, "--out", out) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ef_run(one_thread, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ef")
+    assert run(*EF_RUN, "--out", out) == 0
+    return out
+
+
+@pytest.mark.parametrize("which", ["sam_run", "ef_run"])
+def test_synthetic_run_learns(which, request):
+    out = request.getfixturevalue(which)
+    epochs, summary = read_log(out)
+    base = val_baselines()
+    assert 0.2 < base["fg_frac"] < 0.7
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    for e in epochs:  # per-epoch foreground IoU and mIoU in the JSON-lines log
+        assert {"iou_fg", "miou", "train_loss", "lr"} <= set(e)
+    best = max(e["iou_fg"] for e in epochs)
+    # well above both constant predictors: all background (IoU fg 0) and all foreground (IoU fg = fg fraction)
+    assert best > base["all_fg_iou"] + 0.15, (best, base)
+    assert summary["final_miou"] > max(base["all_bg_miou"], base["all_fg_miou"]) + 0.3, (summary, base)
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert sorted(p.name for p in (out / "vis").iterdir()) == [f"epoch_{e:04d}.png" for e in range(1, 5)]
+    grid = decode_image(str(out / "vis" / "epoch_0004.png"))
+    assert grid.shape[0] == 3 and grid.shape[1] > grid.shape[2]  # 4 rows of image | truth | prediction
+
+
+def test_topk_average_is_the_mean_and_is_what_gets_evaluated(sam_run, capsys):
+    epochs, summary = read_log(sam_run)
+    top3 = [e["epoch"] for e in sorted(epochs, key=lambda e: (-e["score"], e["epoch"]))[:3]]
+    assert summary["topk_epochs"] == top3
+    files = sorted((sam_run / "topk").iterdir())
+    assert [f.name for f in files] == [f"epoch_{e:04d}.safetensors" for e in sorted(top3)]  # the others deleted
+    kept = [read_safetensors(f)[0] for f in files]
+    final = read_safetensors(sam_run / "final.safetensors")[0]
+    assert set(final) == set(kept[0]) and any(k.endswith("lora_B") for k in final)
+    differ = 0
+    for k, v in final.items():
+        mean = torch.stack([d[k].double() for d in kept]).mean(0)
+        torch.testing.assert_close(v.double(), mean, rtol=1e-6, atol=1e-7)
+        differ += not torch.equal(kept[0][k], kept[1][k])
+    assert differ > len(final) // 2  # the epochs really differ, so the mean is not a copy of one of them
+    # evaluating final.safetensors from scratch gives the metrics the run reported for the average
+    capsys.readouterr()
+    assert run("--eval-only", "--checkpoint", sam_run / "final.safetensors", "--out", sam_run, *SYN[:2],
+               "--synthetic-train", "64", "--synthetic-val", "16", "--workers", "0") == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["miou"] == pytest.approx(summary["final_miou"], abs=1e-12)
+    assert rec["iou_fg"] == pytest.approx(summary["final_score"], abs=1e-12)
+    assert summary["best_score"] == max(e["score"] for e in epochs)
+
+
+def sam_models(run_dir: Path):
+    """The run's model rebuilt here: tiny SAM + LoRA with final.safetensors, and a plain SAM with merged.safetensors."""
+    cfg = train_seg.PRESETS["sam_tiny"][1]
+    torch.manual_seed(0)  # the script's --seed: the same random base, so the adapters' fingerprint matches
+    adapted = create_model("sam_vitb", img_size=64, num_classes=1, **cfg)
+    train_seg.sam_apply_method(adapted, "lora", num_classes=2, r=8, alpha=None, learn_interp=False,
+                               train_biases=True, train_norms=True)
+    load_adapters(adapted, run_dir / "final.safetensors")
+    plain = create_model("sam_vitb", img_size=64, num_classes=1, **cfg)
+    tensors, _ = read_safetensors(run_dir / "merged.safetensors")
+    plain.load_state_dict(tensors, strict=True)  # Meta's key layout, no adapter keys left
+    return adapted.eval(), plain.eval()
+
+
+def test_merged_export_equals_unmerged_on_val(sam_run):
+    _, summary = read_log(sam_run)
+    assert summary["merged_pixels_differ"] == 0 and summary["merged_max_logit_diff"] < 1e-4
+    adapted, plain = sam_models(sam_run)
+    _, val, _, _, _ = data_seg.build_seg_datasets("synthetic", img_size=64, mean=MEAN, std=STD,
+                                                  synthetic_cfg=dict(train_samples=64, val_samples=16))
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        a, b = adapted.segment(x), plain.segment(x)
+    assert a.abs().max() > 0.1  # a real prediction, not zeros
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_predict_writes_masks_and_rle_that_round_trips(sam_run, tmp_path):
+    ds = data_seg.SyntheticVegetation(split="test", num_samples=3, image_size=64)
+    images = tmp_path / "images"
+    images.mkdir()
+    sizes = {"square": (64, 64), "wide": (48, 80), "tall": (90, 50)}
+    for i, (name, (h, w)) in enumerate(sizes.items()):
+        img = TF.to_dtype(ds.render(i)[0], torch.uint8, scale=True)  # (3, 64, 64)
+        img = TF.resize(img, [h, w], antialias=True)
+        (write_png if name == "square" else write_jpeg)(img, str(images / f"{name}.{'png' if name == 'square' else 'jpg'}"))
+    out, rle_file = tmp_path / "pred", tmp_path / "sub.json"
+    assert run("--predict", images, "--checkpoint", sam_run / "final.safetensors", "--predict-out", out,
+               "--rle-json", rle_file, "--workers", "0") == 0
+    rle = json.loads(rle_file.read_text())
+    assert sorted(rle) == sorted(sizes)
+    for name, (h, w) in sizes.items():
+        mask = decode_image(str(out / f"{name}.png"))[0]  # single-channel PNG of class ids
+        assert mask.shape == (h, w) and set(mask.unique().tolist()) <= {0, 1}
+        assert torch.equal(data_seg.rle_decode(rle[name], (h, w)), (mask == 1).to(torch.uint8))
+    # the 64 x 64 image needs no resizing: its mask is exactly the model's prediction
+    adapted, _ = sam_models(sam_run)
+    x = (TF.to_dtype(decode_image(str(images / "square.png")), torch.float32, scale=True)
+         - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    with torch.no_grad():
+        want = (adapted.segment(x[None])[0, 0] > 0).to(torch.uint8)
+    got = decode_image(str(out / "square.png"))[0]
+    assert (got != want).sum() <= 2 and got.float().mean() > 0.05  # (ties at logit 0 aside)
+
+
+def test_resume_continues_exactly(ef_run, tmp_path):
+    out = tmp_path / "resumed"
+    assert run(*EF_RUN, "--out", out, "--stop-after-epoch", "2") == 0
+    assert json.loads((out / "ckpt" / "last.json").read_text())["epoch"] == 2
+    assert not (out / "final.safetensors").exists()
+    # other settings than the checkpoint's are refused, naming the setting
+    with pytest.raises(ValueError, match="lr"):
+        run(*EF_RUN[:-2], "--lr", "0.5", "--out", out, "--resume")
+    assert run(*EF_RUN, "--out", out, "--resume") == 0
+    a = read_safetensors(ef_run / "ckpt" / "epoch_0004.safetensors")[0]
+    b = read_safetensors(out / "ckpt" / "epoch_0004.safetensors")[0]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit the uninterrupted run
+    ea, sa = read_log(ef_run)
+    eb, sb = read_log(out)
+    assert [e["miou"] for e in ea] == [e["miou"] for e in eb]
+    assert sa["final_miou"] == sb["final_miou"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(one_thread, tmp_path, capsys):
+    out = tmp_path / "nan"
+    args = ["--model", "ef_tiny", "--method", "lora", *SYN[:4], "--synthetic-train", "8", "--synthetic-val", "4",
+            "--workers", "0", "--fpn-channels", "16", "--fpn-head-channels", "16", "--epochs", "3",
+            "--batch-size", "4", "--out", out]
+    assert run(*args, "--inject-nan-step", "3") == 1  # step 3 = the second step of epoch 2
+    assert "loss is nan at step 3" in capsys.readouterr().out
+    assert json.loads((out / "ckpt" / "last.json").read_text())["epoch"] == 1
+    assert len(read_log(out)[0]) == 1 and not (out / "final.safetensors").exists()
+
+
+def test_count_only_sam_vitb_lora(one_thread, capsys):
+    assert run("--model", "sam_vitb", "--method", "lora", "--learn-interp", "--count-only") == 0
+    c = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    r = 8
+    # image encoder, 12 blocks: qkv 768->2304, proj 768->768, lin1 768->3072, lin2 3072->768
+    enc = 12 * r * ((768 + 2304) + (768 + 768) + (768 + 3072) + (3072 + 768))
+    # mask decoder: 2 layers of self-attn (q,k,v,out 256<->256), two cross-attns (internal width 128: q,k,v
+    # 256->128, out 128->256), MLP 256->2048->256; plus the final token-to-image attention
+    dec = 2 * (4 * r * 512 + 2 * 4 * r * 384 + 2 * r * (256 + 2048)) + 4 * r * 384
+    assert enc + dec == 1_347_584
+    n_lora_layers = 12 * 4 + 2 * (12 + 2) + 4
+    assert c["adapters_only"] == enc + dec + n_lora_layers  # + one interpolation scalar a per LoRA layer
+    # norms and biases: encoder blocks (2 LayerNorms 2*768 each; biases 2304 + 768 + 3072 + 768), patch embedding
+    # bias, neck LayerNorm2d x2; decoder layers (biases 4*256 + 2*(3*128 + 256) + 2048 + 256, 4 LayerNorms),
+    # final attention biases + its norm; output upscaling (two ConvTranspose biases 64 + 32, one LayerNorm2d 64)
+    norms_biases = (12 * (4 * 768 + 2304 + 768 + 3072 + 768) + 768 + 2 * 512
+                    + 2 * (4 * 256 + 2 * (3 * 128 + 256) + 2048 + 256 + 4 * 512) + (3 * 128 + 256) + 512
+                    + (64 + 32) + 128)
+    assert c["adapter_params"] == c["adapters_only"] + norms_biases
+    # head: the 4 mask tokens + the hypernetwork MLP of token 0 (256->256->256->32)
+    assert c["head_params"] == 4 * 256 + (256 * 256 + 256) * 2 + 256 * 32 + 32
+    assert c["total_params"] == 93_735_472 + c["adapters_only"]  # Meta's SAM ViT-B + the adapters
+
+
+def test_count_only_efl1_petah_matches_reference(one_thread, capsys):
+    assert run("--model", "efl1", "--head", "fpn", "--method", "petah", "--count-only") == 0
+    c = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert c["adapter_params"] == 62_283  # REFERENCE.md 1: EF L1 PETAH-1 (the FPN head is not counted)
+
+
+def make_folder(root: Path, *, n_train=4, n_val=2, size=(48, 64)):
+    """The UCC AI Quest layout: img/{train,valid}/*.jpg + ann/{train,valid}/*.png with 0/255 masks."""
+    ds = data_seg.SyntheticVegetation(split="train", num_samples=n_train + n_val, image_size=64)
+    for i in range(n_train + n_val):
+        split = "train" if i < n_train else "valid"
+        img, mask = ds.render(i)
+        img = TF.to_dtype(img, torch.uint8, scale=True)[:, :size[0], :size[1]]
+        (root / "img" / split).mkdir(parents=True, exist_ok=True)
+        (root / "ann" / split).mkdir(parents=True, exist_ok=True)
+        write_jpeg(img.contiguous(), str(root / "img" / split / f"tile{i}.jpg"))
+        write_png((mask[:size[0], :size[1]] * 255).to(torch.uint8)[None].contiguous(), str(root / "ann" / split / f"tile{i}.png"))
+
+
+def test_folder_data_and_bad_input_errors(one_thread, tmp_path, capsys):
+    folder = tmp_path / "ucc"
+    make_folder(folder)
+    tiny = ["--model", "ef_tiny", "--method", "linear", "--img-size", "64", "--fpn-channels", "16",
+            "--fpn-head-channels", "16", "--epochs", "1", "--batch-size", "2", "--workers", "0"]
+    assert run(*tiny, "--data", "folder", "--data-root", folder, "--out", tmp_path / "ok") == 0
+    _, summary = read_log(tmp_path / "ok")
+    assert 0.0 <= summary["final_iou_fg"] <= 1.0
+
+    def fails(*argv, match):
+        capsys.readouterr()
+        assert run(*argv) == 2
+        assert match in capsys.readouterr().err
+
+    fails("--model", "sam_tiny", "--method", "petah", "--count-only", match="not a method for sam_tiny")
+    fails("--model", "sam_tiny", "--head", "fpn", "--count-only", match="--head is for EfficientFormer")
+    fails("--model", "ef_tiny", "--img-size", "50", "--count-only", match="multiple of 32")
+    fails("--model", "ef_tiny", "--weights", tmp_path / "nope.pth", "--count-only", match="does not exist")
+    fails("--rle-json", tmp_path / "x.json", match="--rle-json needs --predict")
+    fails("--predict", folder, "--checkpoint", tmp_path / "none.safetensors", match="does not exist")
+    fails(*tiny, "--data", "folder", "--data-root", tmp_path / "missing", match="img/")
+    fails(*tiny, "--data", "synthetic", "--num-classes", "1", match="count the background")
+    # an image without its mask: the error names both files
+    (folder / "ann" / "train" / "tile1.png").unlink()
+    fails(*tiny, "--data", "folder", "--data-root", folder, match=f"{folder / 'img' / 'train' / 'tile1.jpg'}")
+    # a mask of another size than its image: raised while loading, naming both files
+    write_png(torch.zeros(1, 10, 10, dtype=torch.uint8), str(folder / "ann" / "train" / "tile1.png"))
+    with pytest.raises(ValueError, match="tile1.jpg.*tile1.png"):
+        run(*tiny, "--data", "folder", "--data-root", folder, "--out", tmp_path / "bad")
+
+
+class PixelModel(torch.nn.Module):
+    """A per-pixel model (1x1 conv) that accepts only its S x S input size, like SAM / EfficientFormer."""
+
+    img_size = 32
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def segment(self, x):
+        assert x.shape[-2:] == (32, 32), x.shape
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("size", [(80, 80), (70, 45), (20, 24), (32, 32)])
+def test_sliding_window_stitches_exactly(size):
+    torch.manual_seed(0)
+    model, x = PixelModel(), torch.randn(2, 3, *size)
+    with torch.no_grad():
+        got = train_seg.predict_logits(model, x, mode="slide", out_size=size, stride=20)
+        want = model.conv(x)  # a per-pixel model gives the same logits on the whole image
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_image_mode_resizes_to_the_model_input_and_back():
+    torch.manual_seed(0)
+    model, x = PixelModel(), torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = train_seg.predict_logits(model, x, mode="whole", out_size=(64, 64))
+        small = model.conv(torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False))
+        want = torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got, want)
+
+
+def test_metrics_and_losses_on_hand_made_masks():
+    truth = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 255]])
+    pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    cm = train_seg.confusion_matrix(pred, truth, 2)
+    # class 0: TP 2 (truth 0 at 3 pixels, one predicted 1), FP 1 -> IoU 2/4; class 1: TP 3, FP 1, FN 1 -> 3/5
+    assert cm.tolist() == [[2, 1], [1, 3]]
+    m = train_seg.metrics(cm)
+    assert m["iou_fg"] == pytest.approx(3 / 5) and m["miou"] == pytest.approx((2 / 4 + 3 / 5) / 2)
+    assert m["pixel_acc"] == pytest.approx(5 / 7)  # the ignored pixel counts nowhere
+    with pytest.raises(ValueError, match="label 2"):
+        train_seg.confusion_matrix(pred, torch.full_like(truth, 2), 2)
+    # losses: a confident correct prediction costs ~0, the ignored pixel never counts
+    logit = (truth == 1).float() * 40 - 20  # (2, 4)
+    logit[1, 3] = 1e4  # wildly wrong on the ignored pixel (truth 255, read as background): must not count
+    bce = train_seg.seg_loss(logit[None, None], truth[None], "bce_dice")
+    assert bce < 1e-3
+    two = torch.stack([-logit, logit])[None]  # (1, 2, H, W)
+    assert train_seg.seg_loss(two, truth[None], "ce_dice") < 1e-3
+    assert train_seg.seg_loss(two, truth[None], "ce") < 1e-6
+    assert train_seg.seg_loss(-two, truth[None], "ce_dice") > 1.5
