@@ -20,6 +20,7 @@ Resize(floor(img_size / crop_pct)) + CenterCrop, both followed by Normalize(mean
 import colorsys
 import math
 import os
+import random
 import warnings
 from pathlib import Path
 
@@ -164,20 +165,19 @@ _CACHE = {}  # per image size: coordinate grid and noise banks, built once per p
 
 
 def _canvas(size):
-    """(3, S*S) homogeneous pixel coordinates [x; y; 1] in [-1, 1] and two noise banks (3, 2S, 2S):
+    """Pixel coordinates x, y (S, S) in [-1, 1] and two noise banks (3, 2S, 2S):
     white noise and smooth colour noise. A sample reads an S x S window of each at a seeded offset, which is
     much cheaper than drawing fresh noise per image."""
     if size not in _CACHE:
         c = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
         ys, xs = torch.meshgrid(c, c, indexing="ij")  # (S, S): y down, x right
-        xy1 = torch.stack([xs.flatten(), ys.flatten(), torch.ones(size * size)])  # (3, S*S)
         g = torch.Generator().manual_seed(12345 + size)
         white = torch.randn(3, 2 * size, 2 * size, generator=g)
         coarse = torch.randn(1, 1, 10, 10, generator=g) + 0.4 * torch.randn(1, 3, 10, 10, generator=g)
         coarse /= 1.08  # unit variance: mostly brightness, a little colour; about 5 blobs across an image
         smooth = torch.nn.functional.interpolate(coarse, size=(2 * size, 2 * size), mode="bicubic",
                                                  align_corners=False)[0]
-        _CACHE[size] = (xy1, white, smooth)
+        _CACHE[size] = (xs, ys, white, smooth)
     return _CACHE[size]
 
 
@@ -229,6 +229,8 @@ class SyntheticImages(Dataset):
                  fine_grained=0, seed=0, max_rotation=30.0, noise=0.03, transform=None):
         if split not in self._SPLITS:
             raise ValueError(f"split must be one of {list(self._SPLITS)}, got {split!r}")
+        if seed < 0 or family < 0 or style < 0:
+            raise ValueError(f"seed, family and style must be >= 0, got {seed}, {family}, {style}")
         if num_classes < 2 or samples_per_class < 1 or image_size < 8:
             raise ValueError(f"need num_classes >= 2, samples_per_class >= 1, image_size >= 8; got "
                              f"{num_classes}, {samples_per_class}, {image_size}")
@@ -319,30 +321,37 @@ class SyntheticImages(Dataset):
         return self.num_classes * self.samples_per_class
 
     def sample_seed(self, index):
-        # injective in (seed, split, index) for index < 2**32: splits are disjoint by construction
-        return ((self.seed * 3 + self._SPLITS[self.split]) << 32) + index
+        # one string per (seed, split, index): splits never share a seed (random.Random hashes it with SHA-512)
+        return f"synthetic-images/{self.seed}/{self.split}/{index}"
 
     def render(self, index):
         """The untransformed image (3, S, S) in [0, 1] and its label."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         label = index % self.num_classes
+        return self.draw(label, self.sample_seed(index)), label
+
+    def draw(self, label, sample_seed):
+        """Class `label` under the nuisance drawn from `sample_seed` (any int or str): (3, S, S) in [0, 1].
+        The same seed with another label gives the same pose, background and noise (useful to see what tells
+        two classes apart)."""
         s_id, t_id, c_id, mark = self.class_defs[label]
         S = self.image_size
-        r = torch.rand(20, generator=torch.Generator().manual_seed(self.sample_seed(index))).tolist()
-        xy1, white, smooth = _canvas(S)  # (3, S*S), (3, 2S, 2S), (3, 2S, 2S)
+        rng = random.Random(sample_seed)  # a str seed is hashed with SHA-512 (torch's generator keeps 32 bits)
+        r = [rng.random() for _ in range(20)]
+        xs, ys, white, smooth = _canvas(S)  # (S, S), (S, S), (3, 2S, 2S), (3, 2S, 2S)
 
         # object frame: centre (cx, cy), radius `scale` (in half-images), rotation; the texture's own axes
-        # (uo, vo) are the object axes turned by the texture's orientation. One matmul maps pixels to all four.
+        # (uo, vo) are the object axes turned by the texture's orientation. (Elementwise ops, not a matmul:
+        # tiny BLAS calls are slow when the machine is oversubscribed.)
         kind, freq, orient = self.textures[t_id]
         cx, cy = (r[0] - 0.5) * 0.5, (r[1] - 0.5) * 0.5
         scale = 0.45 + 0.2 * r[2]
         rot = math.radians((2 * r[3] - 1) * self.max_rotation)
-        rows = []
-        for a in (rot, rot + orient):
-            c, s = math.cos(a) / scale, math.sin(a) / scale
-            rows += [[c, s, -c * cx - s * cy], [-s, c, s * cx - c * cy]]
-        u, v, uo, vo = (torch.tensor(rows) @ xy1).view(4, S, S)  # (S, S) each, in object units (radius ~ 1)
+        dx, dy = xs - cx, ys - cy
+        u, v, uo, vo = [dx * (c / scale) + dy * (s / scale)  # (S, S) each, in object units (radius ~ 1)
+                        for a in (rot, rot + orient)
+                        for c, s in ((math.cos(a), math.sin(a)), (-math.sin(a), math.cos(a)))]
         rho, phi = (u * u + v * v).sqrt_(), torch.atan2(v, u)  # (S, S)
         px = 2.0 / (S * scale)  # one pixel in object units: edges are anti-aliased over about a pixel
 
@@ -386,15 +395,15 @@ class SyntheticImages(Dataset):
         ox, oy = int(r[9] * S), int(r[10] * S)
         bg = _hsv(r[11], self.bg_sat * r[12], 0.25 + 0.5 * r[13])[:, None, None]  # (3, 1, 1)
         ang, wb = math.pi * r[14], 2 * math.pi * (2 + 6 * r[15])
-        grating = torch.tensor([[wb * math.cos(ang), wb * math.sin(ang), 2 * math.pi * r[16]]]) @ xy1
+        grating = torch.sin(xs * (wb * math.cos(ang)) + ys * (wb * math.sin(ang)) + 2 * math.pi * r[16])
         bg = torch.add(bg, smooth[:, oy:oy + S, ox:ox + S], alpha=0.12)  # (3, S, S)
-        bg.add_(grating.sin_().view(1, S, S), alpha=self.bg_grating)
+        bg.add_(grating, alpha=self.bg_grating)
 
         image = torch.lerp(bg, fg, alpha)  # (3, S, S)
         if self.noise > 0:
             ox, oy = int(r[17] * S), int(r[18] * S)
             image.add_(white[:, oy:oy + S, ox:ox + S], alpha=self.noise)
-        return image.clamp_(0, 1), label
+        return image.clamp_(0, 1)
 
     def _mark(self, fg, mark, u, v, rho, px, hue):
         m_kind, m_col = mark
@@ -414,9 +423,8 @@ class SyntheticImages(Dataset):
         elif name == "bar":
             d = torch.maximum(au - mr, av - 0.35 * mr)
         else:  # triangle: three half-planes
-            normals = torch.tensor([[math.cos(a), math.sin(a)] for a in (math.pi / 2, math.pi * 7 / 6,
-                                                                         math.pi * 11 / 6)])
-            d = torch.einsum("jc,chw->jhw", normals, torch.stack([u, v])).amax(0) - 0.5 * mr
+            d = torch.stack([u * math.cos(a) + v * math.sin(a) for a in (math.pi / 2, math.pi * 7 / 6,
+                                                                         math.pi * 11 / 6)]).amax(0) - 0.5 * mr
         colour = {"white": torch.tensor([0.97, 0.97, 0.97]), "black": torch.tensor([0.03, 0.03, 0.03]),
                   "complement": _hsv(hue + 0.5, 0.9, 0.9)}[_MARKER_COLOURS[m_col]]
         return torch.lerp(fg, colour[:, None, None].expand_as(fg), torch.sigmoid(d.mul_(-1 / px)))
@@ -514,7 +522,8 @@ def _load_torchvision(name, root, download):
               "dtd": lambda: (root / base / "dtd").is_dir(),
               "food101": lambda: (root / base / "images").is_dir() and (root / base / "meta").is_dir()}[name]
     if not exists() and not download:
-        hint = ("Stanford Cars cannot be downloaded any more: obtain it yourself." if name == "cars" else
+        hint = ("--download cannot fetch Stanford Cars any more (its URL is gone): obtain the files yourself."
+                if name == "cars" else
                 "Pass --download (download=True) to fetch it with torchvision.")
         raise _missing(name, root, layout, hint)
     make = {"cars": lambda split: StanfordCars(root, split=split, download=False),
@@ -535,7 +544,7 @@ def _load_torchvision(name, root, download):
                                   f"pip install scipy (or use --data folder with an ImageFolder copy)") from e
             raise _missing(name, root, layout, f"torchvision said: {e}") from e
         splits["train" if split == "trainval" else split] = _tv_samples(ds)
-        classes = ds.classes
+        classes = classes or ds.classes  # the train split's (Pets derives its class list from each split)
     if name == "food101":  # val = the last 50 images of every class in the official train list
         per_class = {}
         for p, y in splits["train"]:
