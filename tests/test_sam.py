@@ -118,9 +118,7 @@ def _records(img_size, seed=2):
         dict(image=img(s, s * 3 // 4), original_size=(300, 225),
              point_coords=torch.tensor([[[60.0, 80.0], [150.0, 40.0]], [[20.0, 200.0], [100.0, 100.0]]]),
              point_labels=torch.tensor([[1, 0], [1, 1]])),
-        # a box prompt
-        dict(image=img(s * 3 // 4, s), original_size=(192, 256), boxes=torch.tensor([[30.0, 20.0, 180.0, 150.0]])),
-    ]  # the prompt-free case end to end: test_image_embedding_and_segment_parity
+    ]  # one image keeps it cheap; boxes / masks / no prompt: test_prompt_and_decoder_parity and the segment test
 
 
 def test_forward_parity(vitb_pair):
