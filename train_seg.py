@@ -20,11 +20,12 @@ Parameter count of a method (no data, no training):
 Masks (and the competition's run-length JSON) for a folder of images, with the adapters of a finished run:
     python train_seg.py --predict DIR --checkpoint runs/petras/final.safetensors --weights sam_vit_b_01ec64.pth \
         --rle-json runs/petras/submission.json
-CPU demos (tiny models on the built-in synthetic data, a minute or two each):
+CPU demos (tiny models on the built-in synthetic data, about a minute each; on a busy machine OMP_NUM_THREADS=1
+makes such tiny models many times faster):
     python train_seg.py --model sam_tiny --method lora --learn-interp --data synthetic --img-size 64 \
-        --epochs 4 --batch-size 8 --lr 3e-3 --workers 0 --out runs/demo_sam
+        --epochs 4 --batch-size 4 --lr 1e-2 --workers 0 --out runs/demo_sam
     python train_seg.py --model ef_tiny --head fpn --method petah --data synthetic --img-size 64 \
-        --fpn-channels 32 --fpn-head-channels 32 --epochs 4 --batch-size 8 --lr 3e-3 --workers 0 --out runs/demo_ef
+        --fpn-channels 32 --fpn-head-channels 32 --epochs 4 --batch-size 4 --lr 1e-2 --workers 0 --out runs/demo_ef
 
 Interrupted runs continue from the last completed epoch with the same command plus --resume.
 Outputs in --out: log.jsonl (one line per evaluation + a summary line), ckpt/ (adapter-only safetensors + training
@@ -565,7 +566,7 @@ if args is not None:
     for name in ("r", "rc", "batch_size", "img_size", "top_k", "eval_interval", "fpn_channels", "fpn_head_channels"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if (args.epochs or args.iters) < 1:
+    if (args.epochs is not None and args.epochs < 1) or (args.iters is not None and args.iters < 1):
         parser.error("--epochs / --iters must be >= 1")
     if args.num_classes is not None and args.num_classes < 2:
         parser.error(f"--num-classes {args.num_classes}: count the background too (2 = binary)")
@@ -618,7 +619,7 @@ if args is not None:
         num_classes = args.num_classes
     args.num_classes = num_classes
     loss_kind = args.loss or (("bce_dice" if num_classes == 2 else "ce_dice") if is_sam else "ce")
-    if loss_kind == "bce_dice" and num_classes != 2 or (is_sam and num_classes == 2 and loss_kind != "bce_dice"):
+    if (loss_kind == "bce_dice") != (is_sam and num_classes == 2):
         parser.error(f"--loss {loss_kind} does not fit {num_classes} classes on {args.model}: bce_dice is for "
                      f"binary SAM (one logit map), ce / ce_dice for K logit maps")
 
@@ -694,7 +695,7 @@ if args is not None:
     lr_factor = cosine_lr_factor if args.schedule == "cosine" else poly_lr_factor
 
     if args.eval_only:
-        cm, _, samples = evaluate(raw_model, eval_loader, vis=args.vis_images)
+        cm, _, _ = evaluate(raw_model, eval_loader)
         rec = dict(eval_only=True, checkpoint=ckpt_file, **metrics(cm))
         if master:
             print(json.dumps(rec), flush=True)

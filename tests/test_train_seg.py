@@ -330,3 +330,33 @@ def test_metrics_and_losses_on_hand_made_masks():
     assert train_seg.seg_loss(two, truth[None], "ce_dice") < 1e-3
     assert train_seg.seg_loss(two, truth[None], "ce") < 1e-6
     assert train_seg.seg_loss(-two, truth[None], "ce_dice") > 1.5
+
+
+def test_pretrained_weights_are_loaded_resized_and_stay_frozen(one_thread, tmp_path):
+    from models.sam import resize_sam_state_dict
+    tiny = ["--data", "synthetic", "--synthetic-train", "4", "--synthetic-val", "2", "--workers", "0", "--epochs", "1",
+            "--batch-size", "2", "--lr", "1e-3"]
+    # SAM "pretrained" at 64 px, fine-tuned at 32 px: pos_embed / rel-pos tables resized, frozen weights kept
+    cfg = train_seg.PRESETS["sam_tiny"][1]
+    torch.manual_seed(1)
+    sam = create_model("sam_vitb", img_size=64, num_classes=1, **cfg)
+    torch.save(sam.state_dict(), tmp_path / "sam.pth")
+    assert run("--model", "sam_tiny", "--method", "lora", "--weights", tmp_path / "sam.pth", "--img-size", "32",
+               *tiny, "--out", tmp_path / "sam") == 0
+    merged = read_safetensors(tmp_path / "sam" / "merged.safetensors")[0]
+    want = resize_sam_state_dict(sam.state_dict(), create_model("sam_vitb", img_size=32, num_classes=1, **cfg))
+    assert merged["image_encoder.pos_embed"].shape == (1, 4, 4, 48)
+    for k in ("image_encoder.pos_embed", "image_encoder.blocks.1.attn.rel_pos_h", "image_encoder.patch_embed.proj.weight",
+              "mask_decoder.output_upscaling.0.weight", "prompt_encoder.no_mask_embed.weight"):
+        assert torch.equal(merged[k], want[k]), k  # frozen under lora: exactly the (resized) checkpoint
+    assert not torch.equal(merged["image_encoder.blocks.0.attn.qkv.weight"], want["image_encoder.blocks.0.attn.qkv.weight"])
+    # EfficientFormer with a classifier head, made at 224: the head is skipped, the attention biases resized
+    cfg = train_seg.PRESETS["ef_tiny"][1]
+    ef = create_model("efl1", num_classes=10, img_size=224, **cfg)
+    torch.save(ef.state_dict(), tmp_path / "ef.pth")
+    assert run("--model", "ef_tiny", "--method", "lora", "--weights", tmp_path / "ef.pth", "--img-size", "64",
+               "--fpn-channels", "16", "--fpn-head-channels", "16", *tiny, "--out", tmp_path / "ef") == 0
+    merged = read_safetensors(tmp_path / "ef" / "merged.safetensors")[0]
+    assert torch.equal(merged["backbone.stem.conv1.weight"], ef.state_dict()["stem.conv1.weight"])
+    assert merged["backbone.stages.3.blocks.2.token_mixer.attention_biases"].shape == (8, 4)  # 7x7 -> 2x2 grid
+    assert not any(k.startswith(("backbone.head", "backbone.norm")) for k in merged)
