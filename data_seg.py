@@ -22,6 +22,7 @@ Also: `list_images(dir)` for prediction, `rle_encode` / `rle_decode` (the compet
 import colorsys
 import math
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -52,17 +53,21 @@ def _affine_pair(image, mask, *, angle=0.0, translate=(0, 0), shear=(0.0, 0.0), 
     return image, mask
 
 
-def rand_augment_pair(image, mask, *, num_ops=2, magnitude=9, num_bins=31, ignore_index=IGNORE_INDEX):
+def rand_augment_pair(image, mask, *, num_ops=2, magnitude=9, num_bins=31, ignore_index=IGNORE_INDEX,
+                      ops=_GEOMETRIC_OPS + _COLOUR_OPS):
     """RandAugment on an (image, mask) pair: geometric ops move both, colour ops change only the image.
 
     Args:
         image: uint8 (3, H, W). mask: uint8 (H, W).
-        num_ops, magnitude, num_bins: as torchvision.transforms.RandAugment.
+        num_ops, magnitude, num_bins: as torchvision.transforms.RandAugment (14 ops, each drawn uniformly).
         ignore_index: mask value for pixels that come from outside the image.
+        ops: the op names to draw from (default: all of RandAugment's).
     """
     H, W = mask.shape
     m = magnitude / (num_bins - 1)  # fraction of each op's maximum
-    ops = _GEOMETRIC_OPS + _COLOUR_OPS
+    unknown = set(ops) - set(_GEOMETRIC_OPS + _COLOUR_OPS)
+    if unknown:
+        raise ValueError(f"unknown RandAugment ops {sorted(unknown)}; known: {_GEOMETRIC_OPS + _COLOUR_OPS}")
     for _ in range(num_ops):
         op = ops[int(torch.randint(len(ops), ()))]
         sign = -1.0 if torch.rand(()) < 0.5 else 1.0
@@ -141,7 +146,9 @@ class SegTransform:
 
     def _resize(self, image, mask, h, w):
         image = TF.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        mask = TF.resize(mask[None], [h, w], interpolation=InterpolationMode.NEAREST)[0]
+        # NEAREST_EXACT samples at pixel centres like the bilinear image resize; plain NEAREST (floor) shifts the
+        # mask by up to half a pixel against the image at non-integer scales
+        mask = TF.resize(mask[None], [h, w], interpolation=InterpolationMode.NEAREST_EXACT)[0]
         return image, mask
 
     def __call__(self, image, mask):
@@ -432,6 +439,8 @@ class SyntheticVegetation(Dataset):
                  transform=None):
         if split not in self._SPLITS:
             raise ValueError(f"split must be one of {list(self._SPLITS)}, got {split!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         if num_classes < 2 or num_classes > 32 or image_size < 16 or num_samples < 1:
             raise ValueError(f"need 2 <= num_classes <= 32, image_size >= 16, num_samples >= 1; got "
                              f"{num_classes}, {image_size}, {num_samples}")
@@ -448,7 +457,7 @@ class SyntheticVegetation(Dataset):
         return self.num_samples
 
     def sample_seed(self, index):
-        return ((self.seed * 3 + self._SPLITS[self.split]) << 32) + index
+        return f"synthetic-vegetation/{self.seed}/{self.split}/{index}"  # distinct per (seed, split, index)
 
     def _window(self, bank, r1, r2, r3):
         """An S x S window of a (2S, 2S) bank at a seeded offset, randomly transposed/flipped."""
@@ -464,8 +473,8 @@ class SyntheticVegetation(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         S = self.image_size
         b = _banks(S)
-        g = torch.Generator().manual_seed(self.sample_seed(index))
-        r = torch.rand(30 + 8 * len(self.materials), generator=g).tolist()
+        rng = random.Random(self.sample_seed(index))  # str seed, hashed with SHA-512 (torch keeps 32 bits)
+        r = [rng.random() for _ in range(30 + 8 * len(self.materials))]
 
         # ground: soil / dry grass / asphalt colour, smooth shading, fine grain
         ground = _hsv(0.06 + 0.08 * r[0], 0.15 + 0.35 * r[1], 0.35 + 0.35 * r[2])
