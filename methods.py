@@ -182,3 +182,88 @@ def count_parameters(model: nn.Module, *, head_names: tuple[str, ...] = ("head",
         elif p.requires_grad:
             adapter += p.numel()
     return dict(adapter_params=adapter, head_params=head, total_params=total, trainable_params=trainable)
+
+
+# =============================================================================
+# PETRAS on SAM (added by the train_seg.py helper; the families above stay untouched).
+#
+# SAM does not fit the LAYERS table: its decoder has separate q/k/v projections, its "head" (mask tokens + the
+# hypernetwork MLPs that turn them into mask weights) is nested inside the decoder, and parts of it are dead in
+# prompt-free use. So it gets its own small policy:
+#
+#   method    what is trained (always: the head; never: the unused prompt parts)
+#   -------   -----------------------------------------------------------------------------------------
+#   lora      LoRA rank r on every attention projection and MLP linear of the image encoder
+#             (attn.qkv, attn.proj, mlp.lin1, mlp.lin2) and of the mask decoder's two-way transformer
+#             ({self_attn, cross_attn_*, final_attn_token_to_image}.{q,k,v,out}_proj, mlp.lin1/lin2),
+#             + every norm and bias ("we finetune the adapters themselves as well as the normalization and
+#             bias parameters"), optionally PETRAS' learned interpolation a
+#   ia3       (IA)^3: k/v rows of the encoder's fused qkv and the decoder's k_proj/v_proj scaled at the
+#             output, lin2 of every MLP scaled at the input; + norms and biases
+#   full      every parameter the prompt-free forward uses
+#   decoder   the whole mask decoder, frozen image encoder (the usual baseline PETRAS departs from)
+
+SAM_METHODS = ("lora", "ia3", "full", "decoder")
+SAM_LORA = (r"image_encoder\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.lin[12])"
+            r"|mask_decoder\.transformer\.(layers\.\d+\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
+            r"|final_attn_token_to_image)\.(q|k|v|out)_proj"
+            r"|mask_decoder\.transformer\.layers\.\d+\.mlp\.lin[12]")
+SAM_IA3_QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
+SAM_IA3_KV = r"mask_decoder\.transformer\.(layers\.\d+\.\w+|final_attn_token_to_image)\.(k|v)_proj"
+SAM_IA3_LIN2 = r"(image_encoder\.blocks|mask_decoder\.transformer\.layers)\.\d+\.mlp\.lin2"
+
+
+def sam_head_and_unused(num_classes: int) -> tuple[list[str], list[str]]:
+    """Module names of SAM's task head and of the parts prompt-free segmentation never uses.
+
+    head: `mask_decoder.mask_tokens` and the hypernetwork MLPs `Sam.segment` reads (token 0 for a binary task,
+    tokens 1..N for N > 2 classes, which start fresh), trained by every method like a classifier head.
+    unused: point/box/mask-prompt embeddings, the IoU head and the other tokens' hypernetworks; always frozen,
+    so every trainable parameter gets a gradient (DDP needs that) and the counts are what really trains.
+    """
+    used = [0] if num_classes <= 2 else list(range(1, num_classes + 1))
+    n_tokens = 4 if num_classes <= 2 else num_classes + 1
+    head = ["mask_decoder.mask_tokens"] + [f"mask_decoder.output_hypernetworks_mlps.{i}" for i in used]
+    unused = ["prompt_encoder.point_embeddings", "prompt_encoder.not_a_point_embed", "prompt_encoder.mask_downscaling",
+              "mask_decoder.iou_prediction_head"]
+    unused += [f"mask_decoder.output_hypernetworks_mlps.{i}" for i in range(n_tokens) if i not in used]
+    return head, unused
+
+
+def apply_sam_method(model: nn.Module, method: str, *, num_classes: int = 2, r: int = 8, alpha: float | None = None,
+                     learn_interp: bool = False, train_biases: bool = True, train_norms: bool = True) -> dict:
+    """Insert the adapters of a PETRAS method into a SAM (models.sam.Sam, in place) and set requires_grad.
+
+    Args:
+        model: SAM built for `num_classes` (1 logit map for 2 classes, N maps for N > 2).
+        method: one of SAM_METHODS.
+        num_classes: classes including background (2 = binary).
+        r, alpha, learn_interp: LoRA rank, alpha (None -> r) and PETRAS' interpolation (lora only).
+        train_biases / train_norms: also train every bias / norm (lora, ia3; PETRAS trains both).
+
+    Returns dict(method, adapter_params, head_params, total_params, trainable_params, adapted_layers), counted
+    as count_parameters does (adapter_params: every trainable parameter outside the head).
+    """
+    if method not in SAM_METHODS:
+        raise ValueError(f"unknown SAM method {method!r}; choose one of {SAM_METHODS}")
+    head, unused = sam_head_and_unused(num_classes)
+    adapted = []
+    if method == "lora":
+        adapted = add_lora(model, {SAM_LORA: dict(r=r, alpha=alpha, learn_interp=learn_interp)})
+    elif method == "ia3":
+        enc = model.image_encoder.blocks[0].attn
+        dim = enc.qkv.in_features  # fused qkv laid out [q | k | v], each `dim` wide
+        adapted = add_ia3(model, {SAM_IA3_QKV: dict(mode="out", rows=qkv_rows(dim, dim, dim, enc.num_heads,
+                                                                                parts=("k", "v"))),
+                                  SAM_IA3_KV: "out", SAM_IA3_LIN2: "in"})
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method == "decoder":
+        mark_trainable(model, modules=("mask_decoder",))
+    else:
+        mark_trainable(model, biases=train_biases, norms=train_norms, modules=head)
+    for name, p in model.named_parameters():
+        if any(name.startswith(u + ".") for u in unused):
+            p.requires_grad_(False)
+    return dict(method=method, **count_parameters(model, head_names=tuple(head)), adapted_layers=sorted(adapted))
