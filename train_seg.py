@@ -55,11 +55,9 @@ from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 from tqdm import tqdm
 
 import data_seg
-from ia3 import add_ia3
 from data import read_image
-from lora import (add_lora, freeze_bn_stats, load_adapters, mark_trainable, merge_and_unload, qkv_rows,
-                  read_safetensors)
-from methods import METHODS as EF_METHODS, apply_method, count_parameters
+from lora import freeze_bn_stats, load_adapters, merge_and_unload, read_safetensors
+from methods import METHODS as EF_METHODS, SAM_METHODS, apply_method, apply_sam_method, count_parameters
 from models import SemanticFPN, create_model, load_pretrained
 from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write_text,
                          cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, save_checkpoint,
@@ -75,61 +73,7 @@ PRESETS = {
     "ef_tiny": ("efl1", dict(depths=(1, 1, 1, 2), embed_dims=(16, 24, 32, 48), num_vit=1)),
 }
 MODELS = ("sam_vitb", "efl1", "efl3", "efl7", *PRESETS)
-SAM_METHODS = ("lora", "ia3", "full", "decoder")
 IGNORE = 255  # label of pixels that count nowhere (ADE20K "other", padding)
-
-# -----------------------------------------------------------------------------
-# PETRAS on SAM: which layers get adapters, what trains.
-# LoRA on every attention projection and MLP of the image encoder and of the mask decoder's two-way transformer.
-SAM_LORA = (r"image_encoder\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.lin[12])"
-            r"|mask_decoder\.transformer\.(layers\.\d+\.(self_attn|cross_attn_token_to_image|cross_attn_image_to_token)"
-            r"|final_attn_token_to_image)\.(q|k|v|out)_proj"
-            r"|mask_decoder\.transformer\.layers\.\d+\.mlp\.lin[12]")
-# (IA)^3: keys and values (k/v rows of the encoder's fused qkv, the decoder's k_proj/v_proj) scaled at the
-# output, the MLPs' intermediate activation scaled at the input of lin2.
-SAM_IA3_QKV = r"image_encoder\.blocks\.\d+\.attn\.qkv"
-SAM_IA3_KV = r"mask_decoder\.transformer\.(layers\.\d+\.\w+|final_attn_token_to_image)\.(k|v)_proj"
-SAM_IA3_LIN2 = r"(image_encoder\.blocks|mask_decoder\.transformer\.layers)\.\d+\.mlp\.lin2"
-
-
-def sam_head_and_unused(num_classes: int) -> tuple[list[str], list[str]]:
-    """The decoder's per-class output (mask tokens + the hypernetwork MLPs `segment` reads: always trained, like a
-    classifier head; fresh for N > 1 classes) and the parts the prompt-free forward never uses (always frozen, so
-    every trainable parameter gets a gradient: points/boxes/mask-prompt embeddings, the IoU head, unused tokens'
-    hypernetworks)."""
-    used = [0] if num_classes <= 2 else list(range(1, num_classes + 1))
-    n_tokens = 4 if num_classes <= 2 else num_classes + 1
-    head = ["mask_decoder.mask_tokens"] + [f"mask_decoder.output_hypernetworks_mlps.{i}" for i in used]
-    unused = ["prompt_encoder.point_embeddings", "prompt_encoder.not_a_point_embed", "prompt_encoder.mask_downscaling",
-              "mask_decoder.iou_prediction_head"]
-    unused += [f"mask_decoder.output_hypernetworks_mlps.{i}" for i in range(n_tokens) if i not in used]
-    return head, unused
-
-
-def sam_apply_method(model: nn.Module, method: str, *, num_classes: int, r: int, alpha: float | None,
-                     learn_interp: bool, train_biases: bool, train_norms: bool) -> dict:
-    """PETRAS' methods on SAM (in place). lora / ia3: adapters + (by default) every norm and bias + the head;
-    full: everything; decoder: the whole mask decoder, frozen encoder (the usual baseline)."""
-    head, unused = sam_head_and_unused(num_classes)
-    if method == "lora":
-        add_lora(model, {SAM_LORA: dict(r=r, alpha=alpha, learn_interp=learn_interp)})
-    elif method == "ia3":
-        enc = model.image_encoder.blocks[0].attn
-        dim = enc.qkv.in_features
-        add_ia3(model, {SAM_IA3_QKV: dict(mode="out", rows=qkv_rows(dim, dim, dim, enc.num_heads, parts=("k", "v"))),
-                        SAM_IA3_KV: "out", SAM_IA3_LIN2: "in"})
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif method == "decoder":
-        mark_trainable(model, modules=("mask_decoder",))
-    else:
-        mark_trainable(model, biases=train_biases, norms=train_norms, modules=head)
-    for name, p in model.named_parameters():
-        if any(name.startswith(u + ".") for u in unused):
-            p.requires_grad_(False)
-    return count_parameters(model, head_names=tuple(head))
-
 
 class EFSemanticFPN(nn.Module):
     """EfficientFormer stage maps -> Semantic FPN -> logits upsampled to the input size.
@@ -484,7 +428,7 @@ def build_model(num_classes: int) -> tuple[nn.Module, dict, set]:
         if args.weights:
             load_pretrained(model, args.weights, strict=True, verbose=dist.master)
         base_keys = set(model.state_dict())
-        counts = sam_apply_method(model, args.method, num_classes=num_classes, r=args.r, alpha=args.alpha,
+        counts = apply_sam_method(model, args.method, num_classes=num_classes, r=args.r, alpha=args.alpha,
                                   learn_interp=args.learn_interp, train_biases=args.train_biases,
                                   train_norms=args.train_norms)
     else:

@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 import data_seg
 import train_seg
 from lora import load_adapters, read_safetensors
+from methods import apply_sam_method
 from models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,8 +124,7 @@ def sam_models(run_dir: Path):
     cfg = train_seg.PRESETS["sam_tiny"][1]
     torch.manual_seed(0)  # the script's --seed: the same random base, so the adapters' fingerprint matches
     adapted = create_model("sam_vitb", img_size=64, num_classes=1, **cfg)
-    train_seg.sam_apply_method(adapted, "lora", num_classes=2, r=8, alpha=None, learn_interp=False,
-                               train_biases=True, train_norms=True)
+    apply_sam_method(adapted, "lora", num_classes=2, r=8)
     load_adapters(adapted, run_dir / "final.safetensors")
     plain = create_model("sam_vitb", img_size=64, num_classes=1, **cfg)
     tensors, _ = read_safetensors(run_dir / "merged.safetensors")
@@ -224,6 +224,14 @@ def test_count_only_sam_vitb_lora(one_thread, capsys):
     # head: the 4 mask tokens + the hypernetwork MLP of token 0 (256->256->256->32)
     assert c["head_params"] == 4 * 256 + (256 * 256 + 256) * 2 + 256 * 32 + 32
     assert c["total_params"] == 93_735_472 + c["adapters_only"]  # Meta's SAM ViT-B + the adapters
+
+
+def test_count_only_sam_vitb_ia3(one_thread, capsys):
+    assert run("--model", "sam_vitb", "--method", "ia3", "--count-only") == 0
+    c = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # encoder: k and v rows of qkv (2 * 768) + lin2 input (3072) per block; decoder layers: self-attn k, v (256 each),
+    # two cross-attns' k, v (128 each), lin2 input (2048); final attention k, v (128 each)
+    assert c["adapters_only"] == 12 * (2 * 768 + 3072) + 2 * (2 * 256 + 2 * 2 * 128 + 2048) + 2 * 128 == 61_696
 
 
 def test_count_only_efl1_petah_matches_reference(one_thread, capsys):
