@@ -328,7 +328,7 @@ g.add_argument("--method", default=None,
                help=f"SAM: {', '.join(SAM_METHODS)} (default lora); EfficientFormer: {', '.join(EF_METHODS)} "
                     f"(default petah; linear = frozen backbone, the paper's 'Frozen' row)")
 g.add_argument("--r", type=int, default=8, help="LoRA rank of the linear layers")
-g.add_argument("--rc", type=int, default=1, help="conv-LoRA rank of --method petah (EfficientFormer)")
+g.add_argument("--rc", type=int, default=None, help="conv-LoRA rank of --method petah (EfficientFormer; default 1)")
 g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: alpha = rank, scale 1)")
 g.add_argument("--learn-interp", action="store_true",
                help="PETRAS learned interpolation y = a W0 x + (1 - a) dW x in every LoRA layer")
@@ -464,8 +464,9 @@ if args is not None:
                          f"file) of a finished run")
         try:
             stored = json.loads(json.loads(read_safetensors(ckpt_file)[1].get("user", "{}")).get("model_args", "{}"))
-        except (ValueError, KeyError) as e:
-            parser.error(f"--checkpoint {ckpt_file}: cannot read its metadata ({e}); was it written by train_seg.py?")
+        except Exception as e:  # not a safetensors file, or metadata of another program
+            parser.error(f"--checkpoint {ckpt_file}: cannot read its metadata ({type(e).__name__}: {e}); pass an "
+                         f"adapter file written by train_seg.py (final.safetensors, topk/ or ckpt/ files)")
         if not stored:
             parser.error(f"--checkpoint {ckpt_file} has no model settings in its metadata; was it written by "
                          f"train_seg.py?")
@@ -493,6 +494,11 @@ if args is not None:
     if is_sam and args.head is not None:
         parser.error("--head is for EfficientFormer; SAM segments with its own mask decoder")
     args.head = None if is_sam else (args.head or "fpn")
+    if args.rc is not None and (is_sam or args.method != "petah") and not (args.predict or args.eval_only):
+        warnings.warn(f"--rc {args.rc} is ignored: conv-LoRA is only part of --method petah on EfficientFormer")
+    args.rc = 1 if args.rc is None else args.rc
+    if args.learn_interp and args.method not in ("lora", "lora_mlp", "petah") and not (args.predict or args.eval_only):
+        warnings.warn(f"--learn-interp is ignored: --method {args.method} has no LoRA layers")
     peft_sam = is_sam and args.method in ("lora", "ia3")
     args.train_biases = peft_sam if args.train_biases is None else args.train_biases
     args.train_norms = peft_sam if args.train_norms is None else args.train_norms
