@@ -190,14 +190,19 @@ class SyntheticImages(Dataset):
 
     No files: sample `index` of a split is rendered from a seed derived from (seed, split, index), so the same
     index always gives the same image and the train/val/test splits never share a seed. Rendering is a few
-    dozen vectorised torch ops on an (S, S) grid (about 0.3 ms at 64 px, 2 ms at 224 px).
+    dozen vectorised torch ops on an (S, S) grid: about 0.5-0.7 ms of one core at 32-64 px, 3-5 ms at 224 px.
+    (In a DataLoader worker, which runs one thread; in the main process with several threads on a busy
+    machine tiny ops can be much slower, so use num_workers >= 1.)
 
     What a class is. The `family` seed draws a pool of prototypes: shapes (a radial profile
     r(phi) = 1 + sum_k a_k cos(k phi + p_k) with one dominant lobe count per shape), textures (stripes, checker,
     dots, rings, waves, flat, each with its own frequency and orientation in the object's frame) and colours
     (hues spread evenly round the colour wheel from a random offset). Each class is a distinct (shape, texture,
     colour) triple picked from that pool, so no single attribute names the class. Another `family` gives new
-    prototypes and new triples: new classes from the same generator.
+    prototypes and new triples: new classes from the same generator. (The pool size grows with the number of
+    classes, about num_classes ** (1/3) prototypes per attribute, so the class definitions depend on
+    (family, num_classes, fine_grained): classes 0..9 of a 64-class set are not a 10-class set of the same family;
+    take a subset of labels instead.)
 
     Nuisance per sample: position, scale, rotation (up to `max_rotation` degrees), the texture's phase, a small
     jitter of hue/saturation/brightness and texture frequency, a background of random low-saturation colour with
@@ -235,8 +240,8 @@ class SyntheticImages(Dataset):
             raise ValueError(f"need num_classes >= 2, samples_per_class >= 1, image_size >= 8; got "
                              f"{num_classes}, {samples_per_class}, {image_size}")
         if fine_grained == 1 or fine_grained > len(_MARKERS) * len(_MARKER_COLOURS) or fine_grained < 0:
-            raise ValueError(f"fine_grained must be 0 (off) or a group size in 2..{len(_MARKERS) * len(_MARKER_COLOURS)}"
-                             f", got {fine_grained}")
+            raise ValueError(f"fine_grained must be 0 (off) or a group size in "
+                             f"2..{len(_MARKERS) * len(_MARKER_COLOURS)}, got {fine_grained}")
         self.split, self.num_classes, self.samples_per_class = split, num_classes, samples_per_class
         self.image_size, self.family, self.style, self.fine_grained = image_size, family, style, fine_grained
         self.seed, self.max_rotation, self.noise, self.transform = seed, max_rotation, noise, transform
@@ -253,7 +258,10 @@ class SyntheticImages(Dataset):
             n_col += 1
         if n_shape > 8 or n_tex > 2 * len(_TEXTURES) or n_col > 12:
             raise ValueError(f"num_classes={self.num_classes} needs more prototypes than the generator has")
-        rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731 (local helper, not stored)
+
+        def rand(*shape):
+            return torch.rand(*shape, generator=g)
+
         # shapes: a dominant harmonic (lobe count 2..6, in a family-specific order) and a weaker second one
         # (strong in the second round, so those shapes differ from the first five): ((k, amp, phase), (k, amp, phase))
         lobes = (torch.randperm(5, generator=g) + 2).tolist()
@@ -499,8 +507,20 @@ def _load_cub(root, download):
     return splits, classes
 
 
+# name -> torchvision class, its folder under ROOT, our split -> its split, extra kwargs, sub-folders it needs
+_TORCHVISION = {
+    "cars": (StanfordCars, "stanford_cars", {"train": "train", "test": "test"}, {}, ("devkit",)),
+    "pets": (OxfordIIITPet, "oxford-iiit-pet", {"train": "trainval", "test": "test"},
+             {"target_types": "category"}, ("images", "annotations")),
+    "aircraft": (FGVCAircraft, "fgvc-aircraft-2013b", {"train": "train", "val": "val", "test": "test"},
+                 {"annotation_level": "variant"}, ("data",)),
+    "dtd": (DTD, "dtd", {"train": "train", "val": "val", "test": "test"}, {"partition": 1}, ("dtd",)),
+    "food101": (Food101, "food-101", {"train": "train", "test": "test"}, {}, ("images", "meta")),
+}
+
+
 def _tv_samples(ds):
-    """(path, label) pairs of a torchvision dataset (read from its private lists, checked)."""
+    """(path, label) pairs of a torchvision dataset, read from its private file lists (torchvision <= 0.29)."""
     if isinstance(ds, StanfordCars):
         return [(p, y) for p, y in ds._samples]
     files = ds._images if isinstance(ds, OxfordIIITPet) else ds._image_files
@@ -510,40 +530,25 @@ def _tv_samples(ds):
 def _load_torchvision(name, root, download):
     layout = _LAYOUTS[name]
     _need_root(name, root, layout)
-    base = {"cars": "stanford_cars", "pets": "oxford-iiit-pet", "aircraft": "fgvc-aircraft-2013b",
-            "dtd": "dtd", "food101": "food-101"}[name]
+    cls, base, split_names, kwargs, needed = _TORCHVISION[name]
     root = _under(root, base)
     if name == "cars" and download:
         raise ValueError("cars: Stanford Cars can no longer be downloaded (its URL is gone). Get the files "
                          f"elsewhere and arrange them as\n{layout}\nor as an ImageFolder and use --data folder.")
-    exists = {"cars": lambda: (root / base / "devkit").is_dir(),
-              "pets": lambda: (root / base / "images").is_dir() and (root / base / "annotations").is_dir(),
-              "aircraft": lambda: (root / base / "data").is_dir(),
-              "dtd": lambda: (root / base / "dtd").is_dir(),
-              "food101": lambda: (root / base / "images").is_dir() and (root / base / "meta").is_dir()}[name]
-    if not exists() and not download:
+    if not all((root / base / d).is_dir() for d in needed) and not download:
         hint = ("--download cannot fetch Stanford Cars any more (its URL is gone): obtain the files yourself."
-                if name == "cars" else
-                "Pass --download (download=True) to fetch it with torchvision.")
+                if name == "cars" else "Pass --download (download=True) to fetch it with torchvision.")
         raise _missing(name, root, layout, hint)
-    make = {"cars": lambda split: StanfordCars(root, split=split, download=False),
-            "pets": lambda split: OxfordIIITPet(root, split=split, target_types="category", download=download),
-            "aircraft": lambda split: FGVCAircraft(root, split=split, annotation_level="variant",
-                                                   download=download),
-            "dtd": lambda split: DTD(root, split=split, partition=1, download=download),
-            "food101": lambda split: Food101(root, split=split, download=download)}[name]
-    names = {"cars": ("train", "test"), "pets": ("trainval", "test"), "aircraft": ("train", "val", "test"),
-             "dtd": ("train", "val", "test"), "food101": ("train", "test")}[name]
     splits, classes = {}, None
-    for split in names:
+    for ours, theirs in split_names.items():
         try:
-            ds = make(split)
+            ds = cls(root, split=theirs, download=download, **kwargs)
         except RuntimeError as e:
             if "scipy" in str(e).lower():
-                raise ImportError(f"cars: torchvision's StanfordCars reads .mat annotations with scipy: "
-                                  f"pip install scipy (or use --data folder with an ImageFolder copy)") from e
+                raise ImportError("cars: torchvision's StanfordCars reads its .mat annotations with scipy: "
+                                  "pip install scipy (or use --data folder with an ImageFolder copy)") from e
             raise _missing(name, root, layout, f"torchvision said: {e}") from e
-        splits["train" if split == "trainval" else split] = _tv_samples(ds)
+        splits[ours] = _tv_samples(ds)
         classes = classes or ds.classes  # the train split's (Pets derives its class list from each split)
     if name == "food101":  # val = the last 50 images of every class in the official train list
         per_class = {}

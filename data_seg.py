@@ -301,8 +301,9 @@ class SegFiles(Dataset):
         bad = (mask >= self.num_classes) & (mask != self.ignore_index)
         if bool(bad.any()):
             vals = sorted(set(mask[bad].unique().tolist()))[:8]
-            raise ValueError(f"mask {mask_path} (for {image_path}) holds values {vals} outside 0..{self.num_classes - 1}"
-                             f" and the ignore index {self.ignore_index}; pass num_classes or fix the mask")
+            raise ValueError(f"mask {mask_path} (for {image_path}) holds values {vals} outside "
+                             f"0..{self.num_classes - 1} and the ignore index {self.ignore_index}; pass "
+                             f"num_classes (--num-classes) or fix the mask")
         return image, mask
 
     def __getitem__(self, index):
@@ -559,7 +560,8 @@ def build_seg_datasets(name, root=None, *, img_size, mean, std, randaug=False, s
     if name == "synthetic":
         cfg = dict(synthetic_cfg or {})
         sizes = {s: cfg.pop(f"{s}_samples", d) for s, d in (("train", 512), ("val", 64), ("test", 64))}
-        k = num_classes or cfg.pop("num_classes", 2)
+        k = num_classes or cfg.get("num_classes", 2)
+        cfg.pop("num_classes", None)
         make = lambda s, t: SyntheticVegetation(split=s, num_samples=sizes[s], image_size=img_size,  # noqa: E731
                                                 num_classes=k, transform=t, **cfg)
         train_ds, val_ds, test_ds = make("train", train_tf), make("val", eval_tf), make("test", eval_tf)

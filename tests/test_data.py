@@ -296,7 +296,8 @@ def test_torchvision_layouts_and_paper_splits(tmp_path):
     air = tmp_path / "fgvc-aircraft-2013b" / "data"
     (air / "images").mkdir(parents=True)
     (air / "variants.txt").write_text("707-320\nA300B4\n")
-    for split, lines in (("train", "0001 707-320\n0002 A300B4\n"), ("val", "0003 A300B4\n"), ("test", "0004 707-320\n")):
+    for split, lines in (("train", "0001 707-320\n0002 A300B4\n"), ("val", "0003 A300B4\n"),
+                         ("test", "0004 707-320\n")):
         (air / f"images_variant_{split}.txt").write_text(lines)
     tr, va, te, n = build_datasets("aircraft", tmp_path, img_size=16, mean=MEAN, std=STD)
     assert n == 2 and (len(tr), len(va), len(te)) == (2, 1, 1) and va.targets == [1]
