@@ -62,7 +62,12 @@ class Attention(nn.Module):
         num_heads: number of heads.
         attn_ratio: value channels per head = attn_ratio * key_dim.
         resolution: (Rh, Rw) token grid the biases are defined on (H/32, W/32).
+
+    `use_sdpa` (attribute): None = F.scaled_dot_product_attention on CUDA, the explicit softmax on CPU (faster
+    there); True / False force one path (both give the same numbers).
     """
+
+    use_sdpa: bool | None = None
 
     def __init__(self, *, dim: int, key_dim: int = 32, num_heads: int = 8, attn_ratio: int = 4,
                  resolution: tuple[int, int] = (7, 7)) -> None:
@@ -81,9 +86,14 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, nh, N, 2 * kd + vd)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=-1)  # (B, nh, N, kd/kd/vd)
-        bias = self.attention_biases[:, self.attention_bias_idxs]  # (nh, N, N)
-        # softmax(q k^T / sqrt(kd) + bias) v, the bias passed as an additive float mask
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, N, vd)
+        # bias[h, i, j] = attention_biases[h, idxs[i, j]]; index_select is ~30x faster than bias[:, idxs] on CPU
+        bias = self.attention_biases.index_select(1, self.attention_bias_idxs.view(-1)).view(-1, N, N)  # (nh, N, N)
+        use_sdpa = x.is_cuda if self.use_sdpa is None else self.use_sdpa
+        if use_sdpa:  # fused kernel, the bias passed as an additive float mask
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, N, vd)
+        else:  # on CPU the explicit form is faster (bench/bench_models.py): softmax(q k^T / sqrt(kd) + bias) v
+            attn = (q @ k.transpose(-2, -1)) * self.key_dim ** -0.5 + bias  # (B, nh, N, N)
+            x = attn.softmax(dim=-1) @ v  # (B, nh, N, vd)
         x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.val_dim)  # (B, N, nh * vd)
         return self.proj(x)
 

@@ -140,6 +140,12 @@ def test_efficientformer_tiny_parity_all_outputs(num_vit, tmp_path):
     assert [tuple(p.shape[1:]) for p in pyramid] == [(16, 56, 56), (24, 28, 28), (32, 14, 14), (48, 7, 7)]
     for a, b in zip(pyramid, ref_pyramid):
         assert_close_nontrivial(a, b)
+    # the fused SDPA path (the default on CUDA) gives the same numbers as the explicit one (CPU default)
+    for m in ours.modules():
+        if hasattr(m, "use_sdpa"):
+            m.use_sdpa = True
+    with torch.no_grad():
+        assert_close_nontrivial(ours(x), ref(x))
     # training mode too (BatchNorm batch statistics, the same (head + head_dist) / 2 output)
     ours.train(), ref.train()
     with torch.no_grad():
@@ -226,10 +232,20 @@ def test_efficientformer_l1_at_512_pyramid():
 def test_efficientformer_train_grads_and_drop_path():
     model = EfficientFormer(**TINY_EF, num_vit=2, num_classes=5, img_size=64, drop_path_rate=0.1, drop_rate=0.1)
     model.train()
-    model(torch.randn(2, 3, 64, 64)).square().mean().backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
-    assert no_grad == [], no_grad  # attention biases get gradients through the SDPA mask, too
-    assert model.stages[3].blocks[3].token_mixer.attention_biases.grad.abs().sum() > 0
+    x = torch.randn(2, 3, 64, 64)
+    grads = {}
+    for use_sdpa in (False, True):  # explicit softmax (CPU default) and fused SDPA with the bias as mask
+        model.zero_grad(set_to_none=True)
+        for m in model.modules():
+            if hasattr(m, "use_sdpa"):
+                m.use_sdpa = use_sdpa
+        torch.manual_seed(0)  # same dropout / drop-path draws
+        model(x).square().mean().backward()
+        no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+        assert no_grad == [], no_grad
+        grads[use_sdpa] = model.stages[3].blocks[3].token_mixer.attention_biases.grad.clone()
+    assert grads[False].abs().sum() > 0
+    assert max_diff(grads[True], grads[False]) <= 1e-6  # bias gradients equal through the SDPA mask
 
 
 # ---- ViT / DeiT III parity --------------------------------------------------------------------------------
