@@ -1,0 +1,398 @@
+"""
+methods.py and train_cls.py: the paper's #Params for every row of REFERENCE.md section 1, which layers each
+method touches, a synthetic run that learns, torchrun with gloo on two CPU processes, resume after an
+interruption (and after a kill) reproducing the uninterrupted run exactly, the merged export, sparse
+backbones, and what bad input gets.
+
+Most runs execute train_cls.py in this process (runpy, as experiments/replicate.py does), which skips the
+interpreter start and the torch import; the --count-only CLI check, the kill and torchrun use real processes.
+"""
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+import methods
+from conv_lora import LoRAConv2d
+from ia3 import IA3Conv2d, IA3Linear
+from lora import LoRALinear, freeze_bn_stats
+from models import create_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train_cls.py")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+# A tiny EfficientFormer on 4 synthetic classes: 64 training images, 4 optimizer steps per epoch.
+TINY = ["--model", "ef_tiny", "--data", "synthetic", "--img-size", "64", "--synthetic-classes", "4",
+        "--synthetic-train", "16", "--synthetic-val", "8", "--batch-size", "16", "--warmup-epochs", "1",
+        "--workers", "0", "--device", "cpu", "--lr", "0.005"]
+EF_TINY = dict(depths=(1, 1, 1, 2), embed_dims=(16, 24, 32, 48), num_vit=1)
+VIT_TINY = dict(embed_dim=48, depth=2, num_heads=3, patch_size=8)
+
+
+def train_cls(*argv) -> int:
+    """Run train_cls.py in this process with `argv`; return its exit code."""
+    old = sys.argv
+    sys.argv = [SCRIPT, *map(str, argv)]
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+
+
+def read_log(out) -> list[dict]:
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def deterministic(records: list[dict]) -> list[dict]:
+    """Log records without the wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in ("img_per_s", "time_s")} for r in records]
+
+
+# -----------------------------------------------------------------------------
+# methods.py: parameter counts of the paper (REFERENCE.md section 1), exact
+
+PAPER = [  # model, method, r, rc, exact #Params
+    ("efl7", "lora", 8, 1, 262_144), ("efl7", "lora", 16, 1, 524_288), ("efl7", "lora_mlp", 8, 1, 753_664),
+    ("efl7", "petah", 8, 1, 356_539), ("efl7", "petah", 8, 2, 450_934), ("efl7", "attn", 8, 1, 15_750_208),
+    ("efl3", "lora", 8, 1, 114_688), ("efl3", "petah", 8, 1, 176_987), ("efl3", "petah", 8, 2, 239_286),
+    ("efl3", "attn", 8, 1, 5_252_640),
+    ("efl1", "lora", 8, 1, 27_648), ("efl1", "petah", 8, 1, 62_283), ("efl1", "petah", 8, 2, 96_918),
+    ("vitb", "lora", 8, 1, 442_368), ("vitb", "attn", 8, 1, 28_348_416),
+    ("vits", "lora", 8, 1, 221_184), ("vits", "attn", 8, 1, 7_096_320),
+]
+
+
+@pytest.fixture
+def no_init(monkeypatch):
+    """Skip weight initialisation (the counts depend on shapes only): a full-size model builds in ~0.2 s."""
+    for name in ("trunc_normal_", "kaiming_uniform_", "normal_", "zeros_", "ones_"):
+        monkeypatch.setattr(nn.init, name, lambda t, *a, **k: t)
+
+
+@pytest.mark.parametrize("model_name, method, r, rc, expected", PAPER)
+def test_paper_param_counts(no_init, model_name, method, r, rc, expected):
+    model = create_model(model_name, num_classes=100)
+    info = methods.apply_method(model, model_name, method, r=r, rc=rc)
+    assert info["adapter_params"] == expected
+    heads = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("head.", "head_dist.")))
+    assert info["head_params"] == heads
+    assert info["total_params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_count_only_cli():
+    """A real command line prints one JSON line with the counts."""
+    out = subprocess.run([sys.executable, SCRIPT, "--model", "efl1", "--method", "petah", "--rc", "2", "--count-only",
+                          "--num-classes", "100"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = json.loads(out.stdout.strip().splitlines()[-1])
+    backbone = 11_391_928  # EF L1 without heads (REFERENCE.md 2)
+    heads = 2 * (448 * 100 + 100)
+    assert {k: v for k, v in counts.items() if k != "nonzero_params"} == dict(
+        model="efl1", method="petah", adapter_params=96_918, head_params=heads, total_params=backbone + heads + 96_918)
+    assert 0 < counts["nonzero_params"] <= backbone + heads
+
+
+def test_count_only_sparsity_shows_in_nonzero_params(capsys):
+    """--sparsity 0.9: 10% of the backbone's Linear / Conv2d weights survive, the other tensors are untouched."""
+    assert train_cls("--model", "ef_tiny", "--img-size", "64", "--method", "lora", "--count-only", "--num-classes", "4",
+                     "--sparsity", "0.9") == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    torch.manual_seed(0)  # train_cls builds the model right after seeding with --seed 0
+    model = create_model("efl1", num_classes=1, img_size=64, layer_scale_init=1.0, **EF_TINY)
+    model.reset_classifier(4)
+    prunable = {f"{n}.weight" for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.startswith("head")}
+    n_prunable = sum(p.numel() for n, p in model.named_parameters() if n in prunable)
+    other = sum(int(p.count_nonzero()) for n, p in model.named_parameters() if n not in prunable)
+    assert counts["nonzero_params"] - other == n_prunable - round(0.9 * n_prunable)  # no ties among random weights
+
+
+# -----------------------------------------------------------------------------
+# methods.py: which layers, which parameters
+
+def tiny(family):
+    torch.manual_seed(0)
+    if family == "ef":
+        return create_model("efl1", num_classes=5, img_size=64, **EF_TINY)
+    return create_model("vits", num_classes=5, img_size=32, **VIT_TINY)
+
+
+def test_petah_adapts_every_conv_and_only_attention_linears():
+    model = tiny("ef")
+    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert convs == {"stem.conv1", "stem.conv2", "stages.0.blocks.0.mlp.fc1", "stages.0.blocks.0.mlp.fc2",
+                     "stages.1.downsample.conv", "stages.1.blocks.0.mlp.fc1", "stages.1.blocks.0.mlp.fc2",
+                     "stages.2.downsample.conv", "stages.2.blocks.0.mlp.fc1", "stages.2.blocks.0.mlp.fc2",
+                     "stages.3.downsample.conv", "stages.3.blocks.0.mlp.fc1", "stages.3.blocks.0.mlp.fc2"}
+    methods.apply_method(model, "ef_tiny", "petah", r=4, rc=2)
+    lora_convs = {n for n, m in model.named_modules() if isinstance(m, LoRAConv2d)}
+    lora_linears = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert lora_convs == convs and all(model.get_submodule(n).r == 2 for n in convs)
+    # stages.3.blocks: 0 = Meta4D, 1 = Flat, 2 = Meta3D
+    assert lora_linears == {"stages.3.blocks.2.token_mixer.qkv", "stages.3.blocks.2.token_mixer.proj"}
+    assert all(model.get_submodule(n).r == 4 for n in lora_linears)
+    plain = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert sorted(plain) == ["head", "head_dist", "stages.3.blocks.2.mlp.fc1", "stages.3.blocks.2.mlp.fc2"]
+
+
+def test_lora_mlp_adapts_transformer_mlp_linears_not_meta4d_convs():
+    model = tiny("ef")
+    info = methods.apply_method(model, "ef_tiny", "lora_mlp", r=4)
+    assert sorted(info["adapted_layers"]) == sorted(f"stages.3.blocks.2.{n}" for n in
+                                                    ("token_mixer.qkv", "token_mixer.proj", "mlp.fc1", "mlp.fc2"))
+    assert not any(isinstance(m, LoRAConv2d) for m in model.modules())
+
+
+def test_ia3_scales_keys_values_and_mlp_activations():
+    model = tiny("ef")
+    methods.apply_method(model, "ef_tiny", "ia3")
+    qkv = model.get_submodule("stages.3.blocks.2.token_mixer.qkv")
+    # EF qkv rows per head h: [q (32) | k (32) | v (128)] at h * 192; (IA)^3 scales k and v of every head
+    expected = [h * 192 + j for h in range(8) for j in range(32, 192)]
+    assert isinstance(qkv, IA3Linear) and qkv.mode == "out" and qkv.ia3_rows.tolist() == expected
+    fc2 = [n for n, m in model.named_modules() if isinstance(m, (IA3Linear, IA3Conv2d)) and m.mode == "in"]
+    assert sorted(fc2) == sorted(["stages.0.blocks.0.mlp.fc2", "stages.1.blocks.0.mlp.fc2",
+                                  "stages.2.blocks.0.mlp.fc2", "stages.3.blocks.0.mlp.fc2", "stages.3.blocks.2.mlp.fc2"])
+    vit = tiny("vit")
+    info = methods.apply_method(vit, "vit_tiny", "ia3")
+    assert vit.blocks[0].attn.qkv.ia3_rows.tolist() == list(range(48, 144))  # contiguous [q | k | v], dim 48
+    assert info["adapter_params"] == 2 * (2 * 48 + 4 * 48)  # per block: k and v rows, fc2's 192 inputs
+
+
+def test_attn_trains_whole_attention_modules():
+    model = tiny("ef")
+    methods.apply_method(model, "ef_tiny", "attn")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"stages.3.blocks.2.token_mixer.{k}" for k in
+                         ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "attention_biases")} | \
+        {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+
+
+@pytest.mark.parametrize("family", ["ef", "vit"])
+@pytest.mark.parametrize("method", methods.METHODS)
+def test_every_trainable_param_gets_a_gradient(family, method):
+    """What DDP needs (no unused parameters), for every method, with biases and norms trained too."""
+    model = tiny(family)
+    methods.apply_method(model, "tiny", method, r=2, rc=1, train_biases=True, train_norms=True, learn_interp=True)
+    for m in model.modules():  # non-zero B, so that gradients reach A as well
+        if hasattr(m, "lora_B"):
+            nn.init.normal_(m.lora_B, std=0.1)
+        if hasattr(m, "lora_interp"):
+            m.lora_interp.data.fill_(0.5)
+    model.train()
+    freeze_bn_stats(model)
+    size = 64 if family == "ef" else 32
+    F.cross_entropy(model(torch.randn(4, 3, size, size)), torch.arange(4)).backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+
+
+def test_biases_and_norms_options_count():
+    model = tiny("ef")
+    base = methods.apply_method(tiny("ef"), "t", "lora", r=2)["adapter_params"]
+    info = methods.apply_method(model, "t", "lora", r=2, train_biases=True, train_norms=True)
+    extra = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head")
+                and (n.endswith(".bias") or ".norm" in n or n.startswith("norm.")) and "lora_" not in n)
+    assert info["adapter_params"] == base + extra
+
+
+def test_unknown_method_or_model_class():
+    with pytest.raises(ValueError, match="choose one of"):
+        methods.apply_method(tiny("ef"), "t", "prefix_tuning")
+    with pytest.raises(ValueError, match="FAMILIES"):
+        methods.apply_method(nn.Sequential(nn.Linear(2, 2)), "t", "lora")
+
+
+# -----------------------------------------------------------------------------
+# train_cls.py: a run that learns, its merged export, resume, torchrun
+
+LEARN = ["--model", "ef_tiny", "--method", "petah", "--r", "8", "--rc", "4", "--train-norms", "--data", "synthetic",
+         "--img-size", "64", "--synthetic-classes", "4", "--synthetic-train", "60", "--synthetic-val", "25",
+         "--epochs", "6", "--batch-size", "16", "--lr", "0.003", "--adapter-lr-factor", "3", "--warmup-epochs", "1",
+         "--workers", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("learn")
+    assert train_cls(*LEARN, "--out", out) == 0
+    return out
+
+
+def test_synthetic_run_learns(learned):
+    records = read_log(learned)
+    summary = records[-1]
+    assert summary["summary"] and len(records) == 7 and summary["steps"] == 6 * (4 * 60 // 16)
+    # 4 classes, 100 eval images: chance is 0.25 (+- 0.043); a random backbone adapted for 90 steps reaches ~0.5
+    assert summary["eval_acc"] >= 0.4
+    assert records[5]["train_loss"] < 0.8 * records[0]["train_loss"]
+
+
+def test_merged_export_matches_the_adapted_model(learned):
+    """merged.safetensors has the base model's keys, loads strictly into a plain model, and that model
+    scores exactly what the adapted model scored on the eval set."""
+    summary = read_log(learned)[-1]
+    assert summary["merged_acc"] == summary["eval_acc"] and summary["merged_pred_diff"] == 0
+    torch.manual_seed(0)
+    plain = create_model("efl1", num_classes=4, img_size=64, layer_scale_init=1.0, **EF_TINY)
+    state = load_file(os.path.join(learned, "merged.safetensors"))
+    assert set(state) == set(plain.state_dict())
+    plain.load_state_dict(state, strict=True)
+    plain.eval()
+    from data import build_datasets
+    _, val, _, _ = build_datasets("synthetic", None, img_size=64, mean=plain.data_cfg["mean"], std=plain.data_cfg["std"],
+                                  synthetic_cfg=dict(num_classes=4, train_per_class=60, val_per_class=25))
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    y = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        acc = (plain(x).argmax(-1) == y).float().mean().item()
+    assert acc == pytest.approx(summary["eval_acc"], abs=1e-9)
+
+
+RESUME = [*TINY, "--method", "petah", "--dropout", "0.1", "--epochs", "3"]  # 4 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert train_cls(*RESUME, "--out", out) == 0
+    return out
+
+
+def test_resume_after_stop_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
+    out = tmp_path / "resumed"
+    assert train_cls(*RESUME, "--out", out, "--stop-after-epoch", "1") == 0
+    assert json.load(open(out / "ckpt" / "last.json"))["epoch"] == 1 and not (out / "merged.safetensors").exists()
+    assert train_cls(*RESUME, "--out", out, "--resume") == 0
+    assert deterministic(read_log(out)) == deterministic(read_log(uninterrupted))
+    a, b = load_file(out / "merged.safetensors"), load_file(uninterrupted / "merged.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
+    """SIGKILL a real run as soon as its first checkpoint exists (wherever it then is), then --resume."""
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *RESUME, "--out", str(out)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (out / "ckpt" / "last.json").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    assert not (out / "merged.safetensors").exists()
+    assert train_cls(*RESUME, "--out", out, "--resume") == 0
+    assert deterministic(read_log(out)) == deterministic(read_log(uninterrupted))
+    a, b = load_file(out / "merged.safetensors"), load_file(uninterrupted / "merged.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_cpu_processes(uninterrupted, tmp_path):
+    """gloo on CPU, the same global batch split over 2 processes: as many optimizer steps as one process."""
+    out = tmp_path / "ddp"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          SCRIPT, *RESUME, "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    single, multi = read_log(uninterrupted), read_log(out)
+    assert multi[-1]["steps"] == single[-1]["steps"] == 3 * (4 * 16 // 16)
+    assert [r["step"] for r in multi[:-1]] == [r["step"] for r in single[:-1]] == [4, 8, 12]
+    assert multi[-1]["merged_acc"] == multi[-1]["eval_acc"] and multi[-1]["merged_pred_diff"] == 0
+    assert run.stdout.count('"summary": true') == 1  # rank 0 alone reports
+    assert "2 process(es) on cpu: 8 images per process" in run.stdout
+
+
+# -----------------------------------------------------------------------------
+# sparse backbones
+
+def test_sparse_full_finetuning_keeps_the_mask(tmp_path):
+    out = tmp_path / "full"
+    assert train_cls(*TINY, "--method", "full", "--sparsity", "0.5", "--epochs", "1", "--out", out) == 0
+    masks = load_file(out / "masks.safetensors")
+    merged = load_file(out / "merged.safetensors")
+    assert len(masks) == 17  # every Linear / Conv2d weight but the heads: 13 convs, qkv, proj, fc1, fc2
+    for k, m in masks.items():
+        assert not merged[k][~m.bool()].any(), k  # pruned weights are still exactly 0 after training
+    s = read_log(out)[-1]
+    assert s["merged_nonzero"] == s["masked_nonzero"]
+
+
+def test_adapters_on_sparse_base_report_both_merges(tmp_path):
+    out = tmp_path / "petah"
+    assert train_cls(*TINY, "--method", "petah", "--sparsity", "0.5", "--epochs", "1", "--out", out) == 0
+    s = read_log(out)[-1]
+    masks = load_file(out / "masks.safetensors")
+    dense, masked = load_file(out / "merged.safetensors"), load_file(out / "merged_masked.safetensors")
+    n_pruned = sum(int((~m.bool()).sum()) for m in masks.values())
+    adapted = [k for k in masks if not torch.equal(dense[k], masked[k])]
+    assert adapted  # the dense merge fills pruned entries of the adapted layers
+    assert all(not masked[k][~masks[k].bool()].any() for k in masks)
+    assert s["masked_nonzero"] < s["merged_nonzero"] <= s["masked_nonzero"] + n_pruned
+    assert s["merged_acc"] == s["eval_acc"]
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+@pytest.mark.parametrize("flag, value, choices", [("--model", "efl9", "efl7"), ("--method", "prompt", "petah")])
+def test_unknown_choice_is_an_argparse_error(capsys, flag, value, choices):
+    assert train_cls(*TINY, flag, value, "--count-only") == 2
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and repr(value) in err and choices in err
+
+
+def test_missing_dataset_root(capsys, tmp_path):
+    assert train_cls("--model", "ef_tiny", "--data", "cub", "--data-root", tmp_path / "nowhere", "--img-size", "64",
+                     "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "CUB_200_2011" in err and "--download" in err
+
+
+@pytest.mark.parametrize("model, method", [("vit_tiny", "petah"), ("ef_tiny", "lora")])
+def test_rc_without_conv_lora_warns(model, method, capsys):
+    with pytest.warns(UserWarning, match="--rc 2 is ignored"):
+        assert train_cls("--model", model, "--method", method, "--rc", "2", "--img-size", "64", "--count-only",
+                         "--num-classes", "4") == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["method"] == method
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert train_cls(*TINY, "--method", "petah", "--epochs", "3", "--out", out, "--inject-nan-step", "6") == 1
+    assert "loss is nan at step 6" in capsys.readouterr().out
+    assert json.load(open(out / "ckpt" / "last.json"))["epoch"] == 1
+    assert sorted(os.listdir(out / "ckpt")) == ["epoch_0001.pt", "epoch_0001.safetensors", "last.json"]
+    assert not (out / "merged.safetensors").exists() and len(read_log(out)) == 1
+    # the kept checkpoint resumes; other settings than the checkpoint's are refused
+    with pytest.raises(ValueError, match="--lr 0.005 -> 0.1"):
+        train_cls(*TINY, "--method", "petah", "--epochs", "3", "--out", out, "--resume", "--lr", "0.1")
+    assert train_cls(*TINY, "--method", "petah", "--epochs", "3", "--out", out, "--resume") == 0
+    assert read_log(out)[-1]["steps"] == 12
+
+
+def test_missing_weights_warns_loudly(tmp_path, capsys):
+    assert train_cls(*TINY, "--method", "linear", "--epochs", "1", "--out", tmp_path) == 0
+    assert "no --weights" in capsys.readouterr().err

@@ -1,0 +1,423 @@
+"""
+Fine-tune a classification backbone with one of the methods of the PETAH paper (see methods.py):
+linear probing, full / attention fine-tuning, LoRA, LoRA ATTN+MLP, PETAH (LoRA + conv-LoRA), (IA)^3.
+
+Single process (one GPU, or the CPU):
+    python train_cls.py --model efl7 --weights efficientformer_l7.pth --method petah --r 8 --rc 2 \
+        --data cub --data-root ~/data --out runs/cub_petah2
+One node with 8 GPUs (the global --batch-size is split over the processes):
+    torchrun --nproc_per_node 8 train_cls.py --model efl7 --weights efficientformer_l7.pth --method petah \
+        --r 8 --rc 2 --data cub --data-root ~/data --out runs/cub_petah2
+A method's parameter count, as in the paper's #Params column (no data, no training):
+    python train_cls.py --model efl7 --method petah --rc 2 --count-only
+CPU demo: a tiny EfficientFormer on the built-in synthetic data (10 classes, chance = 10%), about 2 minutes:
+    python train_cls.py --model ef_tiny --method petah --rc 2 --data synthetic --img-size 64 --epochs 5 \
+        --batch-size 50 --lr 0.005 --adapter-lr-factor 5 --warmup-epochs 1 --workers 0 --out runs/demo
+The same on two CPU processes (gloo):
+    torchrun --nproc_per_node 2 train_cls.py --model ef_tiny ... (same flags)
+
+A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
+In --out: args.json, log.jsonl (one line per epoch, then a summary line), ckpt/ (adapter-only safetensors
+and training state of the last completed epoch), merged.safetensors (adapters folded into the weights,
+the checkpoint's own key layout; + merged_masked.safetensors and masks.safetensors for sparse backbones).
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from data import DATASETS, build_datasets
+from lora import freeze_bn_stats, merge_and_unload
+from methods import METHODS, apply_method
+from models import create_model, load_pretrained
+from sparse import apply_masks, count_nonzero, load_masks, magnitude_prune, save_masks
+from train_utils import (all_reduce_sum, atomic_save_safetensors, cleanup_distributed, cosine_lr_factor, epoch_seed,
+                         load_checkpoint, save_checkpoint, seed_everything, setup_distributed, write_jsonl)
+
+# Tiny configurations for tests and the CPU demo: name -> (models.create_model name, kwargs). They run the
+# same code as the full-size models (EF: stem, Meta4D blocks, downsamples, a Meta3D block with the per-head
+# fused qkv, BatchNorms, both heads; ViT: fused contiguous qkv, layer scale). Layer scale starts at 1 so that
+# the blocks of a random (not pretrained) backbone contribute: at 1e-5 they are identities until trained.
+PRESETS = {
+    "ef_tiny": ("efl1", dict(depths=(1, 1, 1, 2), embed_dims=(16, 24, 32, 48), num_vit=1, layer_scale_init=1.0)),
+    "vit_tiny": ("vits", dict(embed_dim=48, depth=2, num_heads=3, patch_size=8, layer_scale_init=1.0)),
+}
+MODELS = ("efl1", "efl3", "efl7", "vits", "vitb", *PRESETS)
+
+# -----------------------------------------------------------------------------
+# configuration: every option, with its default, is in --help
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+g = parser.add_argument_group("model and method")
+g.add_argument("--model", default="efl7", choices=MODELS,
+               help="backbone (default efl7); " + "; ".join(f"{k} = {b} with {c}" for k, (b, c) in PRESETS.items()))
+g.add_argument("--model-cfg", default="{}", metavar="JSON",
+               help="extra keyword arguments for models.create_model, overriding a preset's, e.g. "
+                    "'{\"depths\": [1, 1, 2, 2]}', or '{\"variant\": \"augreg\"}' for the augreg ViT layout")
+g.add_argument("--weights", default=None, metavar="PATH",
+               help="pretrained backbone checkpoint (timm / snap / facebookresearch layouts). Without it the "
+                    "backbone is random: only a smoke test")
+g.add_argument("--method", default="petah", choices=METHODS, help="what is trained (methods.py); default petah")
+g.add_argument("--r", type=int, default=8, help="LoRA rank of the linear layers (lora, lora_mlp, petah); default 8")
+g.add_argument("--rc", type=int, default=None, help="conv-LoRA rank of petah on EfficientFormer; default 1 (PETAH-1)")
+g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; default alpha = rank (scale 1)")
+g.add_argument("--learn-interp", action="store_true",
+               help="PETRAS learned interpolation y = a W0 x + (1 - a) dW x in every LoRA layer")
+g.add_argument("--train-biases", action="store_true", help="also train every bias of the backbone")
+g.add_argument("--train-norms", action="store_true",
+               help="also train every norm layer (trained BatchNorms then update their running stats)")
+g.add_argument("--dropout", type=float, default=0.0, help="dropout before the classification head; default 0")
+g.add_argument("--sparsity", type=float, default=None,
+               help="magnitude-prune the loaded backbone (global) to this fraction of zeros, e.g. 0.9")
+g.add_argument("--mask", default=None, metavar="FILE", help="apply a saved sparsity mask (sparse.save_masks)")
+
+g = parser.add_argument_group("data")
+g.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset; synthetic needs no files (default)")
+g.add_argument("--data-root", default="data", help="directory holding the dataset; default ./data")
+g.add_argument("--download", action="store_true", help="download the dataset where the source still exists")
+g.add_argument("--img-size", type=int, default=224, help="input side (a multiple of 32 for EF); default 224")
+g.add_argument("--randaug", action="store_true", help="RandAugment on the training images")
+g.add_argument("--skip-corrupt", action="store_true",
+               help="skip (and count) unreadable images instead of stopping at the first one")
+g.add_argument("--synthetic-classes", type=int, default=10, help="--data synthetic: classes; default 10")
+g.add_argument("--synthetic-train", type=int, default=200, help="--data synthetic: training images per class; default 200")
+g.add_argument("--synthetic-val", type=int, default=50, help="--data synthetic: validation images per class; default 50")
+g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank; default 4")
+
+g = parser.add_argument_group("optimisation (AdamW, linear warmup then cosine decay to 0, per step)")
+g.add_argument("--epochs", type=int, default=200, help="default 200 (the paper: 100 for Food101)")
+g.add_argument("--warmup-epochs", type=float, default=2.0, help="default 2")
+g.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch size, split over the processes; default 128")
+g.add_argument("--lr", type=float, default=0.005, help="base LR, the head's; default 0.005")
+g.add_argument("--adapter-lr-factor", type=float, default=1.0,
+               help="LR multiplier of the adapters (and of trained norms / biases) of the PEFT methods; default 1")
+g.add_argument("--backbone-lr-factor", type=float, default=1.0,
+               help="LR multiplier of the backbone for full / attn; default 1")
+g.add_argument("--weight-decay", type=float, default=0.0,
+               help="AdamW weight decay, on matrices and kernels only (not on biases, norms, scales); default 0")
+g.add_argument("--seed", type=int, default=0, help="default 0")
+
+g = parser.add_argument_group("system and output")
+g.add_argument("--out", default="runs/cls", help="output directory; default runs/cls")
+g.add_argument("--resume", action="store_true", help="continue from the last completed epoch in OUT/ckpt")
+g.add_argument("--count-only", action="store_true",
+               help="print one JSON line (model, method, adapter_params, head_params, total_params, nonzero_params) "
+                    "and exit")
+g.add_argument("--num-classes", type=int, default=None,
+               help="--count-only: head size, instead of building the dataset to find it")
+g.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+g.add_argument("--compile", action="store_true", help="torch.compile the model")
+g.add_argument("--stop-after-epoch", type=int, default=None,
+               help="testing: exit once this epoch's checkpoint is written, as if the run had been killed")
+g.add_argument("--inject-nan-step", type=int, default=None,
+               help="testing: make the loss NaN at this optimizer step, to exercise the NaN guard")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# processes: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPUs
+
+dist = setup_distributed(args.device)
+master = dist.master  # rank 0 logs, writes the files; every rank trains and evaluates its share
+
+
+def log(*a):
+    if master:
+        print(*a, flush=True)
+
+
+# argparse already rejects unknown models, methods and datasets (listing the choices)
+builder, preset_cfg = PRESETS.get(args.model, (args.model, {}))
+family = "efficientformer" if builder.startswith("ef") else "vit"
+if args.rc is not None and (family != "efficientformer" or args.method != "petah"):
+    if master:
+        warnings.warn(f"--rc {args.rc} is ignored: conv-LoRA belongs to --method petah on EfficientFormer only "
+                      f"(got --model {args.model} --method {args.method})", stacklevel=1)
+rc = 1 if args.rc is None else args.rc
+if args.sparsity is not None and args.mask is not None:
+    parser.error("--sparsity and --mask exclude each other: prune by magnitude OR load a mask")
+if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+    parser.error(f"--sparsity {args.sparsity} must lie in [0, 1), e.g. 0.9 for 90% zeros")
+if args.batch_size % dist.world_size:
+    parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
+try:
+    model_cfg = {**preset_cfg, **json.loads(args.model_cfg)}
+except (json.JSONDecodeError, TypeError):
+    parser.error(f"--model-cfg must be a JSON object such as '{{\"depths\": [1, 1, 1, 2]}}', got {args.model_cfg!r}")
+if not args.weights and not args.count_only and master:
+    print("\n" + "!" * 100 + "\n!!! WARNING: no --weights: the backbone is RANDOMLY initialised. Adapting a random "
+          "backbone is only a\n!!! smoke test; pass --weights PATH (e.g. timm's efficientformer_l7.snap_dist_in1k) "
+          "for real fine-tuning.\n" + "!" * 100 + "\n", file=sys.stderr, flush=True)
+
+# -----------------------------------------------------------------------------
+# model and data. The head is sized once the dataset has told the number of classes.
+
+torch.manual_seed(args.seed)
+model = create_model(builder, num_classes=1, img_size=args.img_size, **model_cfg)
+model.head_drop = nn.Dropout(args.dropout)  # dropout before the head only (drop_rate would also hit the blocks)
+data_cfg = model.data_cfg  # mean / std / crop of the backbone's checkpoint
+train_ds = val_ds = test_ds = None
+if args.count_only and args.num_classes is not None:
+    num_classes = args.num_classes
+else:
+    if dist.ddp and not master:
+        torch_dist.barrier()  # let rank 0 download / index first
+    try:
+        train_ds, val_ds, test_ds, num_classes = build_datasets(
+            args.data, args.data_root, img_size=args.img_size, mean=data_cfg["mean"], std=data_cfg["std"],
+            randaug=args.randaug, download=args.download and master, crop_pct=data_cfg["crop_pct"],
+            interpolation=data_cfg["interpolation"], skip_corrupt=args.skip_corrupt,
+            synthetic_cfg=dict(num_classes=args.synthetic_classes, train_per_class=args.synthetic_train,
+                               val_per_class=args.synthetic_val, test_per_class=args.synthetic_val))
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    if dist.ddp and master:
+        torch_dist.barrier()
+    if args.data == "synthetic":
+        test_ds = None  # the synthetic test split is for other experiments; val is the eval set
+model.reset_classifier(num_classes)
+if args.weights:
+    load_pretrained(model, args.weights, strict=True, verbose=master)
+
+# sparse backbone: prune now, before the adapters wrap the weights (masks are keyed "<module>.weight")
+masks = None
+if args.sparsity is not None:
+    masks = magnitude_prune(model, args.sparsity)
+elif args.mask is not None:
+    masks = load_masks(args.mask)
+    apply_masks(model, masks)
+base_keys = set(model.state_dict())  # the merged export must have exactly these keys
+
+info = apply_method(model, args.model, args.method, r=args.r, rc=rc, alpha=args.alpha, train_biases=args.train_biases,
+                    train_norms=args.train_norms, learn_interp=args.learn_interp)
+adapter_param_names = {n for m in model.modules() for n in getattr(m, "adapter_names", ())}
+nonzero = sum(int(p.count_nonzero()) for n, p in model.named_parameters()
+              if n.rpartition(".")[2] not in adapter_param_names)  # the base model's non-zeros (backbone + head)
+counts = dict(model=args.model, method=args.method, adapter_params=info["adapter_params"],
+              head_params=info["head_params"], total_params=info["total_params"], nonzero_params=nonzero)
+if args.count_only:
+    if master:
+        print(json.dumps(counts), flush=True)
+    cleanup_distributed(dist)
+    sys.exit(0)
+log(f"{args.model} / {args.method}: {info['trainable_params']:,} trainable of {info['total_params']:,} parameters "
+    f"(#Params {info['adapter_params']:,} + head {info['head_params']:,}), {len(info['adapted_layers'])} layers "
+    f"adapted, {nonzero:,} non-zero base parameters")
+model.to(dist.device)
+# full / attn on a sparse backbone train the kept weights only: the mask survives training
+train_masks = None
+if masks is not None and args.method in ("full", "attn"):
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    train_masks = {k: m.to(dist.device) for k, m in masks.items() if k in trainable}
+
+# -----------------------------------------------------------------------------
+# optimizer: AdamW over the trainable parameters only, one group per (LR factor, weight decay)
+
+groups = {}
+for name, p in model.named_parameters():
+    if not p.requires_grad:
+        continue
+    if name.startswith(("head.", "head_dist.")):
+        factor = 1.0
+    elif args.method in ("full", "attn"):
+        factor = args.backbone_lr_factor
+    else:
+        factor = args.adapter_lr_factor
+    decay = args.weight_decay if p.ndim >= 2 else 0.0
+    groups.setdefault((factor, decay), []).append(p)
+optimizer = torch.optim.AdamW([dict(params=ps, lr_factor=f, weight_decay=wd) for (f, wd), ps in groups.items()],
+                              lr=args.lr, fused=dist.device.type == "cuda")
+for group in optimizer.param_groups:
+    log(f"  param group: LR factor {group['lr_factor']}, weight decay {group['weight_decay']}: "
+        f"{sum(p.numel() for p in group['params']):,} parameters in {len(group['params'])} tensors")
+
+# -----------------------------------------------------------------------------
+# loaders. DistributedSampler also on one process (the same shuffle), drop_last on both sampler and loader:
+# len(train) // batch-size steps per epoch whatever the number of processes.
+
+per_rank_batch = args.batch_size // dist.world_size
+train_sampler = DistributedSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                   seed=args.seed, drop_last=True)
+loader_kw = dict(num_workers=args.workers, pin_memory=dist.device.type == "cuda", persistent_workers=args.workers > 0)
+train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler, drop_last=True, **loader_kw)
+
+
+def eval_loader_for(ds):  # every rank evaluates every world_size-th image: each image exactly once
+    return DataLoader(Subset(ds, range(dist.rank, len(ds), dist.world_size)), batch_size=2 * per_rank_batch,
+                      **loader_kw)
+
+
+eval_loader = eval_loader_for(val_ds)
+steps_per_epoch = len(train_loader)
+if steps_per_epoch == 0:
+    parser.error(f"the training set ({len(train_ds)} images) is smaller than one --batch-size ({args.batch_size})")
+total_steps = args.epochs * steps_per_epoch
+warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+
+# -----------------------------------------------------------------------------
+# resume: adapters + optimizer state of the last completed epoch (the LR follows from the step)
+
+ckpt_dir = os.path.join(args.out, "ckpt")
+start_epoch, history = 0, []  # history: one record per completed epoch (log.jsonl is written from it)
+if master:
+    os.makedirs(args.out, exist_ok=True)
+if args.resume:
+    state = load_checkpoint(ckpt_dir, model)
+    if state is None:
+        log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from scratch")
+    else:
+        same = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
+                "train_norms", "dropout", "sparsity", "mask", "data", "img_size", "randaug", "epochs",
+                "warmup_epochs", "batch_size", "lr", "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed")
+        old = json.loads(state["args"])
+        diff = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}" for k in same
+                if old.get(k) != getattr(args, k)]
+        if diff:
+            raise ValueError(f"--resume: the checkpoint in {ckpt_dir} was made with other settings ({', '.join(diff)});"
+                             f" rerun the original command, or use another --out to start a new run")
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], json.loads(state["history"])
+        log(f"resumed from {ckpt_dir} after epoch {start_epoch}")
+
+# -----------------------------------------------------------------------------
+# wrap: torch.compile, then DDP (which registers only the parameters with requires_grad)
+
+raw_model = model  # adapters, checkpoints and the merge work on the plain module
+if args.compile:
+    model = torch.compile(model)
+if dist.ddp:
+    model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext()
+log(f"{dist.world_size} process(es) on {dist.device}{' with bf16 autocast' if dist.device.type == 'cuda' else ''}: "
+    f"{per_rank_batch} images per process and step, {steps_per_epoch} steps per epoch, {total_steps} in all")
+if master:
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader: DataLoader) -> tuple[int, int, torch.Tensor]:
+    """Top-1 over the whole eval set: (correct, count) summed over ranks, and this rank's predictions."""
+    net.eval()
+    correct, preds = 0, []
+    for x, y in loader:
+        with autocast:
+            p = net(x.to(dist.device, non_blocking=True)).argmax(-1).cpu()  # (B,)
+        correct += (p == y).sum().item()
+        preds.append(p)
+    correct, count = all_reduce_sum([correct, sum(len(p) for p in preds)], dist)
+    return int(correct), int(count), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+step = start_epoch * steps_per_epoch
+for epoch in range(start_epoch, args.epochs):
+    seed_everything(epoch_seed(args.seed, epoch, dist.rank))  # this epoch's augmentation and dropout
+    train_sampler.set_epoch(epoch)  # this epoch's order
+    model.train()
+    freeze_bn_stats(raw_model)  # BatchNorms with frozen params keep the pretrained running statistics
+    t0, loss_sum, seen = time.time(), 0.0, 0
+    pbar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, dynamic_ncols=True)
+    for x, y in pbar:
+        lr = args.lr * cosine_lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_factor"]
+        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        with autocast:
+            logits = model(x)  # (B, num_classes)
+        loss = F.cross_entropy(logits.float(), y)
+        if step == args.inject_nan_step:
+            loss = loss * float("nan")
+        # a NaN/inf loss on any rank stops every rank before the update; the last checkpoint stays as it is
+        if all_reduce_sum([0.0 if math.isfinite(loss.item()) else 1.0], dist)[0]:
+            last = f"epoch {history[-1]['epoch']}" if history else "none yet"
+            log(f"\nERROR: loss is {loss.item()} at step {step} (epoch {epoch + 1}); stopping. Last good checkpoint: "
+                f"{last}, in {ckpt_dir}. Lower --lr or the LR factors, then rerun (with --resume to keep it).")
+            cleanup_distributed(dist)
+            sys.exit(1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients over the ranks here
+        if train_masks is not None:  # pruned weights get no gradient, so AdamW leaves them at zero
+            for k, m in train_masks.items():
+                raw_model.get_parameter(k).grad.mul_(m)
+        optimizer.step()
+        if train_masks is not None:
+            apply_masks(raw_model, train_masks)
+        step += 1
+        loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
+        if master:
+            pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
+                             img_s=f"{seen * dist.world_size / (time.time() - t0):.0f}")
+    pbar.close()
+    train_time = time.time() - t0
+    loss_sum, seen = all_reduce_sum([loss_sum, seen], dist)
+    correct, count, _ = evaluate(model, eval_loader)
+    history.append(dict(epoch=epoch + 1, step=step, train_loss=loss_sum / seen, eval_acc=correct / count, lr=lr,
+                        img_per_s=round(seen / train_time, 1), time_s=round(time.time() - t0, 2)))
+    log(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, top-1 {100 * correct / count:.2f}% "
+        f"({correct}/{count}), {seen / train_time:.0f} img/s")
+    if master:
+        save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
+                        state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
+                                   args=json.dumps(vars(args))),
+                        metadata=dict(model=args.model, method=args.method, num_classes=num_classes))
+        write_jsonl(history, os.path.join(args.out, "log.jsonl"))
+    if args.stop_after_epoch is not None and epoch + 1 == args.stop_after_epoch and epoch + 1 < args.epochs:
+        log(f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
+        cleanup_distributed(dist)
+        sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# merge the adapters into the weights, check the merged model predicts as the adapted one, export
+
+correct, count, preds = evaluate(model, eval_loader)
+masked_model = copy.deepcopy(raw_model) if masks is not None else None
+merged = merge_and_unload(raw_model)  # dense merge: W0 + dW in every adapted layer, plain nn.Linear / nn.Conv2d
+merged_correct, _, merged_preds = evaluate(merged, eval_loader)
+n_diff = int(all_reduce_sum([(preds != merged_preds).sum().item()], dist)[0])
+if merged_correct != correct:
+    warnings.warn(f"merged top-1 {merged_correct / count:.4f} != unmerged {correct / count:.4f} ({n_diff} predictions"
+                  f" differ): rounding at near-ties, or a merge bug")
+export = merged.state_dict()
+if set(export) != base_keys:
+    raise RuntimeError(f"the merged model's keys differ from the base model's: {sorted(set(export) ^ base_keys)[:5]}")
+summary = dict(summary=True, **counts, epochs=args.epochs, steps=step, eval_acc=correct / count,
+               merged_acc=merged_correct / count, merged_pred_diff=n_diff, merged_nonzero=count_nonzero(export))
+meta = dict(model=args.model, method=args.method, num_classes=str(num_classes), img_size=str(args.img_size),
+            model_cfg=json.dumps(model_cfg))
+if master:
+    atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=meta)
+if masked_model is not None:  # mask-preserving merge: (W0 + dW) * mask keeps the backbone exactly as sparse
+    masked = merge_and_unload(masked_model, masks={k: m.to(dist.device) for k, m in masks.items()})
+    masked_correct, _, _ = evaluate(masked, eval_loader)
+    summary.update(masked_acc=masked_correct / count, masked_nonzero=count_nonzero(masked.state_dict()))
+    if master:
+        atomic_save_safetensors(masked.state_dict(), os.path.join(args.out, "merged_masked.safetensors"), metadata=meta)
+        save_masks(masks, os.path.join(args.out, "masks.safetensors"))
+    log(f"sparse export: the dense merge stores {summary['merged_nonzero']:,} non-zeros (top-1 "
+        f"{100 * summary['merged_acc']:.2f}%), the mask-preserving merge {summary['masked_nonzero']:,} (top-1 "
+        f"{100 * summary['masked_acc']:.2f}%)")
+if test_ds is not None:  # datasets with a separate val split: the final model's test accuracy
+    test_correct, test_count, _ = evaluate(merged, eval_loader_for(test_ds))
+    summary["test_acc"] = test_correct / test_count
+log(f"done: top-1 {100 * correct / count:.2f}% adapted, {100 * merged_correct / count:.2f}% merged ({n_diff} "
+    f"predictions differ); merged model: {os.path.join(args.out, 'merged.safetensors')}")
+if master:
+    write_jsonl(history + [summary], os.path.join(args.out, "log.jsonl"))
+    print(json.dumps(summary), flush=True)
+cleanup_distributed(dist)
