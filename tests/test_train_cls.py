@@ -25,6 +25,7 @@ from torch import nn
 
 import methods
 from conv_lora import LoRAConv2d
+from data import build_datasets
 from ia3 import IA3Conv2d, IA3Linear
 from lora import LoRALinear, freeze_bn_stats
 from models import create_model
@@ -35,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_cls.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
-# A tiny EfficientFormer on 4 synthetic classes: 64 training images, 4 optimizer steps per epoch.
-TINY = ["--model", "ef_tiny", "--data", "synthetic", "--img-size", "64", "--synthetic-classes", "4",
-        "--synthetic-train", "16", "--synthetic-val", "8", "--batch-size", "16", "--warmup-epochs", "1",
+# A tiny EfficientFormer on 3 synthetic classes: 48 training images (3 optimizer steps per epoch), 33 eval images
+# (2 processes evaluate 17 and 16 of them: 2 batches and 1 batch).
+TINY = ["--model", "ef_tiny", "--data", "synthetic", "--img-size", "64", "--synthetic-classes", "3",
+        "--synthetic-train", "16", "--synthetic-val", "11", "--batch-size", "16", "--warmup-epochs", "1",
         "--workers", "0", "--device", "cpu", "--lr", "0.005"]
 EF_TINY = dict(depths=(1, 1, 1, 2), embed_dims=(16, 24, 32, 48), num_vit=1)
 VIT_TINY = dict(embed_dim=48, depth=2, num_heads=3, patch_size=8)
@@ -169,8 +171,7 @@ def test_ia3_scales_keys_values_and_mlp_activations():
     expected = [h * 192 + j for h in range(8) for j in range(32, 192)]
     assert isinstance(qkv, IA3Linear) and qkv.mode == "out" and qkv.ia3_rows.tolist() == expected
     fc2 = [n for n, m in model.named_modules() if isinstance(m, (IA3Linear, IA3Conv2d)) and m.mode == "in"]
-    assert sorted(fc2) == sorted(["stages.0.blocks.0.mlp.fc2", "stages.1.blocks.0.mlp.fc2",
-                                  "stages.2.blocks.0.mlp.fc2", "stages.3.blocks.0.mlp.fc2", "stages.3.blocks.2.mlp.fc2"])
+    assert sorted(fc2) == [f"stages.{s}.blocks.0.mlp.fc2" for s in range(4)] + ["stages.3.blocks.2.mlp.fc2"]
     vit = tiny("vit")
     info = methods.apply_method(vit, "vit_tiny", "ia3")
     assert vit.blocks[0].attn.qkv.ia3_rows.tolist() == list(range(48, 144))  # contiguous [q | k | v], dim 48
@@ -260,8 +261,8 @@ def test_merged_export_matches_the_adapted_model(learned):
     assert set(state) == set(plain.state_dict())
     plain.load_state_dict(state, strict=True)
     plain.eval()
-    from data import build_datasets
-    _, val, _, _ = build_datasets("synthetic", None, img_size=64, mean=plain.data_cfg["mean"], std=plain.data_cfg["std"],
+    _, val, _, _ = build_datasets("synthetic", None, img_size=64, mean=plain.data_cfg["mean"],
+                                  std=plain.data_cfg["std"],
                                   synthetic_cfg=dict(num_classes=4, train_per_class=60, val_per_class=25))
     x = torch.stack([val[i][0] for i in range(len(val))])
     y = torch.tensor([val[i][1] for i in range(len(val))])
@@ -270,7 +271,7 @@ def test_merged_export_matches_the_adapted_model(learned):
     assert acc == pytest.approx(summary["eval_acc"], abs=1e-9)
 
 
-RESUME = [*TINY, "--method", "petah", "--dropout", "0.1", "--epochs", "3"]  # 4 steps per epoch
+RESUME = [*TINY, "--method", "petah", "--dropout", "0.1", "--epochs", "3"]  # 3 steps per epoch
 
 
 @pytest.fixture(scope="module")
@@ -318,8 +319,8 @@ def test_torchrun_two_cpu_processes(uninterrupted, tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     single, multi = read_log(uninterrupted), read_log(out)
-    assert multi[-1]["steps"] == single[-1]["steps"] == 3 * (4 * 16 // 16)
-    assert [r["step"] for r in multi[:-1]] == [r["step"] for r in single[:-1]] == [4, 8, 12]
+    assert multi[-1]["steps"] == single[-1]["steps"] == 3 * (3 * 16 // 16)
+    assert [r["step"] for r in multi[:-1]] == [r["step"] for r in single[:-1]] == [3, 6, 9]
     assert multi[-1]["merged_acc"] == multi[-1]["eval_acc"] and multi[-1]["merged_pred_diff"] == 0
     assert run.stdout.count('"summary": true') == 1  # rank 0 alone reports
     assert "2 process(es) on cpu: 8 images per process" in run.stdout
@@ -381,8 +382,8 @@ def test_rc_without_conv_lora_warns(model, method, capsys):
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
-    assert train_cls(*TINY, "--method", "petah", "--epochs", "3", "--out", out, "--inject-nan-step", "6") == 1
-    assert "loss is nan at step 6" in capsys.readouterr().out
+    assert train_cls(*TINY, "--method", "petah", "--epochs", "3", "--out", out, "--inject-nan-step", "4") == 1
+    assert "loss is nan at step 4 (epoch 2)" in capsys.readouterr().out
     assert json.load(open(out / "ckpt" / "last.json"))["epoch"] == 1
     assert sorted(os.listdir(out / "ckpt")) == ["epoch_0001.pt", "epoch_0001.safetensors", "last.json"]
     assert not (out / "merged.safetensors").exists() and len(read_log(out)) == 1
@@ -390,7 +391,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
     with pytest.raises(ValueError, match="--lr 0.005 -> 0.1"):
         train_cls(*TINY, "--method", "petah", "--epochs", "3", "--out", out, "--resume", "--lr", "0.1")
     assert train_cls(*TINY, "--method", "petah", "--epochs", "3", "--out", out, "--resume") == 0
-    assert read_log(out)[-1]["steps"] == 12
+    assert read_log(out)[-1]["steps"] == 9
 
 
 def test_missing_weights_warns_loudly(tmp_path, capsys):
