@@ -11,9 +11,11 @@ One node with 8 GPUs (the global --batch-size is split over the processes):
 A method's parameter count, as in the paper's #Params column (no data, no training):
     python train_cls.py --model efl7 --method petah --rc 2 --count-only
 CPU demo: a tiny EfficientFormer (ef_tiny, random backbone) adapted with PETAH on the built-in synthetic data
-(10 classes of shape x texture x colour, chance = 10%); about 65 s of CPU time, top-1 ~46% after 6 epochs:
-    python train_cls.py --model ef_tiny --method petah --rc 4 --train-norms --data synthetic --img-size 64 \
-        --epochs 6 --batch-size 32 --lr 0.005 --adapter-lr-factor 2 --warmup-epochs 1 --workers 0 --out runs/demo
+(10 classes of shape x texture x colour, chance = 10%); about 65 s of CPU time, top-1 ~46% after 6 epochs
+(OMP_NUM_THREADS=1: tiny ops are faster on one thread, and much faster on a busy machine):
+    OMP_NUM_THREADS=1 python train_cls.py --model ef_tiny --method petah --rc 4 --train-norms --data synthetic \
+        --img-size 64 --epochs 6 --batch-size 32 --lr 0.005 --adapter-lr-factor 2 --warmup-epochs 1 --workers 0 \
+        --out runs/demo
 (--train-norms: the random backbone's BatchNorms then normalise with batch statistics; a pretrained backbone
 does not need it.) The same on two CPU processes (gloo): torchrun --nproc_per_node 2 train_cls.py <same flags>
 
