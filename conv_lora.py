@@ -117,8 +117,10 @@ class LoRAConv2d(nn.Conv2d):
         a_kernel = a_kernel.repeat(g, 1, 1, 1)                             # (g*r, c_in/g, kh, kw): A shared by groups
         # nn.Conv2d's own helper applies this layer's stride / padding / padding_mode / dilation / groups.
         z = self._conv_forward(x, a_kernel, None)                          # (B, g*r, H', W')
+        if self.scaling != 1.0:  # scale the r-channel map, not the c_out-channel output: c_out / r times less work
+            z = z * self.scaling
         b_kernel = self.lora_B.view(self.out_channels, self.r, 1, 1)       # group i: rows of B read z's r channels
-        return F.conv2d(z, b_kernel, groups=g) * self.scaling              # (B, c_out, H', W')
+        return F.conv2d(z, b_kernel, groups=g)                             # (B, c_out, H', W')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, c_in, H, W) -> (B, c_out, H', W')
         if self.merged:  # the kernel already holds the update: one conv

@@ -171,7 +171,9 @@ class LoRALinear(nn.Linear):
         if self.merged:  # W' already holds the update: exactly one matmul
             return F.linear(x, self.weight, self.bias)
         z = F.linear(self.lora_dropout(x), self.lora_A)      # (..., r)
-        delta = F.linear(z, self.lora_B) * self.scaling     # (..., out) or (..., len(rows))
+        if self.scaling != 1.0:  # scale the rank-r activations, not the (..., out) update: out / r times less work
+            z = z * self.scaling
+        delta = F.linear(z, self.lora_B)                     # (..., out) or (..., len(rows))
         if not self.learn_interp:
             y = F.linear(x, self.weight, self.bias)          # (..., out)
             return y + delta if self.lora_rows is None else y.index_add(-1, self.lora_rows, delta)
