@@ -46,19 +46,13 @@ from tqdm import tqdm
 from data import DATASETS, build_datasets
 from lora import freeze_bn_stats, merge_and_unload
 from methods import METHODS, apply_method
-from models import create_model, load_pretrained
+from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
 from sparse import apply_masks, count_nonzero, load_masks, magnitude_prune, save_masks
 from train_utils import (all_reduce_sum, atomic_save_safetensors, cleanup_distributed, cosine_lr_factor, epoch_seed,
                          load_checkpoint, save_checkpoint, seed_everything, setup_distributed, write_jsonl)
 
-# Tiny configurations for tests and the CPU demo: name -> (models.create_model name, kwargs). They run the
-# same code as the full-size models (EF: stem, Meta4D blocks, downsamples, a Meta3D block with the per-head
-# fused qkv, BatchNorms, both heads; ViT: fused contiguous qkv, layer scale). Layer scale starts at 1 so that
-# the blocks of a random (not pretrained) backbone contribute: at 1e-5 they are identities until trained.
-PRESETS = {
-    "ef_tiny": ("efl1", dict(depths=(1, 1, 1, 2), embed_dims=(16, 24, 32, 48), num_vit=1, layer_scale_init=1.0)),
-    "vit_tiny": ("vits", dict(embed_dim=48, depth=2, num_heads=3, patch_size=8, layer_scale_init=1.0)),
-}
+# tiny presets (models.PRESETS) for tests and the CPU demo: classification backbones only
+PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0] != "sam_vitb"}
 MODELS = ("efl1", "efl3", "efl7", "vits", "vitb", *PRESETS)
 
 # -----------------------------------------------------------------------------

@@ -58,20 +58,13 @@ import data_seg
 from data import read_image
 from lora import freeze_bn_stats, load_adapters, merge_and_unload, read_safetensors
 from methods import METHODS as EF_METHODS, SAM_METHODS, apply_method, apply_sam_method, count_parameters
-from models import SemanticFPN, create_model, load_pretrained
+from models import PRESETS as ALL_PRESETS, SemanticFPN, create_model, load_pretrained
 from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write_text,
                          cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, save_checkpoint,
                          seed_everything, setup_distributed, write_jsonl)
 
-# Tiny configurations for tests and the CPU demo: name -> (create_model name, kwargs). Same code paths as the
-# full-size models (windowed + global attention with rel-pos, two-way decoder; Meta4D + Meta3D blocks).
-PRESETS = {
-    "sam_tiny": ("sam_vitb", dict(patch_size=8, encoder_embed_dim=48, encoder_depth=2, encoder_num_heads=2,
-                                  encoder_global_attn_indexes=(1,), window_size=4, prompt_embed_dim=32,
-                                  mask_in_chans=4, decoder_depth=2, decoder_num_heads=2, decoder_mlp_dim=64,
-                                  iou_head_hidden_dim=32)),
-    "ef_tiny": ("efl1", dict(depths=(1, 1, 1, 2), embed_dims=(16, 24, 32, 48), num_vit=1)),
-}
+# tiny presets (models.PRESETS) for tests and the CPU demo: segmentation models only
+PRESETS = {k: v for k, v in ALL_PRESETS.items() if k in ("sam_tiny", "ef_tiny")}
 MODELS = ("sam_vitb", "efl1", "efl3", "efl7", *PRESETS)
 IGNORE = 255  # label of pixels that count nowhere (ADE20K "other", padding)
 
