@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_peft.py                      # full CPU run (batch sizes below), ~20 min on 2 cores
     .venv/bin/python bench/bench_peft.py --quick              # efl1 + vits, small batches, a few minutes
     .venv/bin/python bench/bench_peft.py --smoke              # tiny models, seconds: checks that everything runs
-    .venv/bin/python bench/bench_peft.py --device cuda        # bf16 autocast, CUDA-synchronised, cuda memory
+    .venv/bin/python bench/bench_peft.py --device cuda        # batch 32, bf16 autocast, CUDA-synchronised timing
     .venv/bin/python bench/bench_peft.py --models efl1 --methods petah-1 full --sections train memory
 
 Questions, one table each (all numbers in --json: default bench/results_<device>.json, bench/out/ for --quick/--smoke):
@@ -40,17 +40,21 @@ from pathlib import Path
 ALL_METHODS = ("linear", "full", "attn", "lora", "lora_mlp", "petah-1", "petah-2", "ia3")
 SECTIONS = ("train", "memory", "infer", "forward", "adapters")
 
-# Per model: training batch, inference throughput batch, input side. Full CPU defaults (2 cores: see BENCHMARKS.md).
+# Per model: training batch, inference throughput batch, input side, methods. Full CPU defaults: 2 cores shared with
+# other work, so single-threaded, small batches, and EfficientFormer-L7 / ViT-B for a few methods only (BENCHMARKS.md).
+# PETAH rows, which the targets are about, get `target_steps` timed steps instead of `steps`.
 FULL = dict(models=("efl1", "efl3", "vits", "efl7", "vitb"),
-            batch=dict(efl1=8, efl3=4, vits=4, efl7=2, vitb=2), infer_batch=dict(efl1=32, efl3=16, vits=16, efl7=4, vitb=4),
-            img_size=dict(), steps=5, warmup=2, mem_steps=2, lat_repeats=20, thr_repeats=5, fwd_repeats=10,
-            fwd_warmup=2, forward_models=("efl1", "efl3", "efl7", "vits", "vitb", "sam"), sam_size=512)
+            batch=dict(efl1=4, efl3=2, vits=4, efl7=2, vitb=2), infer_batch=dict(efl1=16, efl3=8, vits=8, efl7=2, vitb=2),
+            img_size=dict(), steps=5, target_steps=8, warmup=1, mem_steps=2, lat_repeats=20, thr_repeats=4,
+            fwd_repeats=10, fwd_warmup=2, forward_models=("efl1", "efl3", "efl7", "vits", "vitb", "sam"), sam_size=512,
+            methods_for=dict(efl7=("full", "lora", "petah-1", "petah-2"), vitb=("full", "lora", "ia3")))
 QUICK = dict(models=("efl1", "vits"), batch=dict(efl1=2, vits=2), infer_batch=dict(efl1=4, vits=4),
-             img_size=dict(vits=128), steps=3, warmup=1, mem_steps=2, lat_repeats=5, thr_repeats=2, fwd_repeats=3,
-             fwd_warmup=1, forward_models=("efl1", "vits"), sam_size=256)
+             img_size=dict(vits=128), steps=3, target_steps=3, warmup=1, mem_steps=2, lat_repeats=5, thr_repeats=2,
+             fwd_repeats=3, fwd_warmup=1, forward_models=("efl1", "vits"), sam_size=256,
+             memory_methods=("linear", "full", "lora", "petah-1", "ia3"))
 SMOKE = dict(models=("efl_tiny", "vit_tiny"), batch=dict(efl_tiny=2, vit_tiny=2), infer_batch=dict(efl_tiny=2, vit_tiny=2),
-             img_size=dict(vit_tiny=64), steps=1, warmup=1, mem_steps=1, lat_repeats=2, thr_repeats=1, fwd_repeats=2,
-             fwd_warmup=1, forward_models=("efl_tiny", "vit_tiny"), sam_size=256,
+             img_size=dict(vit_tiny=64), steps=1, target_steps=1, warmup=1, mem_steps=1, lat_repeats=2, thr_repeats=1,
+             fwd_repeats=2, fwd_warmup=1, forward_models=("efl_tiny", "vit_tiny"), sam_size=256,
              methods=("full", "attn", "petah-1", "ia3"), memory_methods=("full", "petah-1"))
 NUM_CLASSES = 100
 TARGETS = dict(merged_over_base=1.01, petah_step_over_floor=1.2, petah_over_ref=1.0, forward_over_ref=1.0,
@@ -108,8 +112,9 @@ def main() -> None:
                         "full attn petah-1 ia3, one per kind of reference setup)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                    help="which questions to run (train = Q1-Q3 timing, memory = Q1 peak memory)")
-    p.add_argument("--batch", type=int, help="training batch for every model (default: per model, see FULL)")
-    p.add_argument("--infer-batch", type=int, help="inference throughput batch for every model (default per model)")
+    p.add_argument("--batch", type=int, help="training batch for every model (default: per model, see FULL; 32 on CUDA)")
+    p.add_argument("--infer-batch", type=int, help="inference throughput batch for every model (default: per model; "
+                                                    "32 on CUDA)")
     p.add_argument("--img-size", type=int, help="input side for every model (EfficientFormer's timm reference "
                                                  "exists at 224 only; default 224, ViT 128 in --quick)")
     p.add_argument("--steps", type=int, help="timed optimizer steps per variant (after warm-up)")
@@ -118,7 +123,8 @@ def main() -> None:
     p.add_argument("--no-ref", action="store_true", help="skip timm + peft in the training timing")
     p.add_argument("--no-ref-memory", action="store_true", help="skip the reference's peak-memory workers")
     p.add_argument("--memory-methods", nargs="+", choices=ALL_METHODS,
-                   help="methods whose peak memory is measured (default: all; --smoke: full petah-1)")
+                   help="methods whose peak memory is measured (default: all; --quick: linear full lora petah-1 "
+                        "ia3; --smoke: full petah-1)")
     p.add_argument("--forward-models", nargs="+", help="Q5 models (bench_models.py names: efl1 efl3 efl7 vits vitb sam)")
     p.add_argument("--sam-size", type=int, help="SAM image-encoder input side for Q5 (default 512 CPU, 1024 CUDA)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -130,10 +136,17 @@ def main() -> None:
 
     preset = SMOKE if args.smoke else QUICK if args.quick else FULL
     models = args.models or list(preset["models"])
-    methods = args.methods or list(preset.get("methods", ALL_METHODS))
-    mem_methods = args.memory_methods or list(preset.get("memory_methods", methods))
     cuda = args.device.startswith("cuda")
     steps, warmup = args.steps or preset["steps"], args.warmup or preset["warmup"]
+    target_steps = args.steps or preset["target_steps"]
+
+    def methods_of(m):
+        subset = {} if cuda else preset.get("methods_for", {})  # on a GPU every model gets every method
+        return list(args.methods or subset.get(m) or preset.get("methods", ALL_METHODS))
+
+    def memory_methods_of(m):
+        return [x for x in (args.memory_methods or preset.get("memory_methods", ALL_METHODS)) if x in methods_of(m)]
+
     mem_steps = args.mem_steps or preset["mem_steps"]
     sam_size = args.sam_size or (1024 if cuda and not (args.quick or args.smoke) else preset["sam_size"])
 
@@ -141,7 +154,7 @@ def main() -> None:
         return args.img_size or preset["img_size"].get(m, 224)
 
     def batch(m):
-        return args.batch or preset["batch"].get(m, 2)
+        return args.batch or (32 if cuda and not args.smoke else preset["batch"].get(m, 2))
 
     def infer_batch(m):
         return args.infer_batch or (32 if cuda and not args.smoke else preset["infer_batch"].get(m, 4))
@@ -169,15 +182,17 @@ def main() -> None:
 
     # ---- Q1-Q3: training step, floor, timm + peft ---------------------------------------------------------
     if "train" in args.sections:
-        print(f"\n[1-3] training step: median ms per optimizer step over {steps} steps after {warmup} warm-up, "
-              f"ours / floor / timm+peft alternating", flush=True)
+        print(f"\n[1-3] training step: median ms per optimizer step over {steps} steps ({target_steps} for PETAH) after "
+              f"{warmup} warm-up, ours / floor / timm+peft back to back in rotating order; ratios are medians of "
+              f"per-step ratios", flush=True)
         head = (f"{'model':<9}{'method':<9}{'batch':>5}{'img':>5}{'ours ms':>9}{'img/s':>7}{'floor ms':>9}"
                 f"{'step/floor':>11}{'ref ms':>9}{'ours/ref':>9}{'parity':>9}  earliest adapted")
         print(head, flush=True)
         for m in models:
-            for meth in methods:
+            for meth in methods_of(m):
+                n = target_steps if meth.startswith("petah") else steps
                 r = run("train_worker", dict(common, model=m, method=meth, batch=batch(m), img_size=img(m),
-                                             steps=steps, warmup=warmup, reference=not args.no_ref))
+                                             steps=n, warmup=warmup, reference=not args.no_ref))
                 results["train"].append(r)
                 if "error" in r:
                     continue
@@ -193,7 +208,7 @@ def main() -> None:
         print(f"{'model':<9}{'method':<9}{'batch':>5}{'img':>5}{'ours peak':>10}{'ours +':>8}{'ref peak':>10}"
               f"{'ref +':>8}{'ours/ref':>9}", flush=True)
         for m in models:
-            for meth in mem_methods:
+            for meth in memory_methods_of(m):
                 row = {}
                 for which in ("ours", "ref"):
                     if which == "ref" and args.no_ref_memory:
@@ -211,23 +226,24 @@ def main() -> None:
 
     # ---- Q4: inference ---------------------------------------------------------------------------------------
     if "infer" in args.sections:
-        print("\n[4] inference (eval, no grad): ms at batch 1 and images/s at the throughput batch; merged = "
-              "merge_and_unload (plain layers), inplace = merge_adapters, folded = merged + BatchNorm folded", flush=True)
-        names = ("base", "unmerged", "merged_inplace", "merged", "merged_bn_folded")
-        print(f"{'model':<9}{'method':<9}{'':>6}" + "".join(f"{n[:14]:>15}" for n in names) + f"{'merged/base':>12}",
-              flush=True)
+        print("\n[4] inference (eval, no grad): median ms at batch 1, images/s at the throughput batch, and x base (median "
+              "of paired ratios). merged = merge_and_unload (plain layers: the base architecture), inplace = "
+              "merge_adapters, folded = merged + BatchNorm folded into the convs, base_copy = a copy of base (A/A "
+              "control: its ratio is this machine's timing noise)", flush=True)
+        names = ("base", "base_copy", "unmerged", "merged_inplace", "merged", "merged_bn_folded")
+        print(f"{'model':<9}{'method':<9}{'':>7}" + "".join(f"{n[:14]:>15}" for n in names), flush=True)
         for m in models:
-            meth = "petah-1" if "petah-1" in methods or not methods else methods[0]
+            meth = "petah-1" if "petah-1" in methods_of(m) else methods_of(m)[0]
             r = run("infer_worker", dict(common, model=m, method=meth, img_size=img(m), batch=infer_batch(m),
                                          repeats_latency=preset["lat_repeats"], repeats_throughput=preset["thr_repeats"]))
             results["infer"].append(r)
             if "error" in r:
                 continue
-            lat, thr = r["latency_ms"], r["throughput_img_s"]
-            print(f"{m:<9}{meth:<9}{'ms b1':>6}" + "".join(f"{fmt(lat.get(n), '.1f'):>15}" for n in names)
-                  + f"{r['latency_over_base']['merged']:>12.3f}", flush=True)
-            print(f"{'':<18}{'img/s':>6}" + "".join(f"{fmt(thr.get(n), '.1f'):>15}" for n in names)
-                  + f"{r['throughput_over_base']['merged']:>12.3f}   (batch {r['batch_throughput']})", flush=True)
+            for label, vals, f in (("ms b1", r["latency_ms"], ".1f"), ("x base", r["latency_over_base"], ".3f"),
+                                   ("img/s", r["throughput_img_s"], ".1f"), ("x base", r["throughput_over_base"], ".3f")):
+                first = f"{m:<9}{meth:<9}" if label == "ms b1" else f"{'':<18}"
+                print(f"{first}{label:>7}" + "".join(f"{fmt(vals.get(n), f):>15}" for n in names)
+                      + (f"   (batch {r['batch_throughput']})" if label == "img/s" else ""), flush=True)
             print(f"{'':<18}max |out - unmerged|: " + ", ".join(f"{k} {v:.1e}" for k, v in
                                                                  r["max_abs_diff_vs_unmerged"].items()), flush=True)
 
@@ -253,7 +269,8 @@ def main() -> None:
         print(f"{'model':<9}{'method':<9}{'#Params':>12}{'paper':>12}{'file bytes':>13}{'adapter B':>12}"
               f"{'head B':>10}{'header B':>10}", flush=True)
         for m in models:
-            r = run("adapter_worker", dict(common, model=m, img_size=img(m), methods=methods))
+            r = run("adapter_worker", dict(common, model=m, img_size=img(m),
+                                           methods=list(args.methods or preset.get("methods", ALL_METHODS))))
             if "error" in r:
                 continue
             for row in r["rows"]:
@@ -265,34 +282,37 @@ def main() -> None:
     # ---- targets ---------------------------------------------------------------------------------------------
     targets = results["targets"]
 
-    def add(name, model, method, value, limit):
+    def add(name, model, method, value, limit, note=""):
         targets.append(dict(target=name, model=model, method=method, value=value, limit=limit,
-                            verdict=verdict(value, limit)))
+                            verdict=verdict(value, limit), note=note))
 
     for r in results["infer"]:
         if "error" not in r:
-            add("merged/base latency b1", r["model"], r["method"], r["latency_over_base"]["merged"],
-                TARGETS["merged_over_base"])
-            add(f"merged/base time b{r['batch_throughput']}", r["model"], r["method"],
-                r["throughput_over_base"]["merged"], TARGETS["merged_over_base"])
+            for tag, what in (("latency", "latency b1"), ("throughput", f"time b{r['batch_throughput']}")):
+                aa = r[f"{tag}_over_base"]["base_copy"]
+                add(f"merged/base {what}", r["model"], r["method"], r[f"{tag}_over_base"]["merged"],
+                    TARGETS["merged_over_base"], f"A/A noise: base_copy/base {aa:.3f}")
     for r in results["train"]:
         if "error" not in r and r["method"].startswith("petah"):
-            add("petah step/floor", r["model"], r["method"], r["step_over_floor"], TARGETS["petah_step_over_floor"])
-            add("petah step/timm+peft", r["model"], r["method"], r["ours_over_ref"], TARGETS["petah_over_ref"])
+            note = f"batch {r['batch']}, {r['img_size']}px"
+            add("petah step/floor", r["model"], r["method"], r["step_over_floor"], TARGETS["petah_step_over_floor"], note)
+            add("petah step/timm+peft", r["model"], r["method"], r["ours_over_ref"], TARGETS["petah_over_ref"], note)
     for r in results["forward"]:
         if "error" not in r:
-            add("forward ours/ref", r["model"], "-", r.get("ours_over_ref"), TARGETS["forward_over_ref"])
+            add("forward ours/ref", r["model"], "-", r.get("ours_over_ref"), TARGETS["forward_over_ref"],
+                "x".join(map(str, r.get("input", []))))
     key = "cuda_max_allocated_mb" if cuda else "peak_over_start_mb"
     mem = {(r["model"], r["method"]): r.get(key) for r in results["memory"] if r.get("which") == "ours"}
     for m in models:
         for meth in ("petah-1", "petah-2"):
             if mem.get((m, meth)) and mem.get((m, "full")):
-                add("petah mem/full mem", m, meth, mem[m, meth] / mem[m, "full"], TARGETS["petah_mem_over_full"])
+                add("petah mem/full mem", m, meth, mem[m, meth] / mem[m, "full"], TARGETS["petah_mem_over_full"],
+                    f"{mem[m, meth]:.0f} vs {mem[m, 'full']:.0f} MiB")
     print("\n[targets]", flush=True)
     print(f"{'target':<26}{'model':<9}{'method':<9}{'value':>8}{'limit':>7}  verdict", flush=True)
     for t in targets:
         print(f"{t['target']:<26}{t['model']:<9}{t['method']:<9}{fmt(t['value'], '.3f'):>8}{t['limit']:>7.2f}  "
-              f"{t['verdict']}", flush=True)
+              f"{t['verdict']:<7} {t['note']}", flush=True)
     results["meta"]["total_wall_s"] = time.perf_counter() - t_start
     json_path.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {json_path} ({results['meta']['total_wall_s']:.0f} s)", flush=True)

@@ -11,8 +11,9 @@ server. A forked worker starts with nothing allocated but the imported modules, 
     forward_worker(spec)   Q5: our model forward vs timm / segment_anything (bench_models.py's pairs and timer)
     adapter_worker(spec)   Q6: adapter file bytes per method, next to the paper's #Params
 
-Every worker takes a JSON-able dict and returns one. Timings are medians of alternating repeats, so background
-load on the machine hits every variant alike.
+Every worker takes a JSON-able dict and returns one. Each repeat times every variant back to back, in an order that
+rotates from repeat to repeat; times are medians over repeats and ratios are medians of the per-repeat ratios, so
+background load on the machine hits every variant alike.
 """
 import copy
 import os
@@ -118,6 +119,12 @@ def peak_rss_mb() -> float:
 
 def rows_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over repeats of a[i] / b[i]: a and b were timed back to back in repeat i, so load that drifts over
+    seconds cancels in each pair (steadier than the ratio of the two medians on a shared machine)."""
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 # ---- the same method on timm + peft ------------------------------------------------------------------------
@@ -294,8 +301,8 @@ def train_worker(spec: dict) -> dict:
                 ref_trainable_params=ref_trainable, parity_max_abs_diff=parity,
                 ours_ms=med["ours"], floor_ms=med["floor"], ref_ms=med.get("ref"),
                 ours_img_s=B / med["ours"] * 1e3, ref_img_s=None if ref is None else B / med["ref"] * 1e3,
-                step_over_floor=med["ours"] / med["floor"],
-                ours_over_ref=None if ref is None else med["ours"] / med["ref"],
+                step_over_floor=paired_ratio(times["ours"], times["floor"]),
+                ours_over_ref=None if ref is None else paired_ratio(times["ours"], times["ref"]),
                 ours_ms_all=[t * 1e3 for t in times["ours"]], floor_ms_all=[t * 1e3 for t in times["floor"]],
                 ref_ms_all=None if ref is None else [t * 1e3 for t in times["ref"]])
 
@@ -364,7 +371,9 @@ def infer_worker(spec: dict) -> dict:
     merged_inplace = copy.deepcopy(adapted)
     merge_adapters(merged_inplace)  # adapter modules stay; forward is one F.linear / F.conv2d each
     merged = merge_and_unload(copy.deepcopy(adapted))  # plain nn.Linear / nn.Conv2d: the base architecture
-    variants = dict(base=base, unmerged=adapted, merged_inplace=merged_inplace, merged=merged)
+    # base_copy (a deepcopy of base) is an A/A control: base_copy / base shows the timing noise of this machine
+    variants = dict(base=base, base_copy=copy.deepcopy(base), unmerged=adapted, merged_inplace=merged_inplace,
+                    merged=merged)
     if is_ef(key):
         folded = copy.deepcopy(merged)
         fold_all_bn(folded)
@@ -373,7 +382,8 @@ def infer_worker(spec: dict) -> dict:
 
     x = torch.randn(2, 3, S, S, device=device)
     ref_out = variants["unmerged"](x)
-    max_diff = {k: (m(x) - ref_out).abs().max().item() for k, m in variants.items() if k not in ("base", "unmerged")}
+    max_diff = {k: (m(x) - ref_out).abs().max().item() for k, m in variants.items()
+                if k not in ("base", "base_copy", "unmerged")}
 
     autocast, sync = device_context(device)
     out = dict(model=key, method=label, img_size=S, batch_latency=1, batch_throughput=spec["batch"],
@@ -395,7 +405,8 @@ def infer_worker(spec: dict) -> dict:
                     times[k].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
         out[f"{tag}_ms"] = {k: v * 1e3 for k, v in med.items()}
-        out[f"{tag}_over_base"] = {k: v / med["base"] for k, v in med.items()}
+        out[f"{tag}_over_base"] = {k: paired_ratio(v, times["base"]) for k, v in times.items()}
+        out[f"{tag}_min_over_base"] = {k: min(v) / min(times["base"]) for k, v in times.items()}
         if tag == "throughput":
             out["throughput_img_s"] = {k: batch / v for k, v in med.items()}
     return out
