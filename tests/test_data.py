@@ -13,17 +13,7 @@ import data
 from data import CorruptImageError, SyntheticImages, build_datasets, build_transform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# torchvision 0.29 deprecates torchvision.io's decoders in favour of TorchCodec (they still work)
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensor ops: two OpenMP threads on a busy 2-core machine cost far more than the work. Restored after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 
 
 # -----------------------------------------------------------------------------

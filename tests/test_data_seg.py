@@ -11,16 +11,7 @@ from data_seg import (_COLOUR_OPS, _GEOMETRIC_OPS, IGNORE_INDEX, SegTransform, S
                       save_mask_png)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensor ops: two OpenMP threads on a busy 2-core machine cost far more than the work. Restored after.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 
 
 def blocky_pair(H=48, W=64, block=8, seed=0):
