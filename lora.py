@@ -27,13 +27,10 @@ The helpers are duck-typed on a small protocol (`adapter_names`, `merge`, `unmer
 `adapter_config`), so they also handle LoRAConv2d (conv_lora.py) and IA3Linear / IA3Conv2d (ia3.py).
 """
 
-import ctypes
 import hashlib
 import json
 import math
 import re
-import struct
-import sys
 
 import torch
 import torch.nn as nn
@@ -465,10 +462,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    # The raw bytes of a contiguous CPU tensor (stdlib only: read numel * itemsize bytes at data_ptr()).
-    t = t.detach().cpu().contiguous()
-    n = t.numel() * t.element_size()
-    return ctypes.string_at(t.data_ptr(), n) if n else b""
+    # The raw bytes of a tensor, with torch alone: view them as uint8 and copy into a bytearray that a
+    # uint8 tensor shares (torch.frombuffer), in the machine's byte order.
+    t = t.detach().cpu().contiguous().reshape(-1)
+    buf = bytearray(t.numel() * t.element_size())
+    if buf:
+        torch.frombuffer(buf, dtype=torch.uint8).copy_(t.view(torch.uint8))
+    return bytes(buf)
 
 
 def base_fingerprint(model: nn.Module, exclude=frozenset()) -> str:
@@ -495,7 +495,8 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
 
 
 def _write_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
-    assert sys.byteorder == "little", "the safetensors writer assumes a little-endian machine"
+    if torch.tensor([1], dtype=torch.int16).view(torch.uint8)[0] != 1:
+        raise RuntimeError("the safetensors writer assumes a little-endian machine")
     header, blobs, offset = {"__metadata__": metadata}, [], 0
     for k, t in tensors.items():
         if t.dtype not in _ST_DTYPES:
@@ -507,7 +508,7 @@ def _write_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)  # pad the header so the data starts 8-byte aligned
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
+        f.write(len(h).to_bytes(8, "little"))
         f.write(h)
         for b in blobs:
             f.write(b)
@@ -517,7 +518,7 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read any safetensors file into (CPU tensors, metadata) with torch alone."""
     with open(path, "rb") as f:
         data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
+    n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     metadata = header.pop("__metadata__", None) or {}
     body = bytearray(data[8 + n:])
