@@ -461,14 +461,14 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items() if k in keep}
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_bytes(t: torch.Tensor) -> bytearray:
     # The raw bytes of a tensor, with torch alone: view them as uint8 and copy into a bytearray that a
     # uint8 tensor shares (torch.frombuffer), in the machine's byte order.
     t = t.detach().cpu().contiguous().reshape(-1)
     buf = bytearray(t.numel() * t.element_size())
     if buf:
         torch.frombuffer(buf, dtype=torch.uint8).copy_(t.view(torch.uint8))
-    return bytes(buf)
+    return buf
 
 
 def base_fingerprint(model: nn.Module, exclude=frozenset()) -> str:
