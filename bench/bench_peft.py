@@ -250,7 +250,9 @@ def main() -> None:
                 print(f"{first}{label:>7}" + "".join(f"{fmt(vals.get(n), f):>15}" for n in names)
                       + (f"   (batch {r['batch_throughput']})" if label == "img/s" else ""), flush=True)
             print(f"{'':<18}max |out - unmerged|: " + ", ".join(f"{k} {v:.1e}" for k, v in
-                                                                 r["max_abs_diff_vs_unmerged"].items()), flush=True)
+                                                                 r["max_abs_diff_vs_unmerged"].items())
+                  + f"; merged has the base architecture (classes, shapes, strides): "
+                    f"{r['merged_same_architecture']}", flush=True)
 
     # ---- Q5: model forward vs reference ----------------------------------------------------------------------
     if "forward" in args.sections:
@@ -298,7 +300,8 @@ def main() -> None:
             for tag, what in (("latency", "latency b1"), ("throughput", f"time b{r['batch_throughput']}")):
                 aa = r[f"{tag}_over_base"]["base_copy"]
                 add(f"merged/base {what}", r["model"], r["method"], r[f"{tag}_over_base"]["merged"],
-                    TARGETS["merged_over_base"], f"A/A noise: base_copy/base {aa:.3f}")
+                    TARGETS["merged_over_base"], f"A/A noise: base_copy/base {aa:.3f}; same architecture: "
+                                                 f"{r['merged_same_architecture']}")
     for r in results["train"]:
         if "error" not in r and r["method"].startswith("petah"):
             note = f"batch {r['batch']}, {r['img_size']}px"

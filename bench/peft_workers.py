@@ -380,6 +380,12 @@ def infer_worker(spec: dict) -> dict:
         variants["merged_bn_folded"] = folded
     variants = {k: m.to(device).eval() for k, m in variants.items()}
 
+    # merged must BE the base architecture: same module classes, parameter names, shapes, strides and dtypes
+    def layout(m):
+        return ([type(mod) for mod in m.modules()],
+                [(n, p.shape, p.stride(), p.dtype) for n, p in m.named_parameters()])
+    same_architecture = layout(variants["merged"]) == layout(variants["base"])
+
     x = torch.randn(2, 3, S, S, device=device)
     ref_out = variants["unmerged"](x)
     max_diff = {k: (m(x) - ref_out).abs().max().item() for k, m in variants.items()
@@ -387,7 +393,7 @@ def infer_worker(spec: dict) -> dict:
 
     autocast, sync = device_context(device)
     out = dict(model=key, method=label, img_size=S, batch_latency=1, batch_throughput=spec["batch"],
-               max_abs_diff_vs_unmerged=max_diff)
+               max_abs_diff_vs_unmerged=max_diff, merged_same_architecture=same_architecture)
     for tag, batch, repeats in (("latency", 1, spec["repeats_latency"]), ("throughput", spec["batch"],
                                                                           spec["repeats_throughput"])):
         xb = torch.randn(batch, 3, S, S, device=device)

@@ -38,6 +38,7 @@ def test_bench_peft_smoke(tmp_path):
     # Q4: merged outputs equal unmerged ones; every variant timed
     for i in r["infer"]:
         assert max(i["max_abs_diff_vs_unmerged"].values()) < 1e-4
+        assert i["merged_same_architecture"] is True  # merge_and_unload gives back exactly the base model's layers
         assert {"base", "unmerged", "merged_inplace", "merged"} <= set(i["latency_ms"])
         assert "merged" in i["throughput_over_base"]
     assert "merged_bn_folded" in r["infer"][0]["latency_ms"]  # EfficientFormer: BatchNorm folded deploy model
