@@ -1,6 +1,6 @@
 """What a PETAH / LoRA / (IA)^3 training step costs, what merging saves, against timm + peft and the floor.
 
-    .venv/bin/python bench/bench_peft.py                      # full CPU run (batch sizes below), ~20 min on 2 cores
+    .venv/bin/python bench/bench_peft.py                      # full CPU run (batch sizes below), every method on every model
     .venv/bin/python bench/bench_peft.py --quick              # efl1 + vits, small batches, a few minutes
     .venv/bin/python bench/bench_peft.py --smoke              # tiny models, seconds: checks that everything runs
     .venv/bin/python bench/bench_peft.py --device cuda        # batch 32, bf16 autocast, CUDA-synchronised timing
@@ -40,14 +40,13 @@ from pathlib import Path
 ALL_METHODS = ("linear", "full", "attn", "lora", "lora_mlp", "petah-1", "petah-2", "ia3")
 SECTIONS = ("train", "memory", "infer", "forward", "adapters")
 
-# Per model: training batch, inference throughput batch, input side, methods. Full CPU defaults: 2 cores shared with
-# other work, so single-threaded, small batches, and EfficientFormer-L7 / ViT-B for a few methods only (BENCHMARKS.md).
-# PETAH rows, which the targets are about, get `target_steps` timed steps instead of `steps`.
+# Per model: training batch, inference throughput batch, input side. Full CPU defaults: 2 cores shared with other
+# work, so single-threaded and small batches; every method on every model. PETAH rows, which the targets are about,
+# get `target_steps` timed steps instead of `steps`.
 FULL = dict(models=("efl1", "efl3", "vits", "efl7", "vitb"),
             batch=dict(efl1=4, efl3=2, vits=4, efl7=2, vitb=2), infer_batch=dict(efl1=16, efl3=8, vits=8, efl7=2, vitb=2),
             img_size=dict(), steps=4, target_steps=8, warmup=1, mem_steps=2, lat_repeats=20, thr_repeats=4,
             fwd_repeats=20, fwd_warmup=2, forward_models=("efl1", "efl3", "efl7", "vits", "vitb", "sam"), sam_size=512,
-            methods_for=dict(efl7=("full", "lora", "petah-1", "petah-2"), vitb=("full", "lora", "ia3")),
             ref_memory_methods=("lora", "lora_mlp", "petah-1", "petah-2", "ia3"))
 QUICK = dict(models=("efl1", "vits"), batch=dict(efl1=2, vits=2), infer_batch=dict(efl1=4, vits=4),
              img_size=dict(vits=128), steps=3, target_steps=3, warmup=1, mem_steps=2, lat_repeats=5, thr_repeats=2,
@@ -142,8 +141,7 @@ def main() -> None:
     target_steps = args.steps or preset["target_steps"]
 
     def methods_of(m):
-        subset = {} if cuda else preset.get("methods_for", {})  # on a GPU every model gets every method
-        return list(args.methods or subset.get(m) or preset.get("methods", ALL_METHODS))
+        return list(args.methods or preset.get("methods", ALL_METHODS))
 
     # The reference of linear / full / attn is timm alone, whose peak memory matched ours within 6% in a full run:
     # the full CPU preset measures the reference's memory only where peft is involved.
