@@ -95,6 +95,8 @@ g.add_argument("--synthetic-train", type=int, default=200,
                help="--data synthetic: training images per class; default 200")
 g.add_argument("--synthetic-val", type=int, default=50,
                help="--data synthetic: validation images per class; default 50")
+g.add_argument("--eval-every", type=int, default=1, metavar="N",
+               help="evaluate on the validation split every N epochs (and after the last); default 1")
 g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank; default 4")
 
 g = parser.add_argument_group("optimisation (AdamW, linear warmup then cosine decay to 0, per step)")
@@ -152,6 +154,8 @@ if args.sparsity is not None and args.mask is not None:
     parser.error("--sparsity and --mask exclude each other: prune by magnitude OR load a mask")
 if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
     parser.error(f"--sparsity {args.sparsity} must lie in [0, 1), e.g. 0.9 for 90% zeros")
+if args.eval_every < 1:
+    parser.error(f"--eval-every {args.eval_every} must be >= 1 (1 = evaluate after every epoch)")
 if args.batch_size % dist.world_size:
     parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
 try:
@@ -386,11 +390,14 @@ for epoch in range(start_epoch, args.epochs):
     if dist.ddp:  # DDP sends rank 0's buffers (BatchNorm statistics) at each forward; the last step's update too
         for b in raw_model.buffers():
             torch_dist.broadcast(b, 0)
-    correct, count, _ = evaluate(eval_model, eval_loader)
-    history.append(dict(epoch=epoch + 1, step=step, train_loss=loss_sum / seen, eval_acc=correct / count, lr=lr,
+    if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        correct, count, _ = evaluate(eval_model, eval_loader)
+        acc, acc_text = correct / count, f"top-1 {100 * correct / count:.2f}% ({correct}/{count})"
+    else:
+        acc, acc_text = None, f"not evaluated (--eval-every {args.eval_every})"
+    history.append(dict(epoch=epoch + 1, step=step, train_loss=loss_sum / seen, eval_acc=acc, lr=lr,
                         img_per_s=round(seen / train_time, 1), time_s=round(time.time() - t0, 2)))
-    log(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, top-1 {100 * correct / count:.2f}% "
-        f"({correct}/{count}), {seen / train_time:.0f} img/s")
+    log(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, {acc_text}, {seen / train_time:.0f} img/s")
     if args.skip_corrupt:
         history[-1]["skipped_images"] = count_skipped()
         log(f"  {history[-1]['skipped_images']} unreadable image(s) skipped so far (--skip-corrupt)")

@@ -291,6 +291,18 @@ def test_resume_after_stop_reproduces_the_uninterrupted_run(uninterrupted, tmp_p
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_eval_every_skips_evaluations_without_changing_training(uninterrupted, tmp_path):
+    out = tmp_path / "sparse_eval"
+    assert train_cls(*RESUME, "--out", out, "--eval-every", "2") == 0
+    ours, ref = read_log(out), read_log(uninterrupted)
+    assert [r["eval_acc"] is None for r in ours[:3]] == [True, False, False]  # epoch 2, and the last one
+    assert ours[1]["eval_acc"] == ref[1]["eval_acc"] and ours[-1] == ref[-1]
+    assert [r["train_loss"] for r in ours[:3]] == [r["train_loss"] for r in ref[:3]]
+    a, b = load_file(out / "merged.safetensors"), load_file(uninterrupted / "merged.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_cls(*RESUME, "--out", tmp_path / "bad", "--eval-every", "0") == 2
+
+
 def test_resume_after_kill_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     """SIGKILL a real run as soon as its first checkpoint exists (wherever it then is), then --resume."""
     out = tmp_path / "killed"
