@@ -60,6 +60,18 @@ def _as_rows(rows, out_features: int) -> torch.Tensor:
     return rows
 
 
+def _row_runs(rows: list[int]) -> list[list[int]]:
+    """Rows as [start, stop) runs of consecutive rows, in their order: [0, 1, 4, 5, 6, 7] -> [[0, 2], [4, 8]].
+    adapter_config() stores rows so, which keeps the adapter file's JSON header small."""
+    runs = []
+    for i in rows:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
 def qkv_rows(dim_q: int, dim_k: int, dim_v: int, num_heads: int, parts=("q", "v"),
              layout: str = "contiguous") -> torch.Tensor:
     """Output rows of the chosen parts of a fused qkv projection.
@@ -238,7 +250,7 @@ class LoRALinear(nn.Linear):
     def adapter_config(self) -> dict:
         return dict(type="lora", r=self.r, alpha=self.alpha, dropout=self.dropout_p,
                     learn_interp=self.learn_interp,
-                    rows=None if self.lora_rows is None else self.lora_rows.tolist(),
+                    rows=None if self.lora_rows is None else _row_runs(self.lora_rows.tolist()),
                     in_features=self.in_features, out_features=self.out_features)
 
     # While merged, state_dict() stores the ORIGINAL weight, so saving and re-loading (into a merged or
@@ -574,6 +586,9 @@ def load_adapters(model: nn.Module, path, *, check_fingerprint: bool = True) -> 
     if sorted(set(have) - set(saved)):
         problems.append(f"adapter modules in the model but not in the file: {sorted(set(have) - set(saved))}")
     for name in sorted(set(saved) & set(have)):
+        rows = saved[name].get("rows")
+        if rows and isinstance(rows[0], int):  # files written before rows were stored as runs
+            saved[name]["rows"] = _row_runs(rows)
         for key in sorted(set(saved[name]) | set(have[name])):
             if key != "dropout" and saved[name].get(key) != have[name].get(key):
                 problems.append(f"{name}: {key} is {_short(saved[name].get(key))} in the file but "

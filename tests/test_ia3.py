@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -160,6 +161,44 @@ def test_petras_setup_trains_saves_loads_and_unloads(tmp_path):
     y = model(x)
     lora.merge_and_unload(model)
     assert list(model.state_dict()) == keys and rel_err(model(x), y) <= 1e-5
+
+
+def test_rows_are_stored_as_runs_and_files_with_plain_row_lists_still_load(tmp_path, monkeypatch):
+    """The file header keeps rows as [start, stop) runs in their order (k and v of a contiguous qkv: one run);
+    a file written with the plain row list (older files) loads too, and other rows are still refused."""
+    assert IA3Linear(4, 12, rows=[5, 6, 0, 9, 10, 11]).adapter_config()["rows"] == [[5, 7], [0, 1], [9, 12]]
+    torch.manual_seed(0)
+    model = TinyBlock()
+    add_ia3(model, {"qkv": dict(mode="out", rows=list(range(8, 24))), "fc2": "in"})
+    randomise(model)
+    x = torch.randn(2, 5, 8)
+
+    def fresh(rows=list(range(8, 24))):
+        torch.manual_seed(0)
+        m = TinyBlock()
+        add_ia3(m, {"qkv": dict(mode="out", rows=rows), "fc2": "in"})
+        return m
+
+    path = tmp_path / "runs.safetensors"
+    lora.save_adapters(model, path)
+    configs = json.loads(lora.read_safetensors(path)[1]["adapters"])
+    assert configs["qkv"]["rows"] == [[8, 24]] and configs["fc2"]["rows"] is None
+    loaded = fresh()
+    lora.load_adapters(loaded, path)
+    assert torch.equal(loaded.qkv.ia3_rows, torch.arange(8, 24)) and torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match=r"qkv: rows is \[\[8, 24\]\] in the file but \[\[0, 16\]\] in the model"):
+        lora.load_adapters(fresh(list(range(16))), path)
+
+    plain = IA3Linear.adapter_config  # as files were written before: rows as a list of every row
+    monkeypatch.setattr(IA3Linear, "adapter_config",
+                        lambda self: dict(plain(self), rows=None if self.ia3_rows is None else self.ia3_rows.tolist()))
+    old = tmp_path / "plain.safetensors"
+    lora.save_adapters(model, old)
+    assert json.loads(lora.read_safetensors(old)[1]["adapters"])["qkv"]["rows"] == list(range(8, 24))
+    monkeypatch.undo()
+    loaded = fresh()
+    lora.load_adapters(loaded, old)
+    assert torch.equal(loaded(x), model(x))
 
 
 def test_matches_peft_ia3():

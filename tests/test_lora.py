@@ -184,6 +184,25 @@ def test_state_dict_never_applies_update_twice():
     assert torch.equal(model.qkv.weight, w0)
 
 
+def test_rows_saved_as_runs_roundtrip(tmp_path):
+    """LoRA on q and v of a per-head qkv: the file header stores the rows as [start, stop) runs, and they load back
+    into the same rows."""
+    rows = qkv_rows(4, 4, 8, 2, ("q", "v"), layout="per_head")  # [0, 1, 4, ..., 9, 12, ..., 15] (test below)
+    model = make_adapted(targets="proj")
+    add_lora(model, {"qkv": dict(r=2, rows=qkv_rows(16, 16, 16, 2, ("q", "v"), layout="per_head"))})
+    assert LoRALinear(8, 16, r=2, rows=rows).adapter_config()["rows"] == [[0, 2], [4, 10], [12, 16]]
+    randomise_adapters(model)
+    path = tmp_path / "a.safetensors"
+    lora.save_adapters(model, path)
+    # per head of 24 rows [q 8 | k 8 | v 8]: q and v are the runs 0-8, 16-32 (v of head 0 meets q of head 1), 40-48
+    assert json.loads(lora.read_safetensors(path)[1]["adapters"])["qkv"]["rows"] == [[0, 8], [16, 32], [40, 48]]
+    twin = make_adapted(targets="proj")
+    add_lora(twin, {"qkv": dict(r=2, rows=qkv_rows(16, 16, 16, 2, ("q", "v"), layout="per_head"))})
+    lora.load_adapters(twin, path)
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(twin.qkv.lora_rows, model.qkv.lora_rows) and torch.equal(twin(x), model(x))
+
+
 def test_qkv_rows_layouts():
     # contiguous [q | k | v], 4 wide each
     assert qkv_rows(4, 4, 4, 2, ("q", "v")).tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
