@@ -10,11 +10,30 @@ reshaped back into a kernel:
 
 It costs r * (c_out + c_in/g * kh * kw) parameters, the count the paper's #Params column uses.
 
-Training never forms dW. conv(x, B A) factors into two cheap convolutions: A, viewed as r kernels of
+The factored path never forms dW: conv(x, B A) factors into two cheap convolutions: A, viewed as r kernels of
 shape (c_in/g, kh, kw), is a kh x kw conv with r output channels (the base conv's stride, padding,
 padding_mode, dilation); B is then a 1x1 conv from r channels to c_out. With groups g, every group
 sees the same A (the flattened-matrix formulation shares A's columns across groups), so A is tiled g
 times into a grouped conv with g*r channels, and B's rows of group i read that group's r channels.
+
+That is not always the cheaper way. The other is to form the kernel W0 + (alpha / r) B A (a tiny
+matmul) and run ONE conv: the forward costs what the frozen conv costs, and the backward adds the
+weight gradient of that conv, from which autograd gets grad A and grad B by two tiny matmuls. Per
+output pixel and image, in multiply-adds (MACs), over what the frozen conv already costs:
+
+    two-conv ("factored") path: 3 r (c_in kh kw + c_out)  (A conv and B conv, forward + 2 backward)
+                                + the memory-bound work on the full-size maps: the A conv's im2col of x
+                                (c_in kh kw per pixel, forward and backward), the c_out-channel update and
+                                its add, the second input gradient and its accumulation
+    one-conv ("kernel") path:   c_out c_in kh kw / g      (the weight-gradient GEMM, a well-shaped one)
+
+Counting the memory-bound work as TRAFFIC_MACS multiply-adds per element of (c_in kh kw + c_out), the
+factored path costs (3 r + TRAFFIC_MACS) (c_in kh kw + c_out) and path="auto" (the default) takes the
+kernel path where c_out c_in kh kw / g is smaller: few channels, as in the stem and the first stage of
+a hybrid network. Both paths compute the same function and the same gradients (tests/test_conv_lora.py).
+The factored path is kept wherever the kernel path would not be the same function: with dropout on
+the low-rank input (dropout > 0), and under autocast (W0 + dW rounded to bf16 / fp16 before the conv
+would lose most of a small dW).
 
 After training, merge() adds dW into the kernel: inference is one conv, as fast as the base layer.
 PETRAS' learnable interpolation y = a conv(x, W0) + b + (1 - a) (alpha / r) conv(x, dW) is optional.
@@ -40,6 +59,9 @@ def _check_rank(r, fan_in: int, fan_out: int) -> None:
         )
 
 
+PATHS = ("auto", "factored", "kernel")
+
+
 class LoRAConv2d(nn.Conv2d):
     """nn.Conv2d plus a low-rank kernel update: y = conv(x, W0) + b + (alpha / r) conv(dropout(x), B A).
 
@@ -55,15 +77,23 @@ class LoRAConv2d(nn.Conv2d):
         dropout: dropout on the input of the low-rank path only.
         learn_interp: PETRAS' trainable scalar `lora_interp` (init 1.0):
             y = a conv(x, W0) + b + (1 - a) (alpha / r) conv(x, dW).
+        path: how the unmerged forward computes the update: "factored" (two convs through A and B),
+            "kernel" (one conv with W0 + dW), or "auto" (the cheaper of the two for this layer's
+            shape, see the module docstring; factored with dropout or under autocast).
         device, dtype: as nn.Conv2d.
     """
 
     adapter_names = ("lora_A", "lora_B")  # the instance adds "lora_interp" when learn_interp=True
+    # Cost of one element of the factored path's full-size memory traffic, in multiply-adds: a machine-dependent
+    # constant. On a 2-core x86 CPU at 1 thread (BENCHMARKS.md: EfficientFormer's convs, one by one) the kernel path
+    # was faster up to c_out c_in kh kw / g = 52 (c_in kh kw + c_out) and the factored path from 77 (...) on:
+    # 3 r + 60 puts the switch in between.
+    TRAFFIC_MACS = 60
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, r: int,
                  alpha: float | None = None, dropout: float = 0.0, learn_interp: bool = False,
-                 device=None, dtype=None):
+                 path: str = "auto", device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         kh, kw = self.kernel_size
@@ -77,6 +107,12 @@ class LoRAConv2d(nn.Conv2d):
         if self.learn_interp:
             self.adapter_names = ("lora_A", "lora_B", "lora_interp")
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if path not in PATHS:
+            raise ValueError(f"conv LoRA path must be one of {PATHS}, got {path!r}")
+        if path == "kernel" and dropout > 0:
+            raise ValueError("path='kernel' cannot apply dropout to the low-rank input (only the factored path has "
+                             "one): use path='auto' or 'factored' with dropout > 0, or dropout=0")
+        self.path = path
         # While merged, weight holds W' and the original W0 waits here (restored bit for bit by unmerge).
         self.register_buffer("weight_orig", None, persistent=False)
         self.register_buffer("merge_mask", None, persistent=False)
@@ -122,9 +158,30 @@ class LoRAConv2d(nn.Conv2d):
         b_kernel = self.lora_B.view(self.out_channels, self.r, 1, 1)       # group i: rows of B read z's r channels
         return F.conv2d(z, b_kernel, groups=g)                             # (B, c_out, H', W')
 
+    def kernel_path_is_cheaper(self) -> bool:
+        """The module docstring's cost rule: extra MACs per output pixel, one conv with W0 + dW vs two convs."""
+        kh, kw = self.kernel_size
+        per_pixel = self.in_channels * kh * kw + self.out_channels          # full-size elements the A / B convs touch
+        factored = (3 * self.r + self.TRAFFIC_MACS) * per_pixel
+        kernel = self.out_channels * self.fan_in                            # weight-gradient GEMM: c_out c_in kh kw / g
+        return kernel < factored
+
+    def uses_kernel_path(self, x: torch.Tensor) -> bool:
+        if self.path != "auto":
+            return self.path == "kernel"
+        if self.dropout_p > 0 or torch.is_autocast_enabled(x.device.type):
+            return False  # the kernel path would be another function (no dropout) or lose dW (W0 + dW rounded)
+        return self.kernel_path_is_cheaper()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, c_in, H, W) -> (B, c_out, H', W')
         if self.merged:  # the kernel already holds the update: one conv
             return self._conv_forward(x, self.weight, self.bias)
+        if self.uses_kernel_path(x):  # one conv with W0 + dW (a W0 + (1 - a) dW); autograd reaches A, B and a
+            dw = self.delta_weight()                                          # (c_out, c_in/g, kh, kw)
+            if not self.learn_interp:
+                return self._conv_forward(x, self.weight + dw, self.bias)
+            a = self.lora_interp
+            return self._conv_forward(x, a * self.weight + (1 - a) * dw, self.bias)
         delta = self.lora_path(self.lora_dropout(x))
         if not self.learn_interp:
             return self._conv_forward(x, self.weight, self.bias) + delta
@@ -200,7 +257,8 @@ class LoRAConv2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         interp = ", learn_interp=True" if self.learn_interp else ""
-        return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}{interp}, merged={self.merged}"
+        return (f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}{interp}, path={self.path}, "
+                f"merged={self.merged}")
 
 
 @torch.no_grad()

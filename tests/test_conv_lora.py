@@ -1,4 +1,4 @@
-"""LoRAConv2d (PETAH eq. 2) over a grid of conv options, merging, training, peft parity, fold_bn."""
+"""LoRAConv2d (PETAH eq. 2) over a grid of conv options, both forward paths, merging, training, peft parity, fold_bn."""
 
 import copy
 import itertools
@@ -44,7 +44,7 @@ def test_grid_factored_path_merge_and_exact_equation(kernel, stride, padding, di
         base = nn.Conv2d(4, c_out, kernel, stride=stride, padding=pad, dilation=dilation, groups=groups,
                          bias=bias, padding_mode=mode)
         fan_in = 4 // groups * kernel * kernel
-        layer = LoRAConv2d.from_module(base, r=min(2, fan_in), alpha=3.0)
+        layer = LoRAConv2d.from_module(base, r=min(2, fan_in), alpha=3.0, path="factored")
         randomise(layer)
         assert layer.lora_A.shape == (min(2, fan_in), fan_in) and layer.lora_B.shape == (c_out, min(2, fan_in))
 
@@ -63,15 +63,124 @@ def test_grid_factored_path_merge_and_exact_equation(kernel, stride, padding, di
         assert rel_err(layer(x), y) <= 1e-5, case
 
 
+def oracle(layer: LoRAConv2d, x: torch.Tensor) -> torch.Tensor:
+    """PETAH eq. 2 written out, independent of both paths: the layer's own conv (same stride / padding /
+    padding_mode / dilation / groups) called with the kernel W0 + (alpha / r) (B @ A) (or a W0 + (1 - a) dW)."""
+    dw = (layer.lora_B @ layer.lora_A).reshape(layer.weight.shape) * (layer.alpha / layer.r)
+    if layer.learn_interp:
+        w = layer.lora_interp * layer.weight + (1 - layer.lora_interp) * dw
+    else:
+        w = layer.weight + dw
+    plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                      layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta")
+    params = {"weight": w} if layer.bias is None else {"weight": w, "bias": layer.bias}
+    return torch.func.functional_call(plain, params, (x,))
+
+
+def grads(layer: LoRAConv2d, x: torch.Tensor, fn, g: torch.Tensor) -> dict:
+    """Output and gradients of <fn(layer, x), g> w.r.t. every adapter parameter and the input."""
+    x = x.detach().requires_grad_(True)
+    y = fn(layer, x)
+    names = list(layer.adapter_names)
+    out = torch.autograd.grad((y * g).sum(), [getattr(layer, n) for n in names] + [x])
+    return dict(y=y.detach(), x=out[-1], **dict(zip(names, out[:-1])))
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", GRID)
+def test_grid_both_paths_equal_the_equation_outputs_and_gradients(kernel, stride, padding, dilation):
+    """path="factored" (two convs) and path="kernel" (one conv with W0 + dW) against the written-out equation,
+    in float64 to 1e-10: outputs and the gradients w.r.t. lora_A, lora_B (lora_interp) and the input, for
+    groups 1 / 2 / depthwise, bias on / off, with and without PETRAS' interpolation. fp32: the two paths agree
+    to 1e-5 relative error (1e-4 for the scalar lora_interp's gradient)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 13, 13)
+    pad, mode = ((kernel // 2) * dilation, "reflect") if padding == "reflect" else (padding, "zeros")
+    for (c_out, groups), bias, interp in itertools.product([(6, 1), (6, 2), (4, 4)], [True, False], [False, True]):
+        case = f"groups={groups} bias={bias} learn_interp={interp}"
+        base = nn.Conv2d(4, c_out, kernel, stride=stride, padding=pad, dilation=dilation, groups=groups,
+                         bias=bias, padding_mode=mode)
+        r = min(2, 4 // groups * kernel * kernel)
+        layers = {path: LoRAConv2d.from_module(copy.deepcopy(base), r=r, alpha=3.0, learn_interp=interp, path=path)
+                  for path in ("factored", "kernel")}
+        for layer in layers.values():
+            layer.load_state_dict(layers["factored"].state_dict())  # the same A (random) and base weights
+            randomise(layer)
+            layer.weight.requires_grad_(False)
+        g = torch.randn_like(base(x))
+        for path, layer in layers.items():
+            l64 = copy.deepcopy(layer).double()
+            x64, g64 = x.double(), g.double()
+            got, want = grads(l64, x64, LoRAConv2d.forward, g64), grads(l64, x64, oracle, g64)
+            assert rel_err(want["y"], base.double()(x.double())) > 1e-3, case  # the update is not trivially zero
+            for k in want:
+                assert torch.allclose(got[k], want[k], rtol=0, atol=1e-10), f"{path} {k} {case}"
+        fact, kern = (grads(layers[p], x, LoRAConv2d.forward, g) for p in ("factored", "kernel"))
+        for k in fact:  # lora_interp's gradient is one scalar sum over every output: fp32 rounding reaches 2e-5
+            assert rel_err(kern[k], fact[k]) <= (1e-4 if k == "lora_interp" else 1e-5), f"fp32 {k} {case}"
+
+
+def count_convs(monkeypatch) -> list:
+    calls = []
+    real = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_auto_path_follows_the_cost_rule(monkeypatch):
+    """Extra MACs per output pixel: kernel path c_out * c_in/g * kh * kw (weight-gradient GEMM), factored path
+    (3 r + TRAFFIC_MACS) * (c_in kh kw + c_out); auto runs the smaller, as one conv call or as three."""
+    m = LoRAConv2d.TRAFFIC_MACS
+    stem = LoRAConv2d(24, 48, 3, stride=2, padding=1, r=1)     # 48 * 216 = 10,368 < (3 + m) * 264
+    wide = LoRAConv2d(448, 1792, 1, r=1)                       # 1792 * 448 = 802,816 > (3 + m) * 2240
+    assert 48 * 216 < (3 + m) * (216 + 48) and stem.kernel_path_is_cheaper()
+    assert 1792 * 448 > (3 + m) * (448 + 1792) and not wide.kernel_path_is_cheaper()
+    calls = count_convs(monkeypatch)
+    stem(torch.randn(1, 24, 8, 8))
+    assert len(calls) == 1  # one conv with W0 + dW
+    calls.clear()
+    wide(torch.randn(1, 448, 2, 2))
+    assert len(calls) == 3  # base conv, A conv, B conv
+
+
+def test_auto_takes_the_factored_path_with_dropout_or_autocast(monkeypatch):
+    """Dropout acts on the low-rank input only, which the kernel path does not have; under autocast W0 + dW would
+    be rounded to bf16 before the conv. In both cases auto runs the factored path, and with dropout > 0 that is
+    not the kernel path's function: the outputs differ in train mode."""
+    torch.manual_seed(0)
+    layer = LoRAConv2d(4, 6, 3, padding=1, r=2, dropout=0.5)
+    randomise(layer)
+    assert layer.kernel_path_is_cheaper()  # the shape alone would pick the kernel path
+    x = torch.randn(2, 4, 9, 9)
+    calls = count_convs(monkeypatch)
+    y = layer(x)
+    assert len(calls) == 3
+    no_dropout = LoRAConv2d(4, 6, 3, padding=1, r=2, path="kernel")
+    no_dropout.load_state_dict(layer.state_dict())
+    assert rel_err(y, no_dropout(x)) > 1e-3  # dropout changed the low-rank path's input
+    calls.clear()
+    plain = LoRAConv2d(4, 6, 3, padding=1, r=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain(x)
+    assert len(calls) == 3
+    calls.clear()
+    plain(x)
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="path='kernel' cannot apply dropout"):
+        LoRAConv2d(4, 6, 3, r=2, dropout=0.1, path="kernel")
+    with pytest.raises(ValueError, match="path must be one of"):
+        LoRAConv2d(4, 6, 3, r=2, path="merged")
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
-def test_even_kernels_same_padding_every_padding_mode(padding_mode):
-    """'same' with an even kernel pads asymmetrically; the factored path must pad exactly like the base."""
+@pytest.mark.parametrize("path", ["factored", "kernel"])
+def test_even_kernels_same_padding_every_padding_mode(padding_mode, path):
+    """'same' with an even kernel pads asymmetrically; both paths must pad exactly like the base."""
     torch.manual_seed(0)
     x = torch.randn(1, 4, 9, 9, dtype=torch.double)
     for k, d in itertools.product([2, 4], [1, 2]):
         base = nn.Conv2d(4, 6, k, padding="same", dilation=d, padding_mode=padding_mode).double()
-        layer = LoRAConv2d.from_module(copy.deepcopy(base), r=2)
+        layer = LoRAConv2d.from_module(copy.deepcopy(base), r=2, path=path)
         randomise(layer)
         with torch.no_grad():
             base.weight.add_((layer.lora_B @ layer.lora_A).view(base.weight.shape) * layer.scaling)
@@ -142,9 +251,11 @@ def test_merged_forward_is_one_conv(monkeypatch):
 
 
 @pytest.mark.parametrize("learn_interp", [False, True])
-def test_gradients_reach_every_adapter_param_and_no_frozen_one(learn_interp):
+@pytest.mark.parametrize("path,dropout", [("factored", 0.1), ("kernel", 0.0)])
+def test_gradients_reach_every_adapter_param_and_no_frozen_one(learn_interp, path, dropout):
     torch.manual_seed(0)
-    layer = LoRAConv2d(4, 6, 3, stride=2, padding=1, groups=2, r=2, dropout=0.1, learn_interp=learn_interp)
+    layer = LoRAConv2d(4, 6, 3, stride=2, padding=1, groups=2, r=2, dropout=dropout, learn_interp=learn_interp,
+                       path=path)
     randomise(layer)
     layer.weight.requires_grad_(False)
     layer.bias.requires_grad_(False)
@@ -156,7 +267,8 @@ def test_gradients_reach_every_adapter_param_and_no_frozen_one(learn_interp):
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (5, 1, 2), (5, 2, 0)])
-def test_matches_peft_conv_lora(kernel, stride, padding):
+@pytest.mark.parametrize("path", ["factored", "kernel"])
+def test_matches_peft_conv_lora(kernel, stride, padding, path):
     """peft's conv LoRA is the same factorisation (A: k x k conv to r channels, B: 1x1 conv), groups=1.
     No oracle for the rest of the grid: for groups > 1 peft uses another (unshared) A and does not merge,
     and peft 0.21's A conv drops the base conv's dilation (outputs of different sizes); our dilation and
@@ -173,7 +285,7 @@ def test_matches_peft_conv_lora(kernel, stride, padding):
 
     torch.manual_seed(0)
     base = Tiny()
-    ours = LoRAConv2d.from_module(copy.deepcopy(base.conv), r=2, alpha=5)
+    ours = LoRAConv2d.from_module(copy.deepcopy(base.conv), r=2, alpha=5, path=path)
     randomise(ours)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=5, target_modules=["conv"]))
     params = dict(theirs.named_parameters())
