@@ -85,9 +85,9 @@ class LoRAConv2d(nn.Conv2d):
 
     adapter_names = ("lora_A", "lora_B")  # the instance adds "lora_interp" when learn_interp=True
     # Cost of one element of the factored path's full-size memory traffic, in multiply-adds: a machine-dependent
-    # constant. On a 2-core x86 CPU at 1 thread (BENCHMARKS.md: EfficientFormer's convs, one by one) the kernel path
-    # was faster up to c_out c_in kh kw / g = 52 (c_in kh kw + c_out) and the factored path from 77 (...) on:
-    # 3 r + 60 puts the switch in between.
+    # constant. On a 2-core x86 CPU at 1 thread (BENCHMARKS.md, bench/bench_conv_paths.py: EfficientFormer's convs one
+    # by one) the kernel path was faster wherever c_out c_in kh kw / g <= 52 (c_in kh kw + c_out), the factored path
+    # wherever it was >= 100 (...), and 77-79 was a toss-up: 3 r + 60 puts the switch in between.
     TRAFFIC_MACS = 60
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
