@@ -49,13 +49,13 @@ IMG_SIZE = 64  # EfficientFormer needs a multiple of 32; at 64 its attention sta
 # A tiny EfficientFormer (same block types as L1: conv stem, Meta4D stages, stride-2 downsamples, one
 # Meta3D attention block with the per-head fused qkv) and a tiny DeiT-III-style ViT of similar size.
 BACKBONES = {
-    "ef": dict(model="efl1", cfg=dict(depths=[1, 1, 2, 2], embed_dims=[16, 32, 64, 96], num_vit=1)),
-    "vit": dict(model="vits", cfg=dict(embed_dim=96, depth=4, num_heads=3, patch_size=8)),
+    "ef": dict(model="efl1", cfg=dict(depths=[1, 1, 2, 2], embed_dims=[16, 32, 64, 96], num_vit=1), pretrain_lr=0.002),
+    "vit": dict(model="vits", cfg=dict(embed_dim=96, depth=4, num_heads=3, patch_size=16), pretrain_lr=0.001),
 }
 # The source ("ImageNet") task: SyntheticImages family 0, style 0, seed 0, 64 classes (train_cls --data synthetic).
 SOURCE = dict(classes=64, train_per_class=150, val_per_class=10)
-PRETRAIN = dict(epochs=12, batch_size=64, lr=0.003, weight_decay=0.05, warmup_epochs=1)
-SPARSE = dict(sparsity=0.9, epochs=3, batch_size=64, lr=0.001, weight_decay=0.05, warmup_epochs=0.5)
+PRETRAIN = dict(epochs=6, batch_size=32, weight_decay=0.05, warmup_epochs=0.5)  # LR: BACKBONES[...]["pretrain_lr"]
+SPARSE = dict(sparsity=0.9, epochs=3, batch_size=32, lr=0.001, weight_decay=0.05, warmup_epochs=0.5)
 
 # Downstream tasks: SyntheticImages keyword arguments, and which source classes (label < keep) to keep.
 TASKS = {
@@ -70,7 +70,7 @@ TASKS = {
     "fine_grained": dict(num_classes=10, family=0, style=0, fine_grained=5, seed=103),
 }
 TASK_SPLITS = dict(train=20, val=15, test=40)  # images per class
-ADAPT = dict(epochs=12, batch_size=16, warmup_epochs=1, weight_decay=0.0)
+ADAPT = dict(epochs=12, batch_size=16, warmup_epochs=1, weight_decay=0.0, eval_every=4)  # val: epochs 4, 8, 12
 SEEDS = (0, 1, 2)
 
 # Methods (rows of the tables): label, train_cls flags. The LR grids follow Appendix A in shape (a base LR
@@ -133,6 +133,12 @@ parser.add_argument("--redo-runs", action="store_true",
                     help="delete the cached adaptation runs first (keeps tasks and pretrained backbones)")
 parser.add_argument("--only", default=None, metavar="BACKBONES",
                     help="comma-separated subset of " + ",".join(EXPERIMENTS) + " (default: all)")
+parser.add_argument("--methods", default=None, metavar="METHODS",
+                    help="comma-separated subset of the table rows " + ",".join(METHODS) + " (default: all)")
+parser.add_argument("--epochs", type=int, default=None,
+                    help=f"adaptation epochs (default {ADAPT['epochs']}); another value keeps its runs and tables "
+                         "apart: <cache>/runs_e<N>/, tables_e<N>.md, results_e<N>.json")
+RUNS = "runs"  # sub-folder of the cache with the adaptation runs (runs_e<N> for --epochs N)
 
 
 # -----------------------------------------------------------------------------
@@ -231,6 +237,7 @@ class Job:
     keep: tuple = ()
     local: object = None    # run in the main process instead: a function (results) -> dict
     desc: str = ""
+    cached: bool = False
 
 
 def common_model_args(backbone: str) -> list[str]:
@@ -246,14 +253,16 @@ def build_jobs(cache: str, backbones: list[str]) -> list[Job]:
 
     def opt(cfg):
         return ["--epochs", str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]), "--lr", str(cfg["lr"]),
-                "--weight-decay", str(cfg["weight_decay"]), "--warmup-epochs", str(cfg["warmup_epochs"])]
+                "--weight-decay", str(cfg["weight_decay"]), "--warmup-epochs", str(cfg["warmup_epochs"]),
+                "--eval-every", str(cfg.get("eval_every", 1))]
 
     weights = {}
     for b in ("vit", "ef"):  # the ViT is slower: start it first
         if b in backbones or (b == "ef" and "ef_sparse" in backbones):
             out = os.path.join(pre, b)
             jobs.append(Job(f"pretrain:{b}", out=out, keep=("merged.safetensors",), desc=f"pretrain {b}",
-                            argv=common_model_args(b) + ["--method", "full", "--seed", "0"] + src + opt(PRETRAIN)
+                            argv=common_model_args(b) + ["--method", "full", "--seed", "0"] + src
+                            + opt(dict(PRETRAIN, lr=BACKBONES[b]["pretrain_lr"]))
                             + ["--out", out]))
             weights[b] = (f"pretrain:{b}", os.path.join(out, "merged.safetensors"))
     masks = os.path.join(pre, "ef_sparse_masks.safetensors")
@@ -279,14 +288,14 @@ def build_jobs(cache: str, backbones: list[str]) -> list[Job]:
 
                 def argv(lr, factor, seed, out, m=m, flag=flag, data=data, w=w, extra=extra, b=b):
                     return (common_model_args(b) + METHODS[m][1] + ["--weights", w] + extra + data
-                            + ["--lr", str(lr), flag, str(factor), "--seed", str(seed)] + opt(dict(ADAPT, lr=lr))
+                            + [flag, str(factor), "--seed", str(seed)] + opt(dict(ADAPT, lr=lr))
                             + ["--out", out])
 
-                run_dir = os.path.join(cache, "runs", b, t, m)
+                run_dir = os.path.join(cache, RUNS, b, t, m)
                 grid_keys = []
                 for lr, factor in grid:
                     out = os.path.join(run_dir, f"lr{lr}_f{factor}_s{SEEDS[0]}")
-                    key = f"{b}/{t}/{m}/lr{lr}_f{factor}/s{SEEDS[0]}"
+                    key = grid_key(b, t, m, lr, factor)
                     jobs.append(Job(key, deps=[dep], out=out, argv=argv(lr, factor, SEEDS[0], out), desc=key))
                     grid_keys.append(key)
                 for seed in SEEDS[1:]:
@@ -297,6 +306,10 @@ def build_jobs(cache: str, backbones: list[str]) -> list[Job]:
                     jobs.append(Job(f"{b}/{t}/{m}/best/s{seed}", deps=grid_keys, argv=seed_argv,
                                     desc=f"{b}/{t}/{m}/s{seed}"))
     return jobs
+
+
+def grid_key(backbone: str, task: str, method: str, lr: float, factor: float) -> str:
+    return f"{backbone}/{task}/{method}/lr{lr}_f{factor}/s{SEEDS[0]}"
 
 
 def best_setting(results: dict, grid_keys: list[str]) -> tuple[float, float]:
@@ -327,6 +340,7 @@ def run_jobs(jobs: list[Job], workers: int) -> dict:
                     break
                 argv, out = (job.argv, job.out) if isinstance(job.argv, list) else job.argv(results)
                 job.out = out
+                job.cached = read_summary(out) is not None  # finished in an earlier call: only read back
                 running[pool.submit(run_train_cls, argv, out, job.keep)] = (job, argv)
                 pending.remove(job)
             if not running:
@@ -336,7 +350,7 @@ def run_jobs(jobs: list[Job], workers: int) -> dict:
                 job, argv = running.pop(fut)
                 summary = fut.result()  # a failed run stops everything, with the path of its log
                 lr, factor = _parse_setting(argv) if not job.key.startswith("pretrain") else (None, None)
-                results[job.key] = dict(summary, lr=lr, factor=factor, out=job.out,
+                results[job.key] = dict(summary, lr=lr, factor=factor, out=job.out, cached=job.cached,
                                         seconds=json.load(open(os.path.join(job.out, "time.json")))["seconds"]
                                         if os.path.exists(os.path.join(job.out, "time.json")) else None)
                 pbar.update(1)
@@ -377,10 +391,12 @@ def collect(results: dict, cache: str, backbones: list[str]) -> dict:
         for m in EXPERIMENTS[b]:
             per_task, params = {}, None
             for t in TASKS:
-                grid_keys = [k for k in results if k.startswith(f"{b}/{t}/{m}/lr")]
-                lr, factor = best_setting(results, grid_keys)
-                seeds = [results[k] for k in grid_keys if (results[k]["lr"], results[k]["factor"]) == (lr, factor)]
-                seeds += [results[f"{b}/{t}/{m}/best/s{s}"] for s in SEEDS[1:]]
+                grid_keys = [grid_key(b, t, m, lr, f) for lr, f in GRIDS.get(m, GRIDS["peft"])]  # GRIDS order
+                lr, factor = best_setting(results, grid_keys)  # the same choice the seed runs were started with
+                seeds = [results[grid_key(b, t, m, lr, factor)]] + [results[f"{b}/{t}/{m}/best/s{s}"]
+                                                                     for s in SEEDS[1:]]
+                if any((r["lr"], r["factor"]) != (lr, factor) for r in seeds):
+                    raise RuntimeError(f"{b}/{t}/{m}: the seed runs used another grid point than {lr} x {factor}")
                 accs = [100 * r["test_acc"] for r in seeds]
                 mean = sum(accs) / len(accs)
                 std = math.sqrt(sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1))
@@ -410,13 +426,66 @@ def make_tables(rows: dict, backbones: list[str]) -> str:
         lines += [f"### {title}", "", "| Backbone | Method | " + " | ".join(TASKS) + " | Mean | #Params |",
                   "|---|---|" + "---|" * (len(TASKS) + 2)]
         for b, ms in groups:
-            for m in ms:
+            for m in [m for m in ms if f"{b}/{m}" in rows]:
                 r = rows[f"{b}/{m}"]
                 cells = [f"{r['tasks'][t]['mean']:.2f} ± {r['tasks'][t]['std']:.2f}" for t in TASKS]
                 lines.append(f"| {NAMES[b]} | {METHODS[m][0]} | " + " | ".join(cells)
                              + f" | {r['mean']:.2f} | {fmt_params(r['params'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def seed_means(row: dict) -> list[float]:
+    """The mean over tasks of each seed (seeds are paired across tasks by their index)."""
+    return [sum(row["tasks"][t]["accs"][i] for t in TASKS) / len(TASKS) for i in range(len(SEEDS))]
+
+
+def claims(rows: dict) -> str:
+    """The paper's ordering (RESULTS.md, fixed in advance), checked on the mean over tasks. A difference counts
+    only when it exceeds the spread of the seeds: 'yes' if higher by more than the larger seed std of the two
+    rows, 'no' if lower by more than that, 'tie' otherwise."""
+    def mean_std(key):
+        sm = seed_means(rows[key])
+        mu = sum(sm) / len(sm)
+        return mu, math.sqrt(sum((a - mu) ** 2 for a in sm) / max(len(sm) - 1, 1))
+
+    def above(a, b):  # "a above b"
+        if a not in rows or b not in rows:
+            return None
+        (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+        d, tol = ma - mb, max(sa, sb)
+        verdict = "yes" if d > tol else "no" if d < -tol else "tie"
+        return f"| {NAMES[a.split('/')[0]]} {METHODS[a.split('/')[1]][0]} > {NAMES[b.split('/')[0]]} " \
+               f"{METHODS[b.split('/')[1]][0]} | {ma:.2f} ± {sa:.2f} | {mb:.2f} ± {sb:.2f} | {d:+.2f} | {verdict} |"
+
+    pairs = [("ef/petah2", "ef/petah1"), ("ef/petah1", "ef/lora"), ("ef/petah2", "ef/lora"),
+             ("ef/petah2", "ef/lora_mlp"), ("ef/lora", "ef/linear"), ("ef/lora_mlp", "ef/linear"),
+             ("ef/petah2", "ef/attn"), ("ef/petah2", "ef/full"), ("ef/petah2", "ef/ia3"),
+             ("ef/petah2", "vit/lora"), ("ef_sparse/petah2", "ef_sparse/full"), ("ef_sparse/petah1", "ef_sparse/full"),
+             ("ef_sparse/petah2", "ef_sparse/lora")]
+    lines = ["| claim (mean over tasks) | left | right | difference | holds? |", "|---|---|---|---|---|"]
+    lines += [x for x in (above(a, b) for a, b in pairs) if x]
+    if "ef/petah2" in rows and "ef/lora" in rows:
+        gains = {t: rows["ef/petah2"]["tasks"][t]["mean"] - rows["ef/lora"]["tasks"][t]["mean"] for t in TASKS}
+        lines += ["", "PETAH-2 minus LoRA ATTN on the tiny EF, per task (expected largest on restyled and "
+                  "fine_grained, smallest on new_classes): " + ", ".join(f"{t} {g:+.2f}" for t, g in gains.items())]
+    return "\n".join(lines) + "\n"
+
+
+def settings_table(rows: dict) -> str:
+    """Which grid point the validation split picked, per row and task: head LR x factor (the validation
+    accuracy of each grid point, seed 0, in GRIDS order)."""
+    lines = ["| Backbone | Method | grid (GRIDS) | " + " | ".join(TASKS) + " |", "|---|---|---|" + "---|" * len(TASKS)]
+    for key, r in rows.items():
+        b, m = key.split("/")
+        cells = []
+        for t in TASKS:
+            c = r["tasks"][t]
+            grid = " / ".join(f"{v:.1f}" for v in c["grid"].values())
+            cells.append(f"{c['lr']:g} x {c['factor']:g} ({grid})")
+        grid = " / ".join(f"{lr:g} x {f:g}" for lr, f in GRIDS.get(m, GRIDS["peft"]))
+        lines.append(f"| {NAMES[b]} | {METHODS[m][0]} | {grid} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def machine() -> str:
@@ -432,16 +501,27 @@ def machine() -> str:
 # -----------------------------------------------------------------------------
 
 def main():
+    global RUNS
     args = parser.parse_args()
     if args.quick:
         quick_config()
+    suffix = ""
+    if args.epochs is not None and args.epochs != ADAPT["epochs"]:
+        ADAPT["epochs"], suffix = args.epochs, f"_e{args.epochs}"
+        RUNS = "runs" + suffix
+    if args.methods is not None:
+        unknown = [m for m in args.methods.split(",") if m not in METHODS]
+        if unknown:
+            parser.error(f"--methods: unknown method(s) {unknown}; choose from {list(METHODS)}")
+        for b in EXPERIMENTS:
+            EXPERIMENTS[b] = [m for m in EXPERIMENTS[b] if m in args.methods.split(",")]
     cache = args.cache_dir or os.path.join(REPO, "experiments", "cache", "quick" if args.quick else "full")
     backbones = list(EXPERIMENTS) if args.only is None else args.only.split(",")
     unknown = [b for b in backbones if b not in EXPERIMENTS]
     if unknown:
         parser.error(f"--only: unknown backbone(s) {unknown}; choose from {list(EXPERIMENTS)}")
     if args.redo_runs:
-        shutil.rmtree(os.path.join(cache, "runs"), ignore_errors=True)
+        shutil.rmtree(os.path.join(cache, RUNS), ignore_errors=True)
     t0 = time.time()
     for t in TASKS:
         render_task(t, os.path.join(cache, "tasks", t))
@@ -449,20 +529,25 @@ def main():
     results = run_jobs(jobs, args.jobs)
     rows = collect(results, cache, backbones)
     tables = make_tables(rows, backbones)
+    tables += "\n### Does the paper's ordering hold?\n\n" + claims(rows)
+    tables += "\n### LR settings picked on the validation split\n\n" + settings_table(rows)
     wall = time.time() - t0
-    pre_s = sum(r["seconds"] or 0 for k, r in results.items() if k.startswith("pretrain") and isinstance(r, dict)
-                and "seconds" in r)
+    ran = {k: r for k, r in results.items() if "seconds" in r and not r["cached"]}  # trained in this call
+    pre_s = sum(r["seconds"] or 0 for k, r in ran.items() if k.startswith("pretrain"))
+    adapt_s = sum(r["seconds"] or 0 for k, r in ran.items() if not k.startswith("pretrain"))
     info = dict(command=shlex.join(["python", "experiments/replicate.py", *sys.argv[1:]]), wall_seconds=round(wall, 1),
                 machine=machine(), jobs=args.jobs, quick=args.quick,
                 pretrain={k: {kk: v[kk] for kk in ("eval_acc", "seconds", "adapter_params", "total_params",
                                                    "nonzero_params") if kk in v}
                           for k, v in results.items() if k.startswith(("pretrain", "prune"))},
-                pretrain_seconds_this_call=pre_s)
-    with open(os.path.join(cache, "results.json"), "w") as f:
+                pretrain_seconds_this_call=round(pre_s, 1), adapt_seconds_this_call=round(adapt_s, 1),
+                runs_this_call=len(ran), runs_cached=sum(1 for r in results.values() if r.get("cached")))
+    with open(os.path.join(cache, f"results{suffix}.json"), "w") as f:
         json.dump(dict(info=info, rows=rows, runs=results), f, indent=1)
-    header = (f"{info['command']}: {wall / 60:.1f} min wall on {info['machine']} with {args.jobs} workers "
-              f"(pretraining run in this call: {pre_s / 60:.1f} min of worker time)\n")
-    with open(os.path.join(cache, "tables.md"), "w") as f:
+    header = (f"{info['command']}: {wall / 60:.1f} min wall on {info['machine']} with {args.jobs} workers; "
+              f"{len(ran)} runs trained in this call ({pre_s / 60:.1f} min of worker time pretraining, "
+              f"{adapt_s / 60:.1f} min adapting), {info['runs_cached']} read from the cache\n")
+    with open(os.path.join(cache, f"tables{suffix}.md"), "w") as f:
         f.write(header + "\n" + tables)
     print("\n" + header)
     print(tables)
