@@ -54,3 +54,10 @@ def test_quick_pipeline_produces_tables(tmp_path):
     assert len(claim_rows) == 13 and all(line.rstrip(" |").split("| ")[-1] in ("yes", "no", "tie")
                                          for line in claim_rows)
     assert all(t in tables.split("PETAH-2 minus LoRA ATTN")[1] for t in tasks)
+
+    # a second call trains nothing: pretraining and every run come from the cache, with the same numbers
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    info = json.loads((cache / "results.json").read_text())["info"]
+    assert info["runs_this_call"] == 0 and info["runs_cached"] == len(runs) - 1  # prune:ef is not a train_cls run
+    assert json.loads((cache / "results.json").read_text())["rows"] == rows
