@@ -1,8 +1,8 @@
 """
 A miniature of PETAH's classification tables (Tables 2, 3 and 5) that a 2-core CPU runs end to end.
 
-    python experiments/replicate.py            # everything; pretraining is cached in experiments/cache/
-    python experiments/replicate.py --quick    # smoke test of the whole pipeline (CI), about a minute
+    python experiments/replicate.py            # everything: 19 min on 2 idle cores; all of it cached in experiments/cache/
+    python experiments/replicate.py --quick    # smoke test of the whole pipeline (CI), under a minute
 
 What it does, top to bottom:
   1. renders three synthetic downstream tasks (TASKS below) to PNG folders, once;
