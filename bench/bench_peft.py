@@ -1,6 +1,6 @@
 """What a PETAH / LoRA / (IA)^3 training step costs, what merging saves, against timm + peft and the floor.
 
-    .venv/bin/python bench/bench_peft.py                      # full CPU run (batch sizes below), every method on every model
+    .venv/bin/python bench/bench_peft.py                      # full CPU run: every method, every model, ~32 min
     .venv/bin/python bench/bench_peft.py --quick              # efl1 + vits, small batches, a few minutes
     .venv/bin/python bench/bench_peft.py --smoke              # tiny models, seconds: checks that everything runs
     .venv/bin/python bench/bench_peft.py --device cuda        # batch 32, bf16 autocast, CUDA-synchronised timing
