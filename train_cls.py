@@ -347,6 +347,7 @@ def count_skipped() -> int:
 # training
 
 step = start_epoch * steps_per_epoch
+final_eval = None  # (correct, count, predictions) of the last epoch, when this process ran it
 for epoch in range(start_epoch, args.epochs):
     seed_everything(epoch_seed(args.seed, epoch, dist.rank))  # this epoch's augmentation and dropout
     train_sampler.set_epoch(epoch)  # this epoch's order
@@ -391,7 +392,8 @@ for epoch in range(start_epoch, args.epochs):
         for b in raw_model.buffers():
             torch_dist.broadcast(b, 0)
     if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-        correct, count, _ = evaluate(eval_model, eval_loader)
+        correct, count, preds = evaluate(eval_model, eval_loader)
+        final_eval = (correct, count, preds) if epoch + 1 == args.epochs else None
         acc, acc_text = correct / count, f"top-1 {100 * correct / count:.2f}% ({correct}/{count})"
     else:
         acc, acc_text = None, f"not evaluated (--eval-every {args.eval_every})"
@@ -415,7 +417,7 @@ for epoch in range(start_epoch, args.epochs):
 # -----------------------------------------------------------------------------
 # merge the adapters into the weights, check the merged model predicts as the adapted one, export
 
-correct, count, preds = evaluate(eval_model, eval_loader)
+correct, count, preds = final_eval if final_eval is not None else evaluate(eval_model, eval_loader)
 masked_model = copy.deepcopy(raw_model) if masks is not None else None
 merged = merge_and_unload(raw_model)  # dense merge: W0 + dW in every adapted layer, plain nn.Linear / nn.Conv2d
 merged_correct, _, merged_preds = evaluate(merged, eval_loader)
