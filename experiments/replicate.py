@@ -283,7 +283,7 @@ def build_jobs(cache: str, backbones: list[str]) -> list[Job]:
         for t in TASKS:
             data = ["--data", "folder", "--data-root", os.path.join(cache, "tasks", t)]
             for m in EXPERIMENTS[b]:
-                grid = GRIDS.get(m, GRIDS["peft"])
+                grid = grid_of(m)
                 flag = "--backbone-lr-factor" if m in ("full", "attn") else "--adapter-lr-factor"
 
                 def argv(lr, factor, seed, out, m=m, flag=flag, data=data, w=w, extra=extra, b=b):
@@ -306,6 +306,16 @@ def build_jobs(cache: str, backbones: list[str]) -> list[Job]:
                     jobs.append(Job(f"{b}/{t}/{m}/best/s{seed}", deps=grid_keys, argv=seed_argv,
                                     desc=f"{b}/{t}/{m}/s{seed}"))
     return jobs
+
+
+def grid_of(method: str) -> list[tuple[float, float]]:
+    return GRIDS.get(method, GRIDS["peft"])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
 
 
 def grid_key(backbone: str, task: str, method: str, lr: float, factor: float) -> str:
@@ -391,15 +401,14 @@ def collect(results: dict, cache: str, backbones: list[str]) -> dict:
         for m in EXPERIMENTS[b]:
             per_task, params = {}, None
             for t in TASKS:
-                grid_keys = [grid_key(b, t, m, lr, f) for lr, f in GRIDS.get(m, GRIDS["peft"])]  # GRIDS order
+                grid_keys = [grid_key(b, t, m, lr, f) for lr, f in grid_of(m)]  # GRIDS order
                 lr, factor = best_setting(results, grid_keys)  # the same choice the seed runs were started with
                 seeds = [results[grid_key(b, t, m, lr, factor)]] + [results[f"{b}/{t}/{m}/best/s{s}"]
                                                                      for s in SEEDS[1:]]
                 if any((r["lr"], r["factor"]) != (lr, factor) for r in seeds):
                     raise RuntimeError(f"{b}/{t}/{m}: the seed runs used another grid point than {lr} x {factor}")
                 accs = [100 * r["test_acc"] for r in seeds]
-                mean = sum(accs) / len(accs)
-                std = math.sqrt(sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1))
+                mean, std = mean_std(accs)
                 per_task[t] = dict(mean=mean, std=std, accs=accs, lr=lr, factor=factor,
                                    val=[100 * r["eval_acc"] for r in seeds][0],
                                    grid={k.split("/")[3]: 100 * results[k]["eval_acc"] for k in grid_keys})
@@ -444,15 +453,10 @@ def claims(rows: dict) -> str:
     """The paper's ordering (RESULTS.md, fixed in advance), checked on the mean over tasks. A difference counts
     only when it exceeds the spread of the seeds: 'yes' if higher by more than the larger seed std of the two
     rows, 'no' if lower by more than that, 'tie' otherwise."""
-    def mean_std(key):
-        sm = seed_means(rows[key])
-        mu = sum(sm) / len(sm)
-        return mu, math.sqrt(sum((a - mu) ** 2 for a in sm) / max(len(sm) - 1, 1))
-
     def above(a, b):  # "a above b"
         if a not in rows or b not in rows:
             return None
-        (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+        (ma, sa), (mb, sb) = mean_std(seed_means(rows[a])), mean_std(seed_means(rows[b]))
         d, tol = ma - mb, max(sa, sb)
         verdict = "yes" if d > tol else "no" if d < -tol else "tie"
         return f"| {NAMES[a.split('/')[0]]} {METHODS[a.split('/')[1]][0]} > {NAMES[b.split('/')[0]]} " \
@@ -483,7 +487,7 @@ def settings_table(rows: dict) -> str:
             c = r["tasks"][t]
             grid = " / ".join(f"{v:.1f}" for v in c["grid"].values())
             cells.append(f"{c['lr']:g} x {c['factor']:g} ({grid})")
-        grid = " / ".join(f"{lr:g} x {f:g}" for lr, f in GRIDS.get(m, GRIDS["peft"]))
+        grid = " / ".join(f"{lr:g} x {f:g}" for lr, f in grid_of(m))
         lines.append(f"| {NAMES[b]} | {METHODS[m][0]} | {grid} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
