@@ -58,7 +58,7 @@ import data_seg
 from data import read_image
 from lora import freeze_bn_stats, load_adapters, merge_and_unload, read_safetensors
 from methods import METHODS as EF_METHODS, SAM_METHODS, apply_method, apply_sam_method, count_parameters
-from models import PRESETS as ALL_PRESETS, SemanticFPN, create_model, load_pretrained
+from models import PRESETS as ALL_PRESETS, EFSemanticFPN, SemanticFPN, create_model, load_pretrained, stage_widths
 from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write_text,
                          cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, save_checkpoint,
                          seed_everything, setup_distributed, write_jsonl)
@@ -67,29 +67,6 @@ from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safet
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if k in ("sam_tiny", "ef_tiny")}
 MODELS = ("sam_vitb", "efl1", "efl3", "efl7", *PRESETS)
 IGNORE = 255  # label of pixels that count nowhere (ADE20K "other", padding)
-
-class EFSemanticFPN(nn.Module):
-    """EfficientFormer stage maps -> Semantic FPN -> logits upsampled to the input size.
-
-    Args:
-        backbone: EfficientFormer built for the training input size (attention biases on the H/32 grid).
-        decode_head: SemanticFPN over the four stage widths.
-    """
-
-    def __init__(self, *, backbone: nn.Module, decode_head: SemanticFPN) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.decode_head = decode_head
-        self.img_size = backbone.img_size[0]
-        self.data_cfg = backbone.data_cfg
-
-    def segment(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.decode_head(self.backbone.forward_pyramid(x))  # (B, K, H/4, W/4)
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.segment(x)
-
 
 class Segment(nn.Module):
     """forward(x) = model.segment(x): lets DDP (which hooks `forward`) wrap SAM's prompt-free path while the
@@ -101,11 +78,6 @@ class Segment(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.segment(x)
-
-
-def stage_widths(backbone: nn.Module) -> list[int]:
-    """Channels of EfficientFormer's four stage outputs (the stem's, then each downsample's)."""
-    return [backbone.stem.conv2.out_channels] + [s.downsample.conv.out_channels for s in list(backbone.stages)[1:]]
 
 
 # -----------------------------------------------------------------------------

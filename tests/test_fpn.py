@@ -92,3 +92,22 @@ def test_bad_inputs():
         fpn(maps([8, 17, 24, 32]))
     with pytest.raises(ValueError, match="num_classes"):
         SemanticFPN(in_channels=[8], num_classes=0)
+
+
+def test_ef_semantic_fpn_keys_and_output_size():
+    from models import EFSemanticFPN, ef_semantic_fpn
+    torch.manual_seed(0)
+    backbone = create_model("ef_tiny", num_classes=0, img_size=64)
+    model = ef_semantic_fpn(backbone, num_classes=5, channels=16, head_channels=16)
+    assert isinstance(model, EFSemanticFPN) and isinstance(model.backbone.norm, nn.Identity)
+    keys = set(model.state_dict())
+    assert all(k.startswith(("backbone.", "decode_head.")) for k in keys)
+    assert not any(k.startswith("backbone.norm.") for k in keys)  # the unused final norm is gone
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    assert out.shape == (2, 5, 64, 64)
+    # the logits are the FPN's stride-4 map upsampled bilinearly to the input size
+    model.eval()
+    with torch.no_grad():
+        low = model.decode_head(model.backbone.forward_pyramid(x))
+        torch.testing.assert_close(model(x), F.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False))
