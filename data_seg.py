@@ -19,10 +19,8 @@ Also: `list_images(dir)` for prediction, `rle_encode` / `rle_decode` (the compet
 1-based start/length pairs over the column-major flattened mask), `save_mask_png`.
 """
 
-import colorsys
 import math
 import os
-import random
 from pathlib import Path
 
 import torch
@@ -32,6 +30,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from data import IMG_EXTENSIONS, CorruptImageError, read_image
+from synthetic import SyntheticVegetation
 
 SEG_DATASETS = ("folder", "ade20k", "synthetic")
 IGNORE_INDEX = 255
@@ -375,151 +374,6 @@ def _ade_pairs(root, download):
             f"http://data.csail.mit.edu/places/ADEchallenge/ and unzip it into ROOT.")
     return {"train": _pairs(base / "images" / "training", base / "annotations" / "training"),
             "val": _pairs(base / "images" / "validation", base / "annotations" / "validation")}
-
-
-# -----------------------------------------------------------------------------
-# the embedded synthetic set
-
-
-_CACHE = {}  # per image size: coordinate grid and noise banks (2S, 2S), built once per process
-
-
-def _banks(size):
-    """Noise banks of side 2S: 'blob' (smooth, a few blobs per image), 'edge' (medium, for label-edge noise),
-    'leaf' (fine, 1-3 px grain) and 'grain' (white). A sample reads S x S windows at seeded offsets."""
-    if size not in _CACHE:
-        g = torch.Generator().manual_seed(54321 + size)
-        n = 2 * size
-
-        def smooth(cells):
-            x = torch.randn(1, 1, cells, cells, generator=g)
-            x = torch.nn.functional.interpolate(x, size=(n, n), mode="bicubic", align_corners=False)[0, 0]
-            return (x - x.mean()) / x.std()
-
-        blob, edge = smooth(12), smooth(max(4, n // 6))
-        leaf = smooth(max(4, min(n // 2, 96)))  # grain ~ S/48 px, at least 2 px
-        grain = torch.randn(n, n, generator=g)
-        c = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
-        ys, xs = torch.meshgrid(c, c, indexing="ij")
-        _CACHE[size] = dict(blob=blob, edge=edge, leaf=leaf, grain=grain, xs=xs, ys=ys)
-    return _CACHE[size]
-
-
-def _hsv(h, s, v):
-    return torch.tensor(colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(max(v, 0.0), 1.0)))[:, None, None]
-
-
-class SyntheticVegetation(Dataset):
-    """Procedural aerial-photo stand-in: textured "vegetation" over textured ground, with noisy label edges.
-
-    Deterministic per index (seed from (seed, split, index); splits never share a seed); no files. Each image:
-    ground of soil/asphalt colour with smooth shading and grain, smooth green "lawn" patches (background: they
-    are green but not high vegetation, so colour alone does not solve the task), a few grey/red rectangles
-    (roofs, roads), then the foreground: blobs of a thresholded smooth field, leafy (fine, high-contrast)
-    texture, brighter crowns and a cast shadow. The label is the same field thresholded after adding a
-    medium-frequency noise, so label edges wander a few pixels off the visible edge, as hand-drawn masks do.
-    Foreground covers about 20-60% of an image.
-
-    With num_classes = K > 2, classes 1..K-1 are K-1 foreground materials (each its own hue and texture
-    frequency), layered in order; class 0 is the ground.
-
-    Args:
-        split: "train", "val" or "test".
-        num_samples: number of images in the split.
-        image_size: rendered side S (images are square).
-        num_classes: 2 (binary, default) or more.
-        seed: data seed.
-        edge_noise: how far label edges wander from the visible edges (0 = exact labels).
-        transform: joint transform (uint8 image (3, S, S), uint8 mask (S, S)) -> (image, mask); None returns
-            the float image in [0, 1] and the int64 mask.
-    """
-
-    _SPLITS = {"train": 0, "val": 1, "test": 2}
-
-    def __init__(self, *, split="train", num_samples=256, image_size=128, num_classes=2, seed=0, edge_noise=0.25,
-                 transform=None):
-        if split not in self._SPLITS:
-            raise ValueError(f"split must be one of {list(self._SPLITS)}, got {split!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        if num_classes < 2 or num_classes > 32 or image_size < 16 or num_samples < 1:
-            raise ValueError(f"need 2 <= num_classes <= 32, image_size >= 16, num_samples >= 1; got "
-                             f"{num_classes}, {image_size}, {num_samples}")
-        self.split, self.num_samples, self.image_size = split, num_samples, image_size
-        self.num_classes, self.seed, self.edge_noise, self.transform = num_classes, seed, edge_noise, transform
-        # foreground materials: class 1 = green leafy vegetation; further classes other hues/textures
-        g = torch.Generator().manual_seed(99)
-        self.materials = [(0.3, 0.6, 0.45, 1.0)]  # (hue, saturation, value, texture frequency factor)
-        for k in range(2, num_classes):
-            r = torch.rand(4, generator=g).tolist()
-            self.materials.append(((0.3 + k / num_classes) % 1.0, 0.4 + 0.4 * r[1], 0.35 + 0.4 * r[2], 0.5 + r[3]))
-
-    def __len__(self):
-        return self.num_samples
-
-    def sample_seed(self, index):
-        return f"synthetic-vegetation/{self.seed}/{self.split}/{index}"  # distinct per (seed, split, index)
-
-    def _window(self, bank, r1, r2, r3):
-        """An S x S window of a (2S, 2S) bank at a seeded offset, randomly transposed/flipped."""
-        S = self.image_size
-        oy, ox = int(r1 * S), int(r2 * S)
-        w = bank[oy:oy + S, ox:ox + S]
-        k = int(r3 * 4)
-        return w.t() if k == 1 else w.flip(0) if k == 2 else w.flip(1) if k == 3 else w
-
-    def render(self, index):
-        """The untransformed float image (3, S, S) in [0, 1] and its int64 mask (S, S)."""
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        S = self.image_size
-        b = _banks(S)
-        rng = random.Random(self.sample_seed(index))  # str seed, hashed with SHA-512 (torch keeps 32 bits)
-        r = [rng.random() for _ in range(30 + 8 * len(self.materials))]
-
-        # ground: soil / dry grass / asphalt colour, smooth shading, fine grain
-        ground = _hsv(0.06 + 0.08 * r[0], 0.15 + 0.35 * r[1], 0.35 + 0.35 * r[2])
-        image = ground * (1 + 0.15 * self._window(b["blob"], r[3], r[4], r[5]))
-        image = image + 0.04 * self._window(b["grain"], r[6], r[7], r[8])
-        # lawns: smooth green patches that are background
-        lawn = torch.sigmoid((self._window(b["blob"], r[9], r[10], r[11]) - 0.6 - r[12]) * 6)
-        image = torch.lerp(image, _hsv(0.22 + 0.08 * r[13], 0.45, 0.5 + 0.2 * r[14]).expand_as(image), lawn)
-        # roofs / roads: up to two rotated rectangles
-        for j in range(int(r[15] * 3)):
-            q = r[16 + 6 * j:22 + 6 * j]
-            a = math.pi * q[0]
-            u = (b["xs"] - (2 * q[1] - 1)) * math.cos(a) + (b["ys"] - (2 * q[2] - 1)) * math.sin(a)
-            v = -(b["xs"] - (2 * q[1] - 1)) * math.sin(a) + (b["ys"] - (2 * q[2] - 1)) * math.cos(a)
-            inside = torch.sigmoid((torch.minimum(0.1 + 0.3 * q[3] - u.abs(), 0.05 + 0.15 * q[4] - v.abs())) * S)
-            colour = _hsv(0.0, 0.5 * q[5], 0.45 + 0.3 * q[5]) if q[5] < 0.5 else _hsv(0.0, 0.05, 0.6)
-            image = torch.lerp(image, colour.expand_as(image), inside)
-
-        # foreground: blobs of a smooth field above a threshold; the label uses the same field plus edge noise
-        mask = torch.zeros(S, S, dtype=torch.long)
-        for k, (hue, sat, val, freq) in enumerate(self.materials, start=1):
-            q = r[22 + 8 * k:30 + 8 * k]
-            field = self._window(b["blob"], q[0], q[1], q[2])
-            thr = (-0.25 + 1.1 * q[3]) if len(self.materials) == 1 else 0.4 + 0.8 * q[3]  # coverage ~60%..20%
-            vis = field - thr
-            alpha = torch.sigmoid(vis * 8)
-            # cast shadow: the alpha map shifted down-right, darkening what lies under it
-            sh = max(1, S // 32)
-            shadow = torch.nn.functional.pad(alpha, (sh, 0, sh, 0))[:S, :S]
-            image = image * (1 - 0.35 * shadow * (1 - alpha))
-            leaf = self._window(b["leaf"] if freq >= 0.75 else b["edge"], q[4], q[5], q[6])
-            crown = (vis * 2).clamp(0, 1)  # brighter towards the blob's centre
-            tone = (1 + 0.35 * leaf) * (0.75 + 0.35 * crown)
-            image = torch.lerp(image, _hsv(hue + 0.05 * (q[7] - 0.5), sat, val) * tone, alpha)
-            label = (vis + self.edge_noise * self._window(b["edge"], q[2], q[0], q[1])) > 0
-            mask[label] = k
-        image = image.clamp(0, 1)
-        return image, mask
-
-    def __getitem__(self, index):
-        image, mask = self.render(index)
-        if self.transform is not None:
-            return self.transform(TF.to_dtype(image, torch.uint8, scale=True), mask.to(torch.uint8))
-        return image, mask
 
 
 # -----------------------------------------------------------------------------
