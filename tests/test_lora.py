@@ -20,6 +20,29 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+# fp32 tolerances from the arithmetic: a sum of n products computed in floating point, in any order, is off by at
+# most ~ n eps times the sum of the products' absolute values (Higham, Accuracy and Stability of Numerical
+# Algorithms, eq. 3.5). |terms| of a layer's outputs = the same layer, in float64, with every parameter and the
+# input replaced by its absolute value (the LoRA equation has no subtraction; a and 1 - a are both positive).
+# Whole models (norms, softmax, GELU) have no such bound: their merge checks run in float64, where rounding is
+# ~1e-16 and 1e-10 is far above it and far below any real difference.
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def abs_terms(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    absolute = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        for p in absolute.parameters():
+            p.abs_()
+        return absolute(x.double().abs())
+
+
+def assert_rounding(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor, n: int) -> None:
+    """|got - want| <= n * eps32 * terms, element-wise."""
+    err, bound = (got.double() - want.double()).abs(), n * EPS32 * terms.double()
+    assert bool((err <= bound).all()), f"fp32 error up to {(err / bound).max().item():.2f} x the bound {n} eps |terms|"
+
+
 def randomise_adapters(model: nn.Module, std: float = 0.5) -> None:
     # With B = 0 a merged-vs-unmerged comparison proves nothing: give B (and a) real values.
     g = torch.Generator().manual_seed(1)
@@ -86,10 +109,11 @@ def test_merged_equals_unmerged_fp32(bias, learn_interp, rows):
     randomise_adapters(layer)
     x = torch.randn(2, 7, 32)
     y = layer(x)
+    terms, n = abs_terms(layer, x), 2 * (32 + 4 + 4)  # two fp32 results; fan-in + r + bias, scaling, a, 1 - a
     layer.merge()
     assert layer.merged
-    assert rel_err(layer(x), y) <= 1e-5
-    assert rel_err(layer.to_base()(x), y) <= 1e-5
+    assert_rounding(layer(x), y, terms, n)
+    assert_rounding(layer.to_base()(x), y, terms, n)
     # the merged weight is the equation's: rows outside `rows` keep W0 exactly
     layer.unmerge()
     w = layer.merged_weight()
@@ -100,7 +124,11 @@ def test_merged_equals_unmerged_fp32(bias, learn_interp, rows):
     in_rows[slice(None) if rows is None else rows] = True
     expected = torch.where(in_rows, a * layer.weight + (1 - a) * dw if learn_interp else layer.weight + dw,
                            layer.weight)
-    assert torch.allclose(w, expected, atol=1e-6)
+    dw_terms = torch.zeros(48, 32)
+    dw_terms[slice(None) if rows is None else rows] = 2.0 * layer.lora_B.detach().abs() @ layer.lora_A.detach().abs()
+    w0_terms = layer.weight.detach().abs()
+    w_terms = a * w0_terms + (1 - a) * dw_terms if learn_interp else w0_terms + dw_terms
+    assert_rounding(w, expected, w_terms, 2 * (4 + 3))  # r products, then the scaling, a, the addition
     if rows is not None:
         assert torch.equal(w[~in_rows.squeeze(1)], layer.weight[~in_rows.squeeze(1)])
 
@@ -163,23 +191,23 @@ def test_merged_forward_is_one_linear_call(monkeypatch):
 
 def test_state_dict_never_applies_update_twice():
     torch.manual_seed(0)
-    model = TinyAttn()
+    model = TinyAttn().double()
     add_lora(model, {"qkv": dict(r=4, rows=qkv_rows(16, 16, 16, 2)), "proj|fc1|fc2": 4})
     randomise_adapters(model)
-    x = torch.randn(2, 5, 16)
+    x = torch.randn(2, 5, 16, dtype=torch.double)
     y = model(x)
     w0 = model.qkv.weight.detach().clone()
     lora.merge_adapters(model)
     sd = copy.deepcopy(model.state_dict())
     assert torch.equal(sd["qkv.weight"], w0)  # the ORIGINAL weight is what gets saved
     # into an unmerged twin: same outputs, so the update is applied exactly once
-    twin = TinyAttn()
+    twin = TinyAttn().double()
     add_lora(twin, {"qkv": dict(r=4, rows=qkv_rows(16, 16, 16, 2)), "proj|fc1|fc2": 4})
     twin.load_state_dict(sd)
-    assert rel_err(twin(x), y) <= 1e-5
+    assert rel_err(twin(x), y) <= 1e-10  # float64 (see EPS32 above)
     # into the merged model itself (load while merged): still once
     model.load_state_dict(sd)
-    assert model.qkv.merged and rel_err(model(x), y) <= 1e-5
+    assert model.qkv.merged and rel_err(model(x), y) <= 1e-10
     lora.unmerge_adapters(model)
     assert torch.equal(model.qkv.weight, w0)
 
@@ -239,7 +267,7 @@ def test_rows_lora_equals_lora_on_separate_q_and_v(layout):
         if adapted:
             B = fused.lora_B[[pos[int(r)] for r in rows]]
             expected = expected + x @ (B @ fused.lora_A).T
-        assert torch.allclose(y[:, rows], expected, atol=1e-6)
+        assert_rounding(y[:, rows], expected, abs_terms(fused, x)[:, rows], 2 * (dim + 2 + 3))  # fan-in + r + 3
 
 
 # ---- training -------------------------------------------------------------------------------------------
@@ -327,7 +355,7 @@ def test_matches_peft_lora_linear():
         dict(theirs.named_parameters())[a_key].copy_(ours.lin.lora_A)
         dict(theirs.named_parameters())[b_key].copy_(ours.lin.lora_B)
     x = torch.randn(3, 20)
-    assert rel_err(ours(x), theirs(x)) <= 1e-6
+    assert_rounding(ours(x), theirs(x), abs_terms(ours, x), 2 * (20 + 4 + 3))
     assert rel_err(ours(x), base(x)) > 1e-2  # the update is not trivially zero
 
 
@@ -355,13 +383,14 @@ def test_torchvision_resnet18_adapt_train_merge_unload():
         F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
         opt.step()
     assert all(torch.count_nonzero(m.lora_B) > 0 for m in model.modules() if hasattr(m, "lora_B"))
-    model.eval()
+    model.eval().double()  # the merge check in float64 (see EPS32 above)
+    x = x.double()
     with torch.no_grad():
         y = model(x)
         lora.merge_and_unload(model)
         assert list(model.state_dict()) == keys
         assert not any(hasattr(m, "adapter_names") for m in model.modules())
-        assert rel_err(model(x), y) <= 1e-5
+        assert rel_err(model(x), y) <= 1e-10
 
 
 def test_base_checkpoint_loads_into_adapted_model_without_renaming():
