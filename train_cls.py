@@ -47,6 +47,7 @@ from data import DATASETS, build_datasets
 from lora import freeze_bn_stats, merge_and_unload
 from methods import METHODS, apply_method
 from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
+from models.interop import merged_metadata
 from sparse import apply_masks, count_nonzero, load_masks, magnitude_prune, save_masks
 from train_utils import (all_reduce_sum, atomic_save_safetensors, cleanup_distributed, cosine_lr_factor, epoch_seed,
                          load_checkpoint, save_checkpoint, seed_everything, setup_distributed, write_jsonl)
@@ -430,10 +431,13 @@ if set(export) != base_keys:
     raise RuntimeError(f"the merged model's keys differ from the base model's: {sorted(set(export) ^ base_keys)[:5]}")
 summary = dict(summary=True, **counts, epochs=args.epochs, steps=step, eval_acc=correct / count,
                merged_acc=merged_correct / count, merged_pred_diff=n_diff, merged_nonzero=count_nonzero(export))
-meta = dict(model=args.model, method=args.method, num_classes=str(num_classes), img_size=str(args.img_size),
-            model_cfg=json.dumps(model_cfg))
+# the reference model it loads into (timm arch + kwargs), mean / std / interpolation: models/interop.py
+meta = merged_metadata(merged, model_name=args.model, model_cfg=model_cfg, num_classes=num_classes,
+                       img_size=args.img_size, method=args.method)
 if master:
     atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=meta)
+    if meta["arch_loads"] != "true":
+        log(f"note: merged.safetensors does not load into timm.create_model({meta['arch']!r}): {meta['arch_note']}")
 if masked_model is not None:  # mask-preserving merge: (W0 + dW) * mask keeps the backbone exactly as sparse
     masked = merge_and_unload(masked_model, masks={k: m.to(dist.device) for k, m in masks.items()})
     masked_correct, _, _ = evaluate(masked, eval_loader)
