@@ -1,24 +1,33 @@
 """
-Segmentation data: image folders with masks (UCC AI Quest vegetation), ADE20K, and an embedded synthetic set.
+Segmentation data: image folders with masks (UCC AI Quest vegetation), ADE20K, and the synthetic set.
 
-    train_ds, val_ds, test_ds, num_classes, ignore_index = build_seg_datasets(
+    train_ds, val_ds, test_ds, num_classes = build_seg_datasets(
         "folder", "data/phase1", img_size=1024, mean=MEAN, std=STD, randaug=True)
 
-Every dataset returns `(image, mask)`: a normalised float tensor (3, S, S) and an int64 tensor (S, S) with class
-ids in 0..num_classes-1 and `ignore_index` (255) where there is no label (ADE20K's "other", padding). Binary sets
+The same contract as data.build_datasets; class names in `train_ds.classes` (also after train_on_val). Every
+dataset returns `(image, mask)`: a normalised float tensor (3, h, w) and an int64 tensor (H, W) with class ids
+in 0..num_classes-1 and IGNORE_INDEX (255) where there is no label (ADE20K's "other", padding). Binary sets
 have num_classes = 2 (0 = background, 1 = foreground, e.g. high vegetation).
 
-Training transform (joint): random scale (shorter side = img_size * s, s ~ U(scale_range)), random crop
-img_size x img_size (padded with 0 / ignore_index where the image is smaller), horizontal and vertical flips,
-RandAugment whose geometric ops (shear, translate, rotate) move the mask with the image (nearest neighbour,
-ignore_index filled in) and whose colour ops touch only the image, optional photometric distortion (brightness,
-contrast, saturation, hue; image only). Evaluation: the longer side resized to img_size, padded to a square
-(image with the mean colour, mask with ignore_index), so the whole image is seen and padding is never scored.
+Two evaluation protocols:
+  folder / synthetic (PETRAS)  training: random scale (shorter side = img_size * s, s ~ U(scale_range)), random
+      crop img_size x img_size (padded with 0 / ignore), horizontal and vertical flips, RandAugment whose
+      geometric ops (shear, translate, rotate) move the mask with the image (nearest neighbour, ignore filled
+      in) and whose colour ops touch only the image. Evaluation: the longer side resized to img_size and
+      padded to a square (image with the mean colour, mask with ignore): mask and image on that canvas.
+  ade20k (mmsegmentation's ADE20K pipeline)  training: resize keeping the ratio to the scale
+      (4 img_size, img_size) x r, r ~ U(scale_range) = U(0.5, 2), random img_size crop with cat_max_ratio 0.75,
+      horizontal flip, photometric distortion, pad with ignore. Evaluation: the image resized keeping the ratio
+      to fit (4 img_size, img_size) (short side 512 for ordinary photos at img_size 512), the mask at the
+      ORIGINAL size: predictions are upsampled to it and scored there.
+
+Binary folder masks: 0 = background, 1 or 255 = foreground (0/255 masks as image editors save them; one rule
+for every file, so 255 never means foreground in one file and ignore in another); binary masks have no ignore
+label. `SegFiles.masks_with_255` counts the masks read so (train_seg.py logs it).
 
 Also: `list_images(dir)` for prediction, `rle_encode` / `rle_decode` (the competition's run-length format:
 1-based start/length pairs over the column-major flattened mask), `save_mask_png`.
 """
-
 import math
 import os
 from pathlib import Path
@@ -186,6 +195,99 @@ class SegTransform:
         return image.contiguous(), mask.long()
 
 
+def _draw_crop(H, W, S):
+    y0, x0 = int(torch.randint(max(H - S, 0) + 1, ())), int(torch.randint(max(W - S, 0) + 1, ()))
+    return y0, x0
+
+
+class AdeTrainTransform:
+    """mmsegmentation's ADE20K training pipeline on (uint8 image (3, H, W), uint8 mask (H, W)).
+
+    1. resize keeping the aspect ratio to the scale (long, short) = (4 S, S) x r, r ~ U(ratio_range):
+       factor f = min(4 S r / max(H, W), S r / min(H, W));
+    2. random S x S crop (smaller where the image is smaller); while one class covers more than cat_max_ratio of
+       the crop's labelled pixels, draw another crop, at most 10 times (mmseg's RandomCrop);
+    3. horizontal flip (p = 0.5), optional RandAugment, photometric distortion, normalise;
+    4. pad to S x S: image 0 (after normalising: the mean colour), mask ignore_index.
+
+    Args:
+        img_size: crop side S (512 for ADE20K).
+        mean, std: image normalisation (in [0, 1] units).
+        ratio_range: range of the random scale ratio r.
+        cat_max_ratio: largest share of one class in a crop (1 = no re-drawing).
+        randaug: joint RandAugment after the flip.
+        photometric: photometric distortion.
+        ignore_index: the mask's padding value.
+    """
+
+    def __init__(self, *, img_size, mean, std, ratio_range=(0.5, 2.0), cat_max_ratio=0.75, randaug=False,
+                 photometric=True, ignore_index=IGNORE_INDEX):
+        if not 0 < ratio_range[0] <= ratio_range[1]:
+            raise ValueError(f"ratio_range must be (low, high) with 0 < low <= high, got {ratio_range}")
+        self.img_size, self.ratio_range, self.cat_max_ratio = img_size, tuple(ratio_range), cat_max_ratio
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.randaug, self.photometric, self.ignore_index = randaug, photometric, ignore_index
+
+    def crop_ok(self, crop):
+        """True when no class covers more than cat_max_ratio of the crop's labelled pixels (and > 1 class)."""
+        _, counts = crop[crop != self.ignore_index].unique(return_counts=True)
+        return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
+
+    def __call__(self, image, mask):
+        S = self.img_size
+        H, W = mask.shape
+        r = self.ratio_range[0] + (self.ratio_range[1] - self.ratio_range[0]) * float(torch.rand(()))
+        f = min(int(4 * S * r) / max(H, W), int(S * r) / min(H, W))  # mmseg truncates the scale to pixels
+        h, w = max(1, int(H * f + 0.5)), max(1, int(W * f + 0.5))
+        image = TF.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        mask = TF.resize(mask[None], [h, w], interpolation=InterpolationMode.NEAREST_EXACT)[0]
+        y0, x0 = _draw_crop(h, w, S)
+        if self.cat_max_ratio < 1:
+            for _ in range(10):
+                if self.crop_ok(mask[y0:y0 + S, x0:x0 + S]):
+                    break
+                y0, x0 = _draw_crop(h, w, S)
+        image, mask = image[:, y0:y0 + S, x0:x0 + S], mask[y0:y0 + S, x0:x0 + S]
+        if torch.rand(()) < 0.5:
+            image, mask = image.flip(-1), mask.flip(-1)
+        if self.randaug:
+            image, mask = rand_augment_pair(image, mask, ignore_index=self.ignore_index)
+        image = TF.to_dtype(image, torch.float32, scale=True)
+        if self.photometric:
+            image = photometric_distortion(image)
+        image = (image - self.mean) / self.std
+        h, w = mask.shape
+        image = TF.pad(image, [0, 0, S - w, S - h], fill=0.0)  # (3, S, S)
+        mask = TF.pad(mask[None], [0, 0, S - w, S - h], fill=self.ignore_index)[0]  # (S, S)
+        return image.contiguous(), mask.long()
+
+
+class AdeEvalTransform:
+    """mmsegmentation's ADE20K test pipeline: the image resized keeping its ratio to fit the scale (4 S, S)
+    (f = min(4 S / max(H, W), S / min(H, W))) and normalised; the mask stays at the ORIGINAL size, where the
+    prediction is scored. Returns (float image (3, h, w), int64 mask (H, W)).
+
+    Args:
+        img_size: S (512 for ADE20K: short side 512 unless the long side would exceed 2048).
+        mean, std: image normalisation (in [0, 1] units).
+    """
+
+    def __init__(self, *, img_size, mean, std):
+        self.img_size = img_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image, mask):
+        H, W = image.shape[-2:]
+        f = min(4 * self.img_size / max(H, W), self.img_size / min(H, W))
+        h, w = max(1, int(H * f + 0.5)), max(1, int(W * f + 0.5))
+        if (h, w) != (H, W):
+            image = TF.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+        image = (TF.to_dtype(image, torch.float32, scale=True) - self.mean) / self.std
+        return image.contiguous(), mask.long()
+
+
 # -----------------------------------------------------------------------------
 # masks, run-length encoding
 
@@ -270,21 +372,31 @@ class SegFiles(Dataset):
     Args:
         pairs: list of (image path, mask path).
         num_classes: valid class ids are 0..num_classes-1 (plus ignore_index).
-        transform: SegTransform (or any callable (uint8 image, uint8 mask) -> (image, mask)).
+        classes: class names (index = class id); default "class_0", "class_1", ...
+        transform: a joint transform (uint8 image, uint8 mask) -> (image, mask).
         lut: optional uint8 lookup table (256,) applied to raw mask values (ADE20K: 0 -> 255, k -> k-1).
-        binary_255: accept 0/255 masks for binary sets: a mask with 255 and no 1 is read as 255 -> 1.
+        binary_255: binary sets: 255 is foreground like 1 (0/255 masks), in every file; such masks are
+            counted in the shared-memory flags `has_255` (seen from DataLoader workers too): masks_with_255.
         ignore_index: the ignore label.
     """
 
-    def __init__(self, pairs, *, num_classes, transform=None, lut=None, binary_255=False, ignore_index=IGNORE_INDEX):
+    def __init__(self, pairs, *, num_classes, classes=None, transform=None, lut=None, binary_255=False,
+                 ignore_index=IGNORE_INDEX):
         if not pairs:
             raise ValueError("SegFiles got no (image, mask) pairs")
         self.samples = [(str(i), str(m)) for i, m in pairs]
         self.num_classes, self.transform, self.lut = num_classes, transform, lut
+        self.classes = list(classes) if classes is not None else [f"class_{k}" for k in range(num_classes)]
         self.binary_255, self.ignore_index = binary_255, ignore_index
+        self.has_255 = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __len__(self):
         return len(self.samples)
+
+    @property
+    def masks_with_255(self):
+        """How many of the masks read so far held 255 (read as foreground under binary_255)."""
+        return int(self.has_255.sum())
 
     def load(self, index):
         """Untransformed (uint8 image (3, H, W), uint8 mask (H, W) of class ids / ignore_index)."""
@@ -295,8 +407,9 @@ class SegFiles(Dataset):
                              f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}; they must have the same size")
         if self.lut is not None:
             mask = self.lut[mask.long()]
-        if self.binary_255 and bool((mask == 255).any()) and not bool((mask == 1).any()):
-            mask = (mask == 255).to(torch.uint8)  # a 0/255 binary mask
+        if self.binary_255 and bool((mask == 255).any()):
+            self.has_255[index] = True
+            mask = torch.where(mask == 255, torch.ones_like(mask), mask)  # 0/255 masks: 255 is foreground
         bad = (mask >= self.num_classes) & (mask != self.ignore_index)
         if bool(bad.any()):
             vals = sorted(set(mask[bad].unique().tolist()))[:8]
@@ -376,69 +489,92 @@ def _ade_pairs(root, download):
             "val": _pairs(base / "images" / "validation", base / "annotations" / "validation")}
 
 
+def _ade_class_names(root):
+    """The 150 class names from ADEChallengeData2016/objectInfo150.txt (tab-separated; Name is the last column,
+    synonyms separated by ';': the first is kept) when the file is there, else class_0 .. class_149."""
+    root = Path(os.path.expanduser(str(root)))
+    base = root if root.name == "ADEChallengeData2016" else root / "ADEChallengeData2016"
+    info = base / "objectInfo150.txt"
+    if info.is_file():
+        rows = [line.rstrip("\n").split("\t") for line in info.read_text().splitlines()[1:] if line.strip()]
+        if len(rows) == 150:
+            return [row[-1].split(";")[0].strip() for row in rows]
+    return [f"class_{k}" for k in range(150)]
+
+
 # -----------------------------------------------------------------------------
 
 
-def build_seg_datasets(name, root=None, *, img_size, mean, std, randaug=False, scale_range=(0.5, 2.0),
+def build_seg_datasets(name, root=None, *, img_size, mean, std, randaug=False, scale_range=None,
                        num_classes=None, hflip=True, vflip=None, photometric=None, train_on_val=False,
                        synthetic_cfg=None, download=False):
-    """Build (train_ds, val_ds, test_ds or None, num_classes, ignore_index).
+    """Build (train_ds, val_ds, test_ds or None, num_classes), as data.build_datasets; names in train_ds.classes.
 
     Args:
         name: "folder", "ade20k" or "synthetic".
         root: dataset directory (unused for synthetic).
-        img_size: side of the square crops / evaluation canvas.
+        img_size: side of the square training crops; the folder / synthetic evaluation canvas; ADE20K's
+            evaluation scale (4 img_size, img_size).
         mean, std: image normalisation in [0, 1] units (SAM: pixel_mean / 255, pixel_std / 255).
         randaug: joint RandAugment in training.
-        scale_range: random scale range of the shorter side relative to img_size.
+        scale_range: random scale in training: of the shorter side relative to img_size (folder, synthetic;
+            default (0.5, 2.0)), of ADE20K's scale (4 img_size, img_size) (default (0.5, 2.0)).
         num_classes: folder: classes in the masks (2 = binary, default); synthetic: 2 by default;
             ade20k: always 150.
-        hflip, vflip: random flips in training; vflip defaults to True for aerial sets (folder, synthetic)
-            and False for ADE20K.
-        photometric: photometric distortion; defaults to True for ADE20K (the mmseg recipe), else False.
+        hflip, vflip: random flips in training (folder, synthetic); vflip defaults to True (aerial images).
+        photometric: photometric distortion in training; default True for ADE20K (the mmseg recipe), else False.
         train_on_val: train on train + val (the val split keeps being returned for evaluation).
-        synthetic_cfg: SyntheticVegetation keywords: train_samples (512), val_samples (64), test_samples (64),
-            seed, edge_noise.
+        synthetic_cfg: train_per_class (256), val_per_class (32), test_per_class (32): a split has
+            per_class x num_classes images (as data.build_datasets' splits), and SyntheticVegetation keywords
+            (seed, edge_noise).
         download: not supported (ADE20K and the competition data have to be fetched by hand).
     """
     if name not in SEG_DATASETS:
         raise ValueError(f"unknown segmentation dataset {name!r}; choose one of {', '.join(SEG_DATASETS)}")
-    if vflip is None:
-        vflip = name != "ade20k"
-    if photometric is None:
-        photometric = name == "ade20k"
-    train_tf = SegTransform(train=True, img_size=img_size, mean=mean, std=std, scale_range=scale_range,
-                            hflip=hflip, vflip=vflip, randaug=randaug, photometric=photometric)
-    eval_tf = SegTransform(train=False, img_size=img_size, mean=mean, std=std)
+    scale_range = tuple(scale_range or (0.5, 2.0))
+    if name == "ade20k":
+        if num_classes not in (None, 150):
+            raise ValueError(f"ade20k has 150 classes, got num_classes={num_classes}")
+        if vflip:
+            raise ValueError("ade20k: the mmsegmentation recipe has no vertical flip (vflip=False)")
+        train_tf = AdeTrainTransform(img_size=img_size, mean=mean, std=std, ratio_range=scale_range, randaug=randaug,
+                                     photometric=True if photometric is None else photometric)
+        eval_tf = AdeEvalTransform(img_size=img_size, mean=mean, std=std)
+    else:
+        train_tf = SegTransform(train=True, img_size=img_size, mean=mean, std=std, scale_range=scale_range,
+                                hflip=hflip, vflip=True if vflip is None else vflip, randaug=randaug,
+                                photometric=bool(photometric))
+        eval_tf = SegTransform(train=False, img_size=img_size, mean=mean, std=std)
 
     if name == "synthetic":
         cfg = dict(synthetic_cfg or {})
-        sizes = {s: cfg.pop(f"{s}_samples", d) for s, d in (("train", 512), ("val", 64), ("test", 64))}
-        k = num_classes or cfg.get("num_classes", 2)
+        k = num_classes or cfg.pop("num_classes", 2)
         cfg.pop("num_classes", None)
-        make = lambda s, t: SyntheticVegetation(split=s, num_samples=sizes[s], image_size=img_size,  # noqa: E731
+        per = {s: cfg.pop(f"{s}_per_class", d) for s, d in (("train", 256), ("val", 32), ("test", 32))}
+        make = lambda s, t: SyntheticVegetation(split=s, num_samples=per[s] * k, image_size=img_size,  # noqa: E731
                                                 num_classes=k, transform=t, **cfg)
         train_ds, val_ds, test_ds = make("train", train_tf), make("val", eval_tf), make("test", eval_tf)
         if train_on_val:
             train_ds = ConcatDataset([train_ds, make("val", train_tf)])
-        return train_ds, val_ds, test_ds, k, IGNORE_INDEX
+            train_ds.classes = val_ds.classes
+        return train_ds, val_ds, test_ds, k
 
     if name == "ade20k":
-        if num_classes not in (None, 150):
-            raise ValueError(f"ade20k has 150 classes, got num_classes={num_classes}")
         splits = _ade_pairs(root, download)
         k = 150
-        lut = torch.arange(256, dtype=torch.uint8) - 1  # 1..150 -> 0..149 and 0 -> 255 (uint8 wrap-around)
-        opts = dict(num_classes=k, lut=lut)
+        lut = torch.arange(256, dtype=torch.uint8) - 1  # reduce_zero_label: 1..150 -> 0..149, 0 -> 255 (wrap)
+        opts = dict(num_classes=k, lut=lut, classes=_ade_class_names(root))
     else:
         if download:
             raise ValueError("folder: --download does not apply; point --data-root at the unpacked data")
         splits = _folder_pairs(root)
         k = num_classes or 2
-        opts = dict(num_classes=k, binary_255=k == 2)
+        opts = dict(num_classes=k, binary_255=k == 2,
+                    classes=["background", "foreground"] if k == 2 else [f"class_{c}" for c in range(k)])
     train_ds = SegFiles(splits["train"], transform=train_tf, **opts)
     val_ds = SegFiles(splits["val"], transform=eval_tf, **opts)
     test_ds = SegFiles(splits["test"], transform=eval_tf, **opts) if "test" in splits else None
     if train_on_val:
         train_ds = ConcatDataset([train_ds, SegFiles(splits["val"], transform=train_tf, **opts)])
-    return train_ds, val_ds, test_ds, k, IGNORE_INDEX
+        train_ds.classes = val_ds.classes
+    return train_ds, val_ds, test_ds, k

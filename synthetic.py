@@ -371,6 +371,7 @@ class SyntheticVegetation(Dataset):
                              f"{num_classes}, {image_size}, {num_samples}")
         self.split, self.num_samples, self.image_size = split, num_samples, image_size
         self.num_classes, self.seed, self.edge_noise, self.transform = num_classes, seed, edge_noise, transform
+        self.classes = ["background", "vegetation"] + [f"material_{k}" for k in range(2, num_classes)]
         # foreground materials: class 1 = green leafy vegetation; further classes other hues/textures
         g = torch.Generator().manual_seed(99)
         self.materials = [(0.3, 0.6, 0.45, 1.0)]  # (hue, saturation, value, texture frequency factor)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torchvision.io import write_jpeg, write_png
 
 from data import CorruptImageError
-from data_seg import (_COLOUR_OPS, _GEOMETRIC_OPS, IGNORE_INDEX, SegTransform, SyntheticVegetation,
+from data_seg import (_COLOUR_OPS, _GEOMETRIC_OPS, IGNORE_INDEX, AdeTrainTransform, SegTransform, SyntheticVegetation,
                       build_seg_datasets, list_images, rand_augment_pair, read_mask, rle_decode, rle_encode,
                       save_mask_png)
 
@@ -192,8 +192,8 @@ def test_ucc_folder_layout(tmp_path):
     _ucc(tmp_path)
     (tmp_path / "img" / "test").mkdir()
     write_jpeg(blocky_pair()[0], str(tmp_path / "img" / "test" / "t0.jpg"))  # unlabelled test: prediction only
-    tr, va, te, k, ignore = build_seg_datasets("folder", tmp_path, img_size=32, mean=MEAN, std=STD)
-    assert (len(tr), len(va), te, k, ignore) == (3, 2, None, 2, 255)
+    tr, va, te, k = build_seg_datasets("folder", tmp_path, img_size=32, mean=MEAN, std=STD)
+    assert (len(tr), len(va), te, k) == (3, 2, None, 2) and tr.classes == ["background", "foreground"]
     x, m = va[0]  # 24x32 -> 24x32 on a 32x32 canvas
     assert x.shape == (3, 32, 32) and (m[24:] == IGNORE_INDEX).all()
     assert set(m.unique().tolist()) <= {0, 1, IGNORE_INDEX}
@@ -201,13 +201,13 @@ def test_ucc_folder_layout(tmp_path):
     assert [p.name for p in list_images(tmp_path / "img" / "test")] == ["t0.jpg"]
     # a labelled test split is returned; train_on_val adds val to train
     _write_pair(tmp_path / "img" / "test", tmp_path / "ann" / "test", "t0", seed=5)
-    tr, va, te, k, _ = build_seg_datasets("folder", tmp_path, img_size=32, mean=MEAN, std=STD, train_on_val=True)
+    tr, va, te, k = build_seg_datasets("folder", tmp_path, img_size=32, mean=MEAN, std=STD, train_on_val=True)
     assert (len(tr), len(va), len(te)) == (5, 2, 1)
 
 
 def test_images_masks_layout_with_0_255_masks(tmp_path):
     _ucc(tmp_path, img="images", ann="masks", val="val", scale=255)
-    tr, va, te, k, _ = build_seg_datasets("folder", tmp_path, img_size=32, mean=MEAN, std=STD)
+    tr, va, te, k = build_seg_datasets("folder", tmp_path, img_size=32, mean=MEAN, std=STD)
     assert (len(tr), len(va), k) == (3, 2, 2)
     image, mask = va.load(1)
     assert set(mask.unique().tolist()) == {0, 1}  # 255 read as foreground
@@ -268,11 +268,58 @@ def test_ade20k_layout_and_label_mapping(tmp_path):
             write_jpeg(torch.full((3, 2, 3), 128, dtype=torch.uint8), str(base / "images" / split / f"ADE_{i}.jpg"))
             write_png(raw[None], str(base / "annotations" / split / f"ADE_{i}.png"))
     for root in (tmp_path, base):
-        tr, va, te, k, ignore = build_seg_datasets("ade20k", root, img_size=3, mean=MEAN, std=STD)
-        assert (len(tr), len(va), te, k, ignore) == (2, 1, None, 150, 255)
-        x, m = va[0]  # 2x3 on a 3x3 canvas: no resize, one padded row
-        assert m.tolist() == [[255, 0, 1], [149, 255, 74], [255, 255, 255]]
-    assert tr.transform.photometric and not tr.transform.vflip  # the ADE20K recipe: photometric, no v-flip
+        tr, va, te, k = build_seg_datasets("ade20k", root, img_size=3, mean=MEAN, std=STD)
+        assert (len(tr), len(va), te, k) == (2, 1, None, 150)
+        x, m = va[0]  # scale (12, 3): f = min(12 / 3, 3 / 2) = 1.5, 2x3 -> 3x5 (int(4.5 + 0.5)); mask original
+        assert x.shape == (3, 3, 5)
+        assert m.tolist() == [[255, 0, 1], [149, 255, 74]]  # reduce_zero_label, at the ORIGINAL size
+    assert isinstance(tr.transform, AdeTrainTransform) and tr.transform.photometric  # the mmseg recipe
+    assert tr.classes == [f"class_{c}" for c in range(150)]
+    (base / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n" + "".join(
+        f"{c + 1}\t0.1\t1\t1\tname{c};synonym\n" for c in range(150)))
+    assert build_seg_datasets("ade20k", tmp_path, img_size=3, mean=MEAN, std=STD)[0].classes[:2] == ["name0", "name1"]
+
+
+def test_ade_train_transform_scale_crop_and_cat_max_ratio():
+    torch.manual_seed(0)
+    S = 8
+    # 12 x 20 image: scale (32 r, 8 r) -> f = min(int(32 r) / 20, int(8 r) / 12)
+    mask = torch.zeros(12, 20, dtype=torch.uint8)
+    mask[:, 14:] = 1  # class 1 only in the right 30%
+    image = torch.stack([mask * 200] * 3)
+    tf = AdeTrainTransform(img_size=S, mean=(0, 0, 0), std=(1, 1, 1), ratio_range=(1.0, 1.0), photometric=False)
+    seen_two = 0
+    for _ in range(40):
+        x, m = tf(image, mask)
+        assert x.shape == (3, S, S) and m.shape == (S, S)
+        # f = min(32 / 20, 8 / 12) = 2/3 -> 8 x 13: the crop is always 8 rows, no padding
+        assert (m != 255).all()
+        assert torch.equal((x[0] > 0.5).long(), m)  # image and mask cropped and flipped together
+        _, counts = m.unique(return_counts=True)
+        seen_two += len(counts) == 2 and counts.max() / counts.sum() < 0.75
+    # a crop with only class 0 is re-drawn (up to 10 times): almost every crop holds both classes
+    assert seen_two >= 36
+    # without the check, crops right of column 5 of the 13 are one class only: some of 40 draws hit them
+    tf.cat_max_ratio = 1.0
+    assert sum(len(tf(image, mask)[1].unique()) == 1 for _ in range(40)) > 0
+    # an image smaller than the crop is padded: image 0 (= mean after normalising), mask 255
+    tf = AdeTrainTransform(img_size=S, mean=(0, 0, 0), std=(1, 1, 1), ratio_range=(0.5, 0.5), photometric=False)
+    x, m = tf(image, mask)  # f = min(16 / 20, 4 / 12) = 1/3 -> 4 x 7 on an 8 x 8 crop
+    assert (m[4:] == 255).all() and (m[:, 7:] == 255).all() and (m[:4, :7] != 255).all()
+    assert (x[:, 4:] == 0).all() and (x[:, :, 7:] == 0).all()
+
+
+def test_binary_0_255_rule_is_one_rule_for_every_file(tmp_path):
+    _ucc(tmp_path)  # 0/1 masks
+    # one mask with 0, 1 and 255: 255 is foreground here too (binary masks have no ignore label)
+    mask = torch.tensor([[0, 1, 255]], dtype=torch.uint8).repeat(24, 11)[:, :32]  # 11 columns of 1, 10 of 255
+    write_png(mask[None].contiguous(), str(tmp_path / "ann" / "valid" / "valid_0.png"))
+    tr, va, *_ = build_seg_datasets("folder", tmp_path, img_size=32, mean=MEAN, std=STD)
+    _, m = va.load(0)
+    assert set(m.unique().tolist()) == {0, 1} and int((m == 1).sum()) == 24 * (11 + 10)
+    assert va.masks_with_255 == 1 and tr.masks_with_255 == 0
+    va.load(1)
+    assert va.masks_with_255 == 1  # counted once per file
 
 
 # -----------------------------------------------------------------------------
@@ -345,10 +392,11 @@ def test_synthetic_vegetation_is_learnable_per_pixel():
 
 
 def test_build_synthetic_seg_datasets_and_loader():
-    cfg = dict(train_samples=6, val_samples=3, test_samples=2)
-    tr, va, te, k, ignore = build_seg_datasets("synthetic", img_size=32, mean=MEAN, std=STD, randaug=True,
-                                               synthetic_cfg=cfg)
-    assert (len(tr), len(va), len(te), k, ignore) == (6, 3, 2, 2, 255)
+    cfg = dict(train_per_class=3, val_per_class=2, test_per_class=1)
+    tr, va, te, k = build_seg_datasets("synthetic", img_size=32, mean=MEAN, std=STD, randaug=True,
+                                       synthetic_cfg=cfg)
+    assert (len(tr), len(va), len(te), k) == (6, 4, 2, 2)  # per class x 2 classes
+    assert tr.classes == ["background", "vegetation"]
     x, m = tr[0]
     assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.int64
     xv, mv = va[1]
@@ -357,6 +405,6 @@ def test_build_synthetic_seg_datasets_and_loader():
     assert (unnormalise(xv) - raw_x).abs().max() < 1 / 255 + 1e-5  # only the uint8 quantisation
     xb, mb = next(iter(torch.utils.data.DataLoader(tr, batch_size=3, num_workers=1)))
     assert xb.shape == (3, 3, 32, 32) and mb.shape == (3, 32, 32)
-    tr, *_ , k, _ = build_seg_datasets("synthetic", img_size=32, mean=MEAN, std=STD, num_classes=3,
-                                       train_on_val=True, synthetic_cfg=cfg)
-    assert k == 3 and len(tr) == 9
+    tr, va, _, k = build_seg_datasets("synthetic", img_size=32, mean=MEAN, std=STD, num_classes=3,
+                                      train_on_val=True, synthetic_cfg=cfg)
+    assert k == 3 and len(tr) == 3 * 3 + 3 * 2 and tr.classes == va.classes and len(tr.classes) == 3

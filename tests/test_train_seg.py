@@ -1,6 +1,6 @@
-"""train_seg.py end to end on CPU: tiny SAM and tiny EfficientFormer + FPN on the synthetic set.
+"""train_seg.py and predict_seg.py end to end on CPU: tiny SAM and tiny EfficientFormer + FPN on the synthetic set.
 
-The script runs in this process (runpy, as `python train_seg.py ...` would run it) to skip interpreter and torch
+The scripts run in this process (runpy, as `python train_seg.py ...` would run it) to skip interpreter and torch
 start-up; every number checked here is recomputed independently (baselines from the masks, the top-k mean from the
 kept files, the merged export through a plain model, RLE through data_seg.rle_decode), never copied from a run.
 """
@@ -16,27 +16,27 @@ from torchvision.io import decode_image, write_jpeg, write_png
 from torchvision.transforms.v2 import functional as TF
 
 import data_seg
-import train_seg
+import seg_metrics
 from lora import load_adapters, read_safetensors
 from methods import apply_sam_method
-from models import create_model
+from models import PRESETS, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = str(ROOT / "train_seg.py")
+SCRIPT, PREDICT = str(ROOT / "train_seg.py"), str(ROOT / "predict_seg.py")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SYN = ["--data", "synthetic", "--img-size", "64", "--synthetic-train", "64", "--synthetic-val", "16", "--workers", "0"]
+SYN = ["--data", "synthetic", "--img-size", "64", "--synthetic-train", "32", "--synthetic-val", "8", "--workers", "0"]
 SAM_RUN = ["--model", "sam_tiny", "--method", "lora", *SYN, "--no-randaug", "--epochs", "4", "--batch-size", "4",
            "--lr", "1e-2", "--top-k", "3"]
 EF_RUN = ["--model", "ef_tiny", "--head", "fpn", "--method", "petah", *SYN, "--fpn-channels", "32",
           "--fpn-head-channels", "32", "--epochs", "4", "--batch-size", "4", "--lr", "1e-2"]
 
 
-def run(*argv) -> int:
-    """`python train_seg.py *argv` in this process; returns the exit status."""
+def run(*argv, script=SCRIPT) -> int:
+    """`python train_seg.py *argv` (or another script) in this process; returns the exit status."""
     old = sys.argv
-    sys.argv = ["train_seg.py", *map(str, argv)]
+    sys.argv = [Path(script).name, *map(str, argv)]
     try:
-        runpy.run_path(SCRIPT, run_name="__main__")
+        runpy.run_path(script, run_name="__main__")
         return 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -51,9 +51,9 @@ def read_log(out: Path) -> tuple[list[dict], dict]:
 
 def val_baselines() -> dict:
     """Metrics of the two constant predictors on the val masks the runs evaluate on."""
-    _, val, _, k, _ = data_seg.build_seg_datasets("synthetic", img_size=64, mean=MEAN, std=STD,
-                                                  synthetic_cfg=dict(train_samples=64, val_samples=16,
-                                                                     test_samples=16))
+    _, val, _, k = data_seg.build_seg_datasets("synthetic", img_size=64, mean=MEAN, std=STD,
+                                               synthetic_cfg=dict(train_per_class=32, val_per_class=8))
+    assert len(val) == 16
     masks = torch.stack([val[i][1] for i in range(len(val))])
     valid = masks != 255
     p = float((masks[valid] == 1).float().mean())  # foreground fraction
@@ -111,8 +111,8 @@ def test_topk_average_is_the_mean_and_is_what_gets_evaluated(sam_run, capsys):
     assert differ > len(final) // 2  # the epochs really differ, so the mean is not a copy of one of them
     # evaluating final.safetensors from scratch gives the metrics the run reported for the average
     capsys.readouterr()
-    assert run("--eval-only", "--checkpoint", sam_run / "final.safetensors", "--out", sam_run, *SYN[:2],
-               "--synthetic-train", "64", "--synthetic-val", "16", "--workers", "0") == 0
+    assert run("--checkpoint", sam_run / "final.safetensors", "--eval", "synthetic", "--synthetic-val", "8",
+               "--workers", "0", script=PREDICT) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["miou"] == pytest.approx(summary["final_miou"], abs=1e-12)
     assert rec["iou_fg"] == pytest.approx(summary["final_score"], abs=1e-12)
@@ -121,7 +121,7 @@ def test_topk_average_is_the_mean_and_is_what_gets_evaluated(sam_run, capsys):
 
 def sam_models(run_dir: Path):
     """The run's model rebuilt here: tiny SAM + LoRA with final.safetensors, and a plain SAM with merged.safetensors."""
-    cfg = train_seg.PRESETS["sam_tiny"][1]
+    cfg = PRESETS["sam_tiny"][1]
     torch.manual_seed(0)  # the script's --seed: the same random base, so the adapters' fingerprint matches
     adapted = create_model("sam_vitb", img_size=64, num_classes=1, **cfg)
     apply_sam_method(adapted, "lora", num_classes=2, r=8)
@@ -136,8 +136,8 @@ def test_merged_export_equals_unmerged_on_val(sam_run):
     _, summary = read_log(sam_run)
     assert summary["merged_pixels_differ"] == 0 and summary["merged_max_logit_diff"] < 1e-4
     adapted, plain = sam_models(sam_run)
-    _, val, _, _, _ = data_seg.build_seg_datasets("synthetic", img_size=64, mean=MEAN, std=STD,
-                                                  synthetic_cfg=dict(train_samples=64, val_samples=16))
+    _, val, _, _ = data_seg.build_seg_datasets("synthetic", img_size=64, mean=MEAN, std=STD,
+                                               synthetic_cfg=dict(train_per_class=32, val_per_class=8))
     x = torch.stack([val[i][0] for i in range(len(val))])
     with torch.no_grad():
         a, b = adapted.segment(x), plain.segment(x)
@@ -155,8 +155,8 @@ def test_predict_writes_masks_and_rle_that_round_trips(sam_run, tmp_path):
         img = TF.resize(img, [h, w], antialias=True)
         (write_png if name == "square" else write_jpeg)(img, str(images / f"{name}.{'png' if name == 'square' else 'jpg'}"))
     out, rle_file = tmp_path / "pred", tmp_path / "sub.json"
-    assert run("--predict", images, "--checkpoint", sam_run / "final.safetensors", "--predict-out", out,
-               "--rle-json", rle_file, "--workers", "0") == 0
+    assert run("--images", images, "--checkpoint", sam_run / "final.safetensors", "--out", out,
+               "--rle-json", rle_file, script=PREDICT) == 0
     rle = json.loads(rle_file.read_text())
     assert sorted(rle) == sorted(sizes)
     for name, (h, w) in sizes.items():
@@ -173,14 +173,15 @@ def test_predict_writes_masks_and_rle_that_round_trips(sam_run, tmp_path):
     assert (got != want).sum() <= 2 and got.float().mean() > 0.05  # (ties at logit 0 aside)
 
 
-def test_resume_continues_exactly(ef_run, tmp_path):
+def test_resume_continues_exactly(ef_run, tmp_path, capsys):
     out = tmp_path / "resumed"
     assert run(*EF_RUN, "--out", out, "--stop-after-epoch", "2") == 0
     assert json.loads((out / "ckpt" / "last.json").read_text())["epoch"] == 2
     assert not (out / "final.safetensors").exists()
     # other settings than the checkpoint's are refused, naming the setting
-    with pytest.raises(ValueError, match="lr"):
-        run(*EF_RUN[:-2], "--lr", "0.5", "--out", out, "--resume")
+    capsys.readouterr()
+    assert run(*EF_RUN[:-2], "--lr", "0.5", "--out", out, "--resume") == 2
+    assert "--lr 0.01 -> 0.5" in capsys.readouterr().err
     assert run(*EF_RUN, "--out", out, "--resume") == 0
     a = read_safetensors(ef_run / "ckpt" / "epoch_0004.safetensors")[0]
     b = read_safetensors(out / "ckpt" / "epoch_0004.safetensors")[0]
@@ -193,7 +194,7 @@ def test_resume_continues_exactly(ef_run, tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(one_thread, tmp_path, capsys):
     out = tmp_path / "nan"
-    args = ["--model", "ef_tiny", "--method", "lora", *SYN[:4], "--synthetic-train", "8", "--synthetic-val", "4",
+    args = ["--model", "ef_tiny", "--method", "lora", *SYN[:4], "--synthetic-train", "4", "--synthetic-val", "2",
             "--workers", "0", "--fpn-channels", "16", "--fpn-head-channels", "16", "--epochs", "3",
             "--batch-size", "4", "--out", out]
     assert run(*args, "--inject-nan-step", "3") == 1  # step 3 = the second step of epoch 2
@@ -212,18 +213,17 @@ def test_count_only_sam_vitb_lora(one_thread, capsys):
     # 256->128, out 128->256), MLP 256->2048->256; plus the final token-to-image attention
     dec = 2 * (4 * r * 512 + 2 * 4 * r * 384 + 2 * r * (256 + 2048)) + 4 * r * 384
     assert enc + dec == 1_347_584
-    n_lora_layers = 12 * 4 + 2 * (12 + 2) + 4
-    assert c["adapters_only"] == enc + dec + n_lora_layers  # + one interpolation scalar a per LoRA layer
+    n_lora_layers = 12 * 4 + 2 * (12 + 2) + 4  # + one interpolation scalar a per LoRA layer
     # norms and biases: encoder blocks (2 LayerNorms 2*768 each; biases 2304 + 768 + 3072 + 768), patch embedding
     # bias, neck LayerNorm2d x2; decoder layers (biases 4*256 + 2*(3*128 + 256) + 2048 + 256, 4 LayerNorms),
     # final attention biases + its norm; output upscaling (two ConvTranspose biases 64 + 32, one LayerNorm2d 64)
     norms_biases = (12 * (4 * 768 + 2304 + 768 + 3072 + 768) + 768 + 2 * 512
                     + 2 * (4 * 256 + 2 * (3 * 128 + 256) + 2048 + 256 + 4 * 512) + (3 * 128 + 256) + 512
                     + (64 + 32) + 128)
-    assert c["adapter_params"] == c["adapters_only"] + norms_biases
+    assert c["adapter_params"] == enc + dec + n_lora_layers + norms_biases
     # head: the 4 mask tokens + the hypernetwork MLP of token 0 (256->256->256->32)
     assert c["head_params"] == 4 * 256 + (256 * 256 + 256) * 2 + 256 * 32 + 32
-    assert c["total_params"] == 93_735_472 + c["adapters_only"]  # Meta's SAM ViT-B + the adapters
+    assert c["total_params"] == 93_735_472 + enc + dec + n_lora_layers  # Meta's SAM ViT-B + the adapters
 
 
 def test_count_only_sam_vitb_ia3(one_thread, capsys):
@@ -231,7 +231,9 @@ def test_count_only_sam_vitb_ia3(one_thread, capsys):
     c = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # encoder: k and v rows of qkv (2 * 768) + lin2 input (3072) per block; decoder layers: self-attn k, v (256 each),
     # two cross-attns' k, v (128 each), lin2 input (2048); final attention k, v (128 each)
-    assert c["adapters_only"] == 12 * (2 * 768 + 3072) + 2 * (2 * 256 + 2 * 2 * 128 + 2048) + 2 * 128 == 61_696
+    # the scales are the only parameters added to Meta's SAM ViT-B (93,735,472)
+    assert c["total_params"] - 93_735_472 == 12 * (2 * 768 + 3072) + 2 * (2 * 256 + 2 * 2 * 128 + 2048) + 2 * 128 \
+        == 61_696
 
 
 def test_count_only_efl1_petah_matches_reference(one_thread, capsys):
@@ -262,17 +264,18 @@ def test_folder_data_and_bad_input_errors(one_thread, tmp_path, capsys):
     _, summary = read_log(tmp_path / "ok")
     assert 0.0 <= summary["final_iou_fg"] <= 1.0
 
-    def fails(*argv, match):
+    def fails(*argv, match, script=SCRIPT):
         capsys.readouterr()
-        assert run(*argv) == 2
+        assert run(*argv, script=script) == 2
         assert match in capsys.readouterr().err
 
     fails("--model", "sam_tiny", "--method", "petah", "--count-only", match="not a method for sam_tiny")
     fails("--model", "sam_tiny", "--head", "fpn", "--count-only", match="--head is for EfficientFormer")
     fails("--model", "ef_tiny", "--img-size", "50", "--count-only", match="multiple of 32")
     fails("--model", "ef_tiny", "--weights", tmp_path / "nope.pth", "--count-only", match="does not exist")
-    fails("--rle-json", tmp_path / "x.json", match="--rle-json needs --predict")
-    fails("--predict", folder, "--checkpoint", tmp_path / "none.safetensors", match="does not exist")
+    fails("--checkpoint", tmp_path / "x", "--eval", "synthetic", "--rle-json", tmp_path / "x.json",
+          match="--rle-json needs --images", script=PREDICT)
+    fails("--images", folder, "--checkpoint", tmp_path / "none.safetensors", match="does not exist", script=PREDICT)
     fails(*tiny, "--data", "folder", "--data-root", tmp_path / "missing", match="img/")
     fails(*tiny, "--data", "synthetic", "--num-classes", "1", match="count the background")
     # an image without its mask: the error names both files
@@ -303,7 +306,7 @@ def test_sliding_window_stitches_exactly(size):
     torch.manual_seed(0)
     model, x = PixelModel(), torch.randn(2, 3, *size)
     with torch.no_grad():
-        got = train_seg.predict_logits(model, x, mode="slide", out_size=size, stride=20)
+        got = seg_metrics.predict_logits(model, x, mode="slide", out_size=size, stride=20)
         want = model.conv(x)  # a per-pixel model gives the same logits on the whole image
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -312,7 +315,7 @@ def test_whole_image_mode_resizes_to_the_model_input_and_back():
     torch.manual_seed(0)
     model, x = PixelModel(), torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        got = train_seg.predict_logits(model, x, mode="whole", out_size=(64, 64))
+        got = seg_metrics.predict_logits(model, x, mode="whole", out_size=(64, 64))
         small = model.conv(torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False))
         want = torch.nn.functional.interpolate(small, size=(64, 64), mode="bilinear", align_corners=False)
     torch.testing.assert_close(got, want)
@@ -321,31 +324,31 @@ def test_whole_image_mode_resizes_to_the_model_input_and_back():
 def test_metrics_and_losses_on_hand_made_masks():
     truth = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 255]])
     pred = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
-    cm = train_seg.confusion_matrix(pred, truth, 2)
+    cm = seg_metrics.confusion_matrix(pred, truth, 2)
     # class 0: TP 2 (truth 0 at 3 pixels, one predicted 1), FP 1 -> IoU 2/4; class 1: TP 3, FP 1, FN 1 -> 3/5
     assert cm.tolist() == [[2, 1], [1, 3]]
-    m = train_seg.metrics(cm)
+    m = seg_metrics.metrics(cm)
     assert m["iou_fg"] == pytest.approx(3 / 5) and m["miou"] == pytest.approx((2 / 4 + 3 / 5) / 2)
     assert m["pixel_acc"] == pytest.approx(5 / 7)  # the ignored pixel counts nowhere
     with pytest.raises(ValueError, match="label 2"):
-        train_seg.confusion_matrix(pred, torch.full_like(truth, 2), 2)
+        seg_metrics.confusion_matrix(pred, torch.full_like(truth, 2), 2)
     # losses: a confident correct prediction costs ~0, the ignored pixel never counts
     logit = (truth == 1).float() * 40 - 20  # (2, 4)
     logit[1, 3] = 1e4  # wildly wrong on the ignored pixel (truth 255, read as background): must not count
-    bce = train_seg.seg_loss(logit[None, None], truth[None], "bce_dice")
+    bce = seg_metrics.seg_loss(logit[None, None], truth[None], "bce_dice")
     assert bce < 1e-3
     two = torch.stack([-logit, logit])[None]  # (1, 2, H, W)
-    assert train_seg.seg_loss(two, truth[None], "ce_dice") < 1e-3
-    assert train_seg.seg_loss(two, truth[None], "ce") < 1e-6
-    assert train_seg.seg_loss(-two, truth[None], "ce_dice") > 1.5
+    assert seg_metrics.seg_loss(two, truth[None], "ce_dice") < 1e-3
+    assert seg_metrics.seg_loss(two, truth[None], "ce") < 1e-6
+    assert seg_metrics.seg_loss(-two, truth[None], "ce_dice") > 1.5
 
 
 def test_pretrained_weights_are_loaded_resized_and_stay_frozen(one_thread, tmp_path):
     from models.sam import resize_sam_state_dict
-    tiny = ["--data", "synthetic", "--synthetic-train", "4", "--synthetic-val", "2", "--workers", "0", "--epochs", "1",
+    tiny = ["--data", "synthetic", "--synthetic-train", "2", "--synthetic-val", "1", "--workers", "0", "--epochs", "1",
             "--batch-size", "2", "--lr", "1e-3"]
     # SAM "pretrained" at 64 px, fine-tuned at 32 px: pos_embed / rel-pos tables resized, frozen weights kept
-    cfg = train_seg.PRESETS["sam_tiny"][1]
+    cfg = PRESETS["sam_tiny"][1]
     torch.manual_seed(1)
     sam = create_model("sam_vitb", img_size=64, num_classes=1, **cfg)
     torch.save(sam.state_dict(), tmp_path / "sam.pth")
@@ -359,7 +362,7 @@ def test_pretrained_weights_are_loaded_resized_and_stay_frozen(one_thread, tmp_p
         assert torch.equal(merged[k], want[k]), k  # frozen under lora: exactly the (resized) checkpoint
     assert not torch.equal(merged["image_encoder.blocks.0.attn.qkv.weight"], want["image_encoder.blocks.0.attn.qkv.weight"])
     # EfficientFormer with a classifier head, made at 224: the head is skipped, the attention biases resized
-    cfg = train_seg.PRESETS["ef_tiny"][1]
+    cfg = PRESETS["ef_tiny"][1]
     ef = create_model("efl1", num_classes=10, img_size=224, **cfg)
     torch.save(ef.state_dict(), tmp_path / "ef.pth")
     assert run("--model", "ef_tiny", "--method", "lora", "--weights", tmp_path / "ef.pth", "--img-size", "64",

@@ -1,0 +1,191 @@
+r"""
+Use a segmentation model fine-tuned by train_seg.py: masks for a folder of images, or the evaluation of a
+checkpoint on a dataset's validation split. The model is rebuilt from the settings stored in the checkpoint's
+metadata (any adapter file of train_seg.py: final.safetensors, topk/ or ckpt/ files) on the same base: pass the
+--weights the run used (without it, the random base of a smoke-test run with the same --seed).
+
+Masks (single-channel PNGs of class ids at each image's own size) and the competition's run-length JSON:
+    python predict_seg.py --checkpoint runs/petras/final.safetensors --weights sam_vit_b_01ec64.pth \
+        --images ~/data/ucc/img/test --out runs/petras/pred --rle-json runs/petras/submission.json
+Evaluation (one JSON line: miou, pixel_acc, iou_fg for binary tasks), with the protocol of the dataset
+(data_seg.py: ADE20K as mmsegmentation scores it, at the original image size):
+    python predict_seg.py --checkpoint runs/ade_petah2/final.safetensors --weights efficientformer_l7.pth \
+        --eval ade20k --data-root ~/data
+On 8 GPUs: torchrun --nproc_per_node 8 predict_seg.py -- <same flags> (every process takes every 8th image).
+"""
+
+import argparse
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import data_seg
+from data import read_image
+from lora import load_adapters, read_safetensors
+from methods import apply_method, apply_sam_method
+from models import PRESETS, create_model, ef_semantic_fpn, load_pretrained
+from seg_metrics import evaluate, metrics, predict_logits, to_classes
+from train_utils import atomic_write_text, cleanup_distributed, setup_distributed
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--checkpoint", required=True, metavar="FILE",
+                    help="adapter file written by train_seg.py (final.safetensors, or a topk/ or ckpt/ file)")
+parser.add_argument("--weights", default=None, metavar="PATH",
+                    help="the pretrained checkpoint the run started from (its --weights); without it the base is "
+                         "random with the run's --seed (smoke-test runs)")
+parser.add_argument("--images", default=None, metavar="DIR", help="write a mask PNG per image of DIR into --out")
+parser.add_argument("--out", default="pred", metavar="DIR", help="--images: output folder; default ./pred")
+parser.add_argument("--rle-json", default=None, metavar="FILE",
+                    help="--images: also write {image name: run-length encoding of class 1} (1-based start/length "
+                         "pairs, column-major; binary tasks)")
+parser.add_argument("--eval", default=None, choices=data_seg.SEG_DATASETS, metavar="DATA",
+                    help=f"evaluate on the validation split of this dataset ({', '.join(data_seg.SEG_DATASETS)})")
+parser.add_argument("--data-root", default="data", help="--eval: directory holding the dataset; default ./data")
+parser.add_argument("--synthetic-val", type=int, default=8,
+                    help="--eval synthetic: validation images per class, as train_seg.py's flag; default 8")
+parser.add_argument("--eval-mode", default="whole", choices=("whole", "slide"),
+                    help="whole (default): the model on the whole image (SAM: resized to its input); slide: "
+                         "windows of the model's input every --eval-stride pixels")
+parser.add_argument("--eval-size", type=int, default=None,
+                    help="folder / synthetic: the square canvas; ade20k: the scale (4 x, 1 x) the image must fit; "
+                         "default the model's --img-size")
+parser.add_argument("--eval-stride", type=int, default=None, help="--eval-mode slide: window stride; default 2/3 S")
+parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass and process; default 1")
+parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes; default 2")
+parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+args = parser.parse_args()
+
+dist = setup_distributed(args.device)
+
+
+def log(*a):
+    if dist.master:
+        print(*a, flush=True)
+
+
+if (args.images is None) == (args.eval is None):
+    parser.error("give --images DIR (write masks) or --eval DATA (score the validation split), one of the two")
+if args.rle_json and not args.images:
+    parser.error("--rle-json needs --images DIR (the images to encode)")
+for name in ("batch_size", "synthetic_val", "eval_size", "eval_stride"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
+        parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+if not os.path.isfile(args.checkpoint):
+    parser.error(f"--checkpoint {args.checkpoint} does not exist; pass the final.safetensors (or a topk/ or ckpt/ "
+                 f"file) of a finished train_seg.py run")
+if args.weights and not os.path.isfile(args.weights):
+    parser.error(f"--weights {args.weights} does not exist")
+try:
+    stored = json.loads(json.loads(read_safetensors(args.checkpoint)[1].get("user", "{}")).get("model_args", "{}"))
+except Exception as e:  # not a safetensors file, or metadata of another program
+    parser.error(f"--checkpoint {args.checkpoint}: cannot read its metadata ({type(e).__name__}: {e}); pass an "
+                 f"adapter file written by train_seg.py (final.safetensors, topk/ or ckpt/ files)")
+if not stored:
+    parser.error(f"--checkpoint {args.checkpoint} has no model settings in its metadata; was it written by "
+                 f"train_seg.py?")
+user = json.loads(read_safetensors(args.checkpoint)[1]["user"])  # the run's seed, dataset and evaluation size
+cfg = argparse.Namespace(**stored)
+log(f"model settings from {args.checkpoint}: {stored}")
+
+# -----------------------------------------------------------------------------
+# the model of the run: base (pretrained or the seeded random one), the method's adapters, the run's adapters
+
+builder, preset_cfg = PRESETS.get(cfg.model, (cfg.model, {}))
+model_cfg = {**preset_cfg, **json.loads(cfg.model_cfg)}
+torch.manual_seed(user.get("seed", 0))  # as train_seg.py: the same random base when the run had no --weights
+if builder == "sam_vitb":
+    model = create_model(builder, img_size=cfg.img_size, num_classes=1 if cfg.num_classes <= 2 else cfg.num_classes,
+                         **model_cfg)
+    if args.weights:
+        load_pretrained(model, args.weights, strict=True, verbose=dist.master)
+    apply_sam_method(model, cfg.method, num_classes=cfg.num_classes, r=cfg.r, alpha=cfg.alpha,
+                     learn_interp=cfg.learn_interp, train_biases=cfg.train_biases, train_norms=cfg.train_norms)
+else:
+    model = create_model(builder, num_classes=0, img_size=cfg.img_size, **model_cfg)
+    if args.weights:
+        load_pretrained(model, args.weights, strict=True, verbose=dist.master)
+    model.norm = nn.Identity()
+    apply_method(model, cfg.model, cfg.method, r=cfg.r, rc=cfg.rc, alpha=cfg.alpha, train_biases=cfg.train_biases,
+                 train_norms=cfg.train_norms, learn_interp=cfg.learn_interp, head_names=())
+    model = ef_semantic_fpn(model, num_classes=cfg.num_classes, channels=cfg.fpn_channels,
+                            head_channels=cfg.fpn_head_channels)
+try:
+    load_adapters(model, args.checkpoint)
+except ValueError as e:  # another base than the run's (lora.load_adapters checks a fingerprint of it)
+    parser.error(f"--checkpoint {args.checkpoint} does not fit this base model: {e}. Pass the --weights the run "
+                 f"used.")
+model.to(dist.device).eval()
+autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext()
+mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # train_seg.py's normalisation (both recipes)
+eval_size = args.eval_size or user.get("eval_size") or cfg.img_size
+
+# -----------------------------------------------------------------------------
+# --eval: the validation split, scored with the dataset's protocol
+
+if args.eval:
+    try:
+        _, val_ds, _, num_classes = data_seg.build_seg_datasets(
+            args.eval, args.data_root, img_size=eval_size, mean=mean, std=std, num_classes=cfg.num_classes,
+            synthetic_cfg=dict(val_per_class=args.synthetic_val))
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    loader = DataLoader(Subset(val_ds, range(dist.rank, len(val_ds), dist.world_size)), batch_size=args.batch_size,
+                        collate_fn=list, num_workers=args.workers)
+    cm, _, _ = evaluate(model, loader, num_classes=num_classes, dist=dist, mode=args.eval_mode,
+                        stride=args.eval_stride, amp=autocast)
+    if dist.master:
+        print(json.dumps(dict(checkpoint=args.checkpoint, data=args.eval, images=len(val_ds), **metrics(cm))),
+              flush=True)
+    cleanup_distributed(dist)
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# --images: a mask PNG per image at the image's own size (and the run-length JSON). The image goes through the
+# evaluation transform of the run's protocol with a dummy mask: folder / synthetic runs see the square canvas
+# (longer side resized to --eval-size, padded), ADE20K runs the image resized keeping its ratio.
+
+try:
+    files = data_seg.list_images(args.images)
+except (FileNotFoundError, ValueError) as e:
+    parser.error(f"--images: {e}")
+ade = data_seg.AdeEvalTransform(img_size=eval_size, mean=mean, std=std) if user.get("data") == "ade20k" else None
+canvas = data_seg.SegTransform(train=False, img_size=eval_size, mean=mean, std=std)
+out_dir = Path(args.out)
+out_dir.mkdir(parents=True, exist_ok=True)
+rle = {}
+with torch.no_grad():
+    for path in tqdm(files[dist.rank::dist.world_size], desc="predict", disable=not dist.master):
+        img = read_image(path)  # (3, H, W) uint8
+        H, W = img.shape[-2:]
+        if ade is not None:
+            x, _ = ade(img, torch.zeros(H, W, dtype=torch.uint8))  # (3, h, w)
+            logits = predict_logits(model, x[None].to(dist.device), mode=args.eval_mode, out_size=(H, W),
+                                    stride=args.eval_stride, amp=autocast)  # (1, K, H, W)
+        else:
+            x, where = canvas(img, torch.zeros(H, W, dtype=torch.uint8))  # (3, C, C), (C, C): ignore = padding
+            h, w = int((where != data_seg.IGNORE_INDEX).any(1).sum()), int((where != data_seg.IGNORE_INDEX).any(0).sum())
+            logits = predict_logits(model, x[None].to(dist.device), mode=args.eval_mode, out_size=x.shape[-2:],
+                                    stride=args.eval_stride, amp=autocast)[..., :h, :w]  # the image's part
+            logits = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+        mask = to_classes(logits)[0].cpu()  # (H, W) class ids
+        data_seg.save_mask_png(mask, out_dir / (path.stem + ".png"))
+        if args.rle_json:
+            rle[path.stem] = data_seg.rle_encode(mask == 1)
+if args.rle_json:
+    parts = [rle]
+    if dist.ddp:
+        parts = [None] * dist.world_size
+        torch_dist.all_gather_object(parts, rle)
+    if dist.master:
+        atomic_write_text(json.dumps({k: v for p in parts for k, v in sorted(p.items())}), args.rle_json)
+log(f"wrote {len(files)} masks to {out_dir}" + (f" and run-length encodings to {args.rle_json}" if args.rle_json
+                                                else ""))
+cleanup_distributed(dist)
