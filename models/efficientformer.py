@@ -13,7 +13,8 @@ renaming; the original snap-research files go through `snap_to_timm`.
 
 Meta4D (a PoolFormer block on maps):  x = x + ls1 * (avgpool3x3(x) - x);  x = x + ls2 * BN(fc2(GELU(BN(fc1(x)))))
 Meta3D (a transformer block on tokens): x = x + ls1 * attn(LN(x));          x = x + ls2 * mlp(LN(x))
-The attention adds a learned bias per head and per relative offset (|dy|, |dx|) on the H/32 x W/32 grid.
+The attention adds a learned bias per head and per relative offset (|dy|, |dx|) on the H/32 x W/32 grid; the table
+is stored for the trained grid and resampled (bicubic) for inputs of any other size that is a multiple of 32.
 """
 import math
 
@@ -61,7 +62,15 @@ class Attention(nn.Module):
         key_dim: channels of q and k per head.
         num_heads: number of heads.
         attn_ratio: value channels per head = attn_ratio * key_dim.
-        resolution: (Rh, Rw) token grid the biases are defined on (H/32, W/32).
+        resolution: (Rh, Rw) token grid the biases are defined on (H/32, W/32 of the trained input size).
+
+    Other token grids: `forward(x, grid=(gh, gw))` with N = gh * gw tokens resamples the (heads, Rh * Rw) table
+    to (heads, gh * gw) (bicubic, `resize_attention_biases`, the resampling `load_pretrained` applies when a
+    model is built for another size) and indexes it with that grid's |dy| * gw + |dx| table. The index tables
+    are cached per (grid, device) in `_idxs_cache` (plain integers of the geometry, never stale); the resampled
+    biases are recomputed on every call (heads * gh * gw outputs of a 4x4-tap filter: nothing next to the
+    attention itself), so they always follow the trained `attention_biases` and gradients reach them. At the
+    trained grid the persistent `attention_bias_idxs` buffer and the table itself are used, unchanged.
 
     `use_sdpa` (attribute): None = F.scaled_dot_product_attention on CUDA, the explicit softmax on CPU (faster
     there); True / False force one path (both give the same numbers).
@@ -81,13 +90,33 @@ class Attention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution[0] * resolution[1]))
         # persistent: timm's and snap's checkpoints store it, so strict loading needs the key
         self.register_buffer("attention_bias_idxs", attention_bias_idxs(self.resolution), persistent=True)
+        self._idxs_cache: dict[tuple, torch.Tensor] = {}  # (gh, gw, device) -> (N, N) indices of another grid
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def bias_for_grid(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table, idxs) for a (gh, gw) token grid: the trained table and buffer at `resolution`, else the table
+        resampled to the grid, (heads, gh * gw), and that grid's (N, N) indices (cached)."""
+        grid = (int(grid[0]), int(grid[1]))
+        if grid == self.resolution:
+            return self.attention_biases, self.attention_bias_idxs
+        table = resize_attention_biases(self.attention_biases, self.resolution, grid)  # (heads, gh * gw)
+        key = (*grid, self.attention_bias_idxs.device)
+        if key not in self._idxs_cache:
+            self._idxs_cache[key] = attention_bias_idxs(grid).to(self.attention_bias_idxs.device)
+        return table, self._idxs_cache[key]
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B, N, C) tokens of a grid in row-major order; `grid` = (gh, gw), gh * gw = N (default: the trained
+        `resolution`)."""
         B, N, C = x.shape
+        grid = self.resolution if grid is None else tuple(grid)
+        if grid[0] * grid[1] != N:
+            raise ValueError(f"Attention got {N} tokens for a {grid[0]}x{grid[1]} grid; pass grid=(H/32, W/32) of "
+                             f"the input (the trained grid is {self.resolution[0]}x{self.resolution[1]})")
+        table, idxs = self.bias_for_grid(grid)
         qkv = self.qkv(x).view(B, N, self.num_heads, -1).transpose(1, 2)  # (B, nh, N, 2 * kd + vd)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=-1)  # (B, nh, N, kd/kd/vd)
-        # bias[h, i, j] = attention_biases[h, idxs[i, j]]; index_select is ~30x faster than bias[:, idxs] on CPU
-        bias = self.attention_biases.index_select(1, self.attention_bias_idxs.view(-1)).view(-1, N, N)  # (nh, N, N)
+        # bias[h, i, j] = table[h, idxs[i, j]]; index_select is ~30x faster than table[:, idxs] on CPU
+        bias = table.index_select(1, idxs.view(-1)).view(-1, N, N)  # (nh, N, N)
         use_sdpa = x.is_cuda if self.use_sdpa is None else self.use_sdpa
         if use_sdpa:  # fused kernel, the bias passed as an additive float mask
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, N, vd)
@@ -187,8 +216,9 @@ class Meta3D(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale_init)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.token_mixer(self.norm1(x))))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """x (B, N, C); grid (gh, gw) of the tokens, passed to the attention (None: the trained grid)."""
+        x = x + self.drop_path1(self.ls1(self.token_mixer(self.norm1(x), grid)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -266,7 +296,17 @@ class Stage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.downsample(x))
+        x = self.downsample(x)
+        grid = None
+        for block in self.blocks:
+            if isinstance(block, Flat):
+                grid = tuple(x.shape[-2:])  # (H/32, W/32): the token grid the Meta3D blocks attend over
+                x = block(x)  # (B, C, H, W) -> (B, H * W, C)
+            elif isinstance(block, Meta3D):
+                x = block(x, grid)
+            else:
+                x = block(x)
+        return x
 
 
 class EfficientFormer(nn.Module):
@@ -277,8 +317,10 @@ class EfficientFormer(nn.Module):
         embed_dims: channels per stage, e.g. (48, 96, 224, 448) for L1.
         num_vit: number of Meta3D (attention) blocks at the end of the last stage.
         num_classes: classes of `head` and `head_dist`; 0 gives no heads (forward returns pooled features).
-        img_size: input size (int or (H, W)), a multiple of 32; the attention biases live on the
-            (H/32, W/32) grid, so a model takes exactly this size.
+        img_size: the trained input size (int or (H, W)), multiples of 32: the attention biases are stored for
+            the (H/32, W/32) grid. The model takes any input whose sides are multiples of 32 (batch shape
+            (B, 3, H', W'), non-square included); at another grid the bias tables are resampled to it on the fly
+            (`Attention.bias_for_grid`), at img_size the stored tables are used as they are.
         mlp_ratios: hidden / input channels of every MLP.
         pool_size: pooling window of the Meta4D token mixer.
         layer_scale_init: initial layer-scale value.
@@ -345,27 +387,36 @@ class EfficientFormer(nn.Module):
                 layer = nn.Identity()
             setattr(self, name, layer)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, self.img_size, "EfficientFormer",
-                          f"build the model with img_size=({x.shape[-2]}, {x.shape[-1]}) if both are multiples "
-                          f"of {self.stride} (load_pretrained then resizes the attention biases)")
+    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
+        """Check a (B, 3, H, W) batch whose sides are positive multiples of the stride; return its token grid."""
+        size = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.ndim == 4 else self.img_size
+        check_image_input(x, size, "EfficientFormer", "")  # type, 4-d, 3 channels
+        H, W = size
+        if H % self.stride or W % self.stride or H == 0 or W == 0:
+            up = [-(-n // self.stride) * self.stride or self.stride for n in (H, W)]  # next multiples
+            raise ValueError(f"EfficientFormer takes inputs whose sides are multiples of {self.stride} (the token "
+                             f"grid is H/{self.stride} x W/{self.stride}), got {H}x{W}; resize or pad the input, "
+                             f"e.g. pad to {up[0]}x{up[1]}")
+        return H // self.stride, W // self.stride
 
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The four stage outputs as maps (B, C_i, H/4, W/4) ... (B, C_3, H/32, W/32); no final norm."""
-        self._check_input(x)
+        """The four stage outputs as maps (B, C_i, H/4, W/4) ... (B, C_3, H/32, W/32); no final norm.
+        Any H, W that are multiples of 32."""
+        grid = self._check_input(x)  # (H/32, W/32)
         x = self.stem(x)  # (B, C0, H/4, W/4)
         outs = []
         for stage in self.stages:
             x = stage(x)
             if x.ndim == 3:  # tokens of the last stage -> map
                 B, N, C = x.shape
-                outs.append(x.transpose(1, 2).reshape(B, C, *self.grid_size))  # (B, N, C) -> (B, C, H/32, W/32)
+                outs.append(x.transpose(1, 2).reshape(B, C, *grid))  # (B, N, C) -> (B, C, H/32, W/32)
             else:
                 outs.append(x)
         return outs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, N, C) tokens of the last stage after the final norm, N = H/32 * W/32."""
+        """(B, 3, H, W) -> (B, N, C) tokens of the last stage after the final norm, N = H/32 * W/32; any H, W that
+        are multiples of 32."""
         self._check_input(x)
         x = self.stages(self.stem(x))
         if x.ndim == 4:  # num_vit == 0: the last stage never flattened

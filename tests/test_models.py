@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa:
 from timm.models.vision_transformer import checkpoint_filter_fn as timm_vit_filter  # noqa: E402
 
 from models import create_model, load_pretrained  # noqa: E402
-from models.efficientformer import EfficientFormer, snap_to_timm, timm_to_snap  # noqa: E402
+from models.efficientformer import EfficientFormer, resize_attention_biases, snap_to_timm, timm_to_snap  # noqa: E402
 from models.vit import VisionTransformer, deit3_fb_to_timm, timm_to_deit3_fb  # noqa: E402
 
 TOL = 1e-4
@@ -229,6 +229,77 @@ def test_efficientformer_l1_at_512_pyramid():
     assert [tuple(f.shape) for f in feats] == [(1, 48, 128, 128), (1, 96, 64, 64), (1, 224, 32, 32), (1, 448, 16, 16)]
 
 
+def _ef_pair(size: tuple[int, int]):
+    """A perturbed tiny model trained at 64x64 (2x2 token grid) and one built for `size` whose biases came
+    through load_pretrained's resize of the first one's checkpoint."""
+    base = perturb_(EfficientFormer(**TINY_EF, num_vit=2, num_classes=10, img_size=64))
+    other = EfficientFormer(**TINY_EF, num_vit=2, num_classes=10, img_size=size).eval()
+    info = load_pretrained(other, base.state_dict(), verbose=False)
+    assert "stages.3.blocks.2.token_mixer.attention_biases" in info["resized"]
+    return base, other
+
+
+def test_efficientformer_trained_grid_uses_the_stored_table():
+    """At the trained grid the attention indexes the stored parameter with the persistent buffer, unchanged
+    (no resampling, so the timm-parity numbers are untouched); other grids never touch the buffer."""
+    base, _ = _ef_pair((64, 96))
+    attn = base.stages[3].blocks[2].token_mixer
+    table, idxs = attn.bias_for_grid((2, 2))
+    assert table is attn.attention_biases and idxs is attn.attention_bias_idxs
+    assert attn._idxs_cache == {}
+    table, idxs = attn.bias_for_grid((2, 3))
+    assert table.shape == (8, 6) and idxs.shape == (6, 6)
+    # |dy| * 3 + |dx| for tokens (0, 0) and (1, 2) of a 2x3 grid, row-major: token 5 is (1, 2)
+    assert idxs[0, 5].item() == 1 * 3 + 2 and idxs[5, 0].item() == 5 and idxs[4, 2].item() == 1 * 3 + 1
+    assert attn.bias_for_grid((2, 3))[1] is idxs  # cached per grid
+    assert attn.attention_bias_idxs.shape == (4, 4)
+    assert sorted(base.state_dict()) == sorted(EfficientFormer(**TINY_EF, num_vit=2, num_classes=10,
+                                                               img_size=64).state_dict())
+
+
+@pytest.mark.parametrize("size", [(256, 320), (96, 64)])
+def test_efficientformer_any_multiple_of_32_equals_a_model_built_for_it(size):
+    """A model trained at 64 run at a non-square size gives bit-for-bit what a model built for that size (biases
+    resized by load_pretrained) gives: the same resampling, the same indices, the same ops, in every output."""
+    base, other = _ef_pair(size)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(base(x), other(x))
+        assert torch.equal(base.forward_features(x), other.forward_features(x))
+        for a, b in zip(base.forward_pyramid(x), other.forward_pyramid(x)):
+            assert torch.equal(a, b)
+        assert base.forward_pyramid(x)[-1].shape[-2:] == (size[0] // 32, size[1] // 32)
+        # the cache holds indices only: a change of the table shows at the next call (no stale biases)
+        attn = base.stages[3].blocks[2].token_mixer
+        attn.attention_biases.add_(1.0)
+        other.stages[3].blocks[2].token_mixer.attention_biases.copy_(
+            resize_attention_biases(attn.attention_biases, (2, 2), (size[0] // 32, size[1] // 32)))
+        assert torch.equal(base(x), other(x))
+        other.stages[3].blocks[2].token_mixer.attention_biases.sub_(1.0)
+        assert not torch.equal(base(x), other(x))
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_efficientformer_bias_gradient_at_another_grid(use_sdpa):
+    """Training at another grid: the loss reaches the trained table through the resampling. Its gradient equals
+    the chain rule written out: the gradient w.r.t. the resampled table (from the model built for that grid),
+    pulled back through resize_attention_biases' Jacobian (vector-Jacobian product of the same op)."""
+    size = (96, 64)
+    base, other = _ef_pair(size)
+    for m in list(base.modules()) + list(other.modules()):
+        if hasattr(m, "use_sdpa"):
+            m.use_sdpa = use_sdpa
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(6))
+    base(x).square().mean().backward()
+    other(x).square().mean().backward()
+    for j in (2, 3):  # both Meta3D blocks (blocks.1 is Flat)
+        a = base.stages[3].blocks[j].token_mixer.attention_biases
+        g_other = other.stages[3].blocks[j].token_mixer.attention_biases.grad  # (heads, 3 * 2)
+        assert a.grad is not None and a.grad.abs().sum() > 0
+        (expected,) = torch.autograd.grad(resize_attention_biases(a, (2, 2), (3, 2)), a, g_other)
+        assert torch.equal(a.grad, expected)
+
+
 def test_efficientformer_train_grads_and_drop_path():
     model = EfficientFormer(**TINY_EF, num_vit=2, num_classes=5, img_size=64, drop_path_rate=0.1, drop_rate=0.1)
     model.train()
@@ -407,8 +478,12 @@ def test_bad_input_sizes_and_channels():
     ef = EfficientFormer(**TINY_EF, num_vit=1, num_classes=10)
     with pytest.raises(ValueError, match="3 input channels.*got 1"):
         ef(torch.randn(1, 1, 224, 224))
-    with pytest.raises(ValueError, match=r"224x224.*got 256x256.*img_size=\(256, 256\).*multiples of 32"):
-        ef(torch.randn(1, 3, 256, 256))
+    with pytest.raises(ValueError, match=r"multiples of 32.*got 250x256.*pad to 256x256"):
+        ef(torch.randn(1, 3, 250, 256))
+    with pytest.raises(ValueError, match=r"multiples of 32.*got 256x0"):
+        ef.forward_pyramid(torch.randn(1, 3, 256, 0))
+    with pytest.raises(ValueError, match=r"12 tokens for a 7x7 grid"):
+        ef.stages[3].blocks[-1].token_mixer(torch.randn(1, 12, 48))
     with pytest.raises(ValueError, match="4-d"):
         ef(torch.randn(3, 224, 224))
     with pytest.raises(ValueError, match="multiple of 32"):
