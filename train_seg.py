@@ -62,6 +62,7 @@ import data_seg
 from lora import freeze_bn_stats, merge_and_unload, read_safetensors
 from methods import METHODS as EF_METHODS, SAM_METHODS, apply_method, apply_sam_method, count_parameters
 from models import PRESETS as ALL_PRESETS, create_model, ef_semantic_fpn, load_pretrained
+from models.interop import merged_metadata
 from seg_metrics import evaluate, metrics, seg_loss
 from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write_text,
                          cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, save_checkpoint,
@@ -572,8 +573,10 @@ export = merged.state_dict()
 if set(export) != base_keys:
     raise RuntimeError(f"merged model keys differ from the base model's: {sorted(set(export) ^ base_keys)[:5]}")
 if master:
-    atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"),
-                            metadata=dict(model_args=json.dumps(model_args)))
+    # what the file loads into (models/interop.py), and this project's settings to rebuild it (model_args)
+    atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=merged_metadata(
+        merged, model_name=args.model, model_cfg=json.loads(args.model_cfg), num_classes=num_classes,
+        img_size=args.img_size, mean=list(mean), std=list(std), model_args=json.dumps(model_args)))
 if test_ds is not None:
     test_cm, _, _ = evaluate(raw_model, eval_loader_for(test_ds), **eval_kw)
     summary.update({f"test_{k}": v for k, v in metrics(test_cm).items()})
