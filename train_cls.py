@@ -21,7 +21,8 @@ does not need it.) The same on two CPU processes (gloo): torchrun --nproc_per_no
 
 A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
 In --out: args.json, log.jsonl (one line per epoch, then a summary line), ckpt/ (adapter-only safetensors
-and training state of the last completed epoch), merged.safetensors (adapters folded into the weights,
+and training state of the last completed epoch), adapters.safetensors (the task: adapters + head + whatever else
+trained, with the metadata to use it on the base model, see multitask.py), merged.safetensors (adapters folded into the weights,
 the checkpoint's own key layout; + merged_masked.safetensors and masks.safetensors for sparse backbones).
 """
 
@@ -46,6 +47,7 @@ from tqdm import tqdm
 from data import DATASETS, build_datasets
 from lora import freeze_bn_stats, merge_and_unload
 from methods import METHODS, apply_method
+from multitask import save_task
 from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
 from models.interop import merged_metadata
 from sparse import apply_masks, count_nonzero, load_masks, magnitude_prune, save_masks
@@ -419,6 +421,15 @@ for epoch in range(start_epoch, args.epochs):
 # merge the adapters into the weights, check the merged model predicts as the adapted one, export
 
 correct, count, preds = final_eval if final_eval is not None else evaluate(eval_model, eval_loader)
+if master:  # the task itself: adapters + head + trained norms / biases / BN statistics + how to use them
+    class_names = getattr(train_ds, "classes", None)
+    save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
+        kind="cls", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=rc, alpha=args.alpha,
+        learn_interp=args.learn_interp, train_norms=args.train_norms, train_biases=args.train_biases,
+        num_classes=num_classes, class_names=list(class_names) if class_names is not None else None,
+        img_size=args.img_size, mean=list(data_cfg["mean"]), std=list(data_cfg["std"]),
+        interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"], data=args.data,
+        sparsity=args.sparsity, mask=args.mask, eval_acc=correct / count))
 masked_model = copy.deepcopy(raw_model) if masks is not None else None
 merged = merge_and_unload(raw_model)  # dense merge: W0 + dW in every adapted layer, plain nn.Linear / nn.Conv2d
 merged_correct, _, merged_preds = evaluate(merged, eval_loader)
