@@ -127,6 +127,29 @@ def photometric_distortion(image):
     return image.clamp(0, 1)
 
 
+def _resize_pair(image, mask, h, w):
+    """Resize both to (h, w): bilinear (antialiased) for the image, nearest for the mask. NEAREST_EXACT samples at
+    pixel centres like the bilinear resize; plain NEAREST (floor) shifts the mask by up to half a pixel."""
+    image = TF.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    mask = TF.resize(mask[None], [h, w], interpolation=InterpolationMode.NEAREST_EXACT)[0]
+    return image, mask
+
+
+def _augment_and_normalise(t, image, mask):
+    """The training steps after the crop, in this order: flips (t.hflip, t.vflip, p = 0.5 each), joint RandAugment
+    (t.randaug), to float, photometric distortion (t.photometric), normalisation (t.mean, t.std)."""
+    if t.hflip and torch.rand(()) < 0.5:
+        image, mask = image.flip(-1), mask.flip(-1)
+    if t.vflip and torch.rand(()) < 0.5:
+        image, mask = image.flip(-2), mask.flip(-2)
+    if t.randaug:
+        image, mask = rand_augment_pair(image, mask, ignore_index=t.ignore_index)
+    image = TF.to_dtype(image, torch.float32, scale=True)
+    if t.photometric:
+        image = photometric_distortion(image)
+    return (image - t.mean) / t.std, mask
+
+
 class SegTransform:
     """Joint transform: (uint8 image (3, H, W), uint8 mask (H, W)) -> (float image (3, S, S), int64 mask (S, S)).
 
@@ -152,20 +175,13 @@ class SegTransform:
         self.hflip, self.vflip, self.randaug, self.photometric = hflip, vflip, randaug, photometric
         self.ignore_index = ignore_index
 
-    def _resize(self, image, mask, h, w):
-        image = TF.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        # NEAREST_EXACT samples at pixel centres like the bilinear image resize; plain NEAREST (floor) shifts the
-        # mask by up to half a pixel against the image at non-integer scales
-        mask = TF.resize(mask[None], [h, w], interpolation=InterpolationMode.NEAREST_EXACT)[0]
-        return image, mask
-
     def __call__(self, image, mask):
         S = self.img_size
         H, W = mask.shape
         if self.train:
             s = self.scale_range[0] + (self.scale_range[1] - self.scale_range[0]) * float(torch.rand(()))
             f = S * s / min(H, W)
-            image, mask = self._resize(image, mask, max(1, round(H * f)), max(1, round(W * f)))
+            image, mask = _resize_pair(image, mask, max(1, round(H * f)), max(1, round(W * f)))
             H, W = mask.shape
             if H < S or W < S:  # pad bottom/right: black image, ignored mask
                 image = TF.pad(image, [0, 0, max(0, S - W), max(0, S - H)], fill=0)
@@ -173,21 +189,12 @@ class SegTransform:
                 H, W = mask.shape
             y0, x0 = int(torch.randint(H - S + 1, ())), int(torch.randint(W - S + 1, ()))
             image, mask = image[:, y0:y0 + S, x0:x0 + S], mask[y0:y0 + S, x0:x0 + S]
-            if self.hflip and torch.rand(()) < 0.5:
-                image, mask = image.flip(-1), mask.flip(-1)
-            if self.vflip and torch.rand(()) < 0.5:
-                image, mask = image.flip(-2), mask.flip(-2)
-            if self.randaug:
-                image, mask = rand_augment_pair(image, mask, ignore_index=self.ignore_index)
-            image = TF.to_dtype(image, torch.float32, scale=True)
-            if self.photometric:
-                image = photometric_distortion(image)
-            image = (image - self.mean) / self.std
+            image, mask = _augment_and_normalise(self, image, mask)
         else:
             f = S / max(H, W)
             h, w = max(1, round(H * f)), max(1, round(W * f))
             if (h, w) != (H, W):
-                image, mask = self._resize(image, mask, h, w)
+                image, mask = _resize_pair(image, mask, h, w)
             image = (TF.to_dtype(image, torch.float32, scale=True) - self.mean) / self.std
             # pad after normalising: 0 = the mean colour
             image = TF.pad(image, [0, 0, S - w, S - h], fill=0.0)
@@ -227,7 +234,8 @@ class AdeTrainTransform:
         self.img_size, self.ratio_range, self.cat_max_ratio = img_size, tuple(ratio_range), cat_max_ratio
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.randaug, self.photometric, self.ignore_index = randaug, photometric, ignore_index
+        self.hflip, self.vflip, self.randaug, self.photometric = True, False, randaug, photometric
+        self.ignore_index = ignore_index
 
     def crop_ok(self, crop):
         """True when no class covers more than cat_max_ratio of the crop's labelled pixels (and > 1 class)."""
@@ -240,8 +248,7 @@ class AdeTrainTransform:
         r = self.ratio_range[0] + (self.ratio_range[1] - self.ratio_range[0]) * float(torch.rand(()))
         f = min(int(4 * S * r) / max(H, W), int(S * r) / min(H, W))  # mmseg truncates the scale to pixels
         h, w = max(1, int(H * f + 0.5)), max(1, int(W * f + 0.5))
-        image = TF.resize(image, [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-        mask = TF.resize(mask[None], [h, w], interpolation=InterpolationMode.NEAREST_EXACT)[0]
+        image, mask = _resize_pair(image, mask, h, w)
         y0, x0 = _draw_crop(h, w, S)
         if self.cat_max_ratio < 1:
             for _ in range(10):
@@ -249,14 +256,7 @@ class AdeTrainTransform:
                     break
                 y0, x0 = _draw_crop(h, w, S)
         image, mask = image[:, y0:y0 + S, x0:x0 + S], mask[y0:y0 + S, x0:x0 + S]
-        if torch.rand(()) < 0.5:
-            image, mask = image.flip(-1), mask.flip(-1)
-        if self.randaug:
-            image, mask = rand_augment_pair(image, mask, ignore_index=self.ignore_index)
-        image = TF.to_dtype(image, torch.float32, scale=True)
-        if self.photometric:
-            image = photometric_distortion(image)
-        image = (image - self.mean) / self.std
+        image, mask = _augment_and_normalise(self, image, mask)
         h, w = mask.shape
         image = TF.pad(image, [0, 0, S - w, S - h], fill=0.0)  # (3, S, S)
         mask = TF.pad(mask[None], [0, 0, S - w, S - h], fill=self.ignore_index)[0]  # (S, S)

@@ -171,7 +171,8 @@ with torch.no_grad():
                                     stride=args.eval_stride, amp=autocast)  # (1, K, H, W)
         else:
             x, where = canvas(img, torch.zeros(H, W, dtype=torch.uint8))  # (3, C, C), (C, C): ignore = padding
-            h, w = int((where != data_seg.IGNORE_INDEX).any(1).sum()), int((where != data_seg.IGNORE_INDEX).any(0).sum())
+            inside = where != data_seg.IGNORE_INDEX  # (C, C): the image's part of the canvas
+            h, w = int(inside.any(1).sum()), int(inside.any(0).sum())
             logits = predict_logits(model, x[None].to(dist.device), mode=args.eval_mode, out_size=x.shape[-2:],
                                     stride=args.eval_stride, amp=autocast)[..., :h, :w]  # the image's part
             logits = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
