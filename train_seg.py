@@ -63,6 +63,7 @@ from lora import freeze_bn_stats, merge_and_unload, read_safetensors
 from methods import METHODS as EF_METHODS, SAM_METHODS, apply_method, apply_sam_method, count_parameters
 from models import PRESETS as ALL_PRESETS, create_model, ef_semantic_fpn, load_pretrained
 from models.interop import merged_metadata
+from multitask import save_task
 from seg_metrics import evaluate, metrics, seg_loss
 from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write_text,
                          cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, save_checkpoint,
@@ -551,6 +552,13 @@ if args.final_model == "average":
 if master:
     atomic_save_adapters(raw_model, os.path.join(args.out, "final.safetensors"),
                          metadata=dict(adapter_meta, final_model=args.final_model, topk=[t["epoch"] for t in topk]))
+    # the task itself (multitask.py): adapters + head + trained norms / biases / BN statistics + how to use them
+    save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
+        adapter_meta, kind="seg", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=args.rc,
+        alpha=args.alpha, learn_interp=args.learn_interp, train_norms=args.train_norms,
+        train_biases=args.train_biases, num_classes=num_classes, class_names=list(train_ds.classes),
+        img_size=args.img_size, mean=list(mean), std=list(std), head=args.head, fpn_channels=args.fpn_channels,
+        fpn_head_channels=args.fpn_head_channels, final_model=args.final_model))
 
 # -----------------------------------------------------------------------------
 # merge the adapters into the weights, check the merged model predicts as the adapted one, export

@@ -371,3 +371,19 @@ def test_pretrained_weights_are_loaded_resized_and_stay_frozen(one_thread, tmp_p
     assert torch.equal(merged["backbone.stem.conv1.weight"], ef.state_dict()["stem.conv1.weight"])
     assert merged["backbone.stages.3.blocks.2.token_mixer.attention_biases"].shape == (8, 4)  # 7x7 -> 2x2 grid
     assert not any(k.startswith(("backbone.head", "backbone.norm")) for k in merged)
+
+
+def test_task_file_is_the_final_model_and_predicts(sam_run, tmp_path, capsys):
+    from multitask import read_task
+    task = read_task(sam_run / "adapters.safetensors")
+    assert task.meta["kind"] == "seg" and task.meta["model"] == "sam_tiny" and task.meta["num_classes"] == 2
+    assert task.meta["class_names"] == ["background", "vegetation"] and task.meta["img_size"] == 64
+    final = read_safetensors(sam_run / "final.safetensors")[0]
+    assert set(task.tensors) == set(final) and all(torch.equal(task.tensors[k], final[k]) for k in final)
+    # predict_seg rebuilds the model from the task file as from final.safetensors: the same metrics
+    _, summary = read_log(sam_run)
+    capsys.readouterr()
+    assert run("--checkpoint", sam_run / "adapters.safetensors", "--eval", "synthetic", "--workers", "0",
+               script=PREDICT) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["miou"] == pytest.approx(summary["final_miou"], abs=1e-12)
