@@ -23,13 +23,16 @@ What is in it:
     mark_trainable      adapters (+ biases / norms / named modules) trainable, everything else frozen
     merge_adapters / unmerge_adapters / merge_and_unload / freeze_bn_stats / count_params
     save_adapters / load_adapters / adapter_state_dict / base_fingerprint   adapter-only safetensors files
+    write_safetensors / read_safetensors   the safetensors format with torch alone
 The helpers are duck-typed on a small protocol (`adapter_names`, `merge`, `unmerge`, `to_base`,
 `adapter_config`), so they also handle LoRAConv2d (conv_lora.py) and IA3Linear / IA3Conv2d (ia3.py).
 """
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import re
 
 import torch
@@ -506,10 +509,12 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", 
               torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _write_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
+def write_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors (+ str metadata) as safetensors to `path` or to an open binary file object.
+    A path is opened like any file (mode 0666 minus the umask), unlike safetensors.torch.save_file (0600)."""
     if torch.tensor([1], dtype=torch.int16).view(torch.uint8)[0] != 1:
         raise RuntimeError("the safetensors writer assumes a little-endian machine")
-    header, blobs, offset = {"__metadata__": metadata}, [], 0
+    header, blobs, offset = {"__metadata__": dict(metadata or {})}, [], 0
     for k, t in tensors.items():
         if t.dtype not in _ST_DTYPES:
             raise TypeError(f"cannot store {k} of dtype {t.dtype} in safetensors")
@@ -519,34 +524,77 @@ def _write_safetensors(tensors: dict, path, metadata: dict[str, str]) -> None:
         offset += len(b)
     h = json.dumps(header, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)  # pad the header so the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little"))
-        f.write(h)
-        for b in blobs:
-            f.write(b)
+    with (open(path, "wb") if not hasattr(path, "write") else contextlib.nullcontext(path)) as f:
+        for chunk in (len(h).to_bytes(8, "little"), h, *blobs):
+            f.write(chunk)
+
+
+_write_safetensors = write_safetensors  # the earlier private name
 
 
 def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read any safetensors file into (CPU tensors, metadata) with torch alone."""
+    """Read any safetensors file into (CPU tensors, metadata) with torch alone.
+
+    A file that is not safetensors, or is truncated or damaged, raises ValueError naming the file and what is
+    wrong (empty, too short, a header length beyond the file, a header that is not JSON, tensor bytes past the
+    end, a torch.save / zip file); a missing file raises FileNotFoundError.
+    """
+    size = os.path.getsize(path)  # FileNotFoundError names the path
+
+    def bad(why):
+        return ValueError(f"{path} is not a readable safetensors file: {why}")
+
+    if size < 8:
+        raise bad(f"{'it is empty (0 bytes)' if size == 0 else f'only {size} bytes'}; the file is damaged or was "
+                  "not completely written")
     with open(path, "rb") as f:
-        data = f.read()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+        first = f.read(8)
+        if first[:2] == b"PK" or first[:1] == b"\x80":  # a zip archive (torch.save) or a bare pickle
+            raise bad("it is a torch.save / pickle file (.pt / .pth), not safetensors; adapters are read from "
+                      "files written by save_adapters()")
+        n = int.from_bytes(first, "little")
+        if n > size - 8:
+            raise bad(f"its first 8 bytes give a header of {n:,} bytes but the file has {size:,}; it is truncated "
+                      "or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"its {n}-byte header is not JSON ({e}); the file is damaged") from None
+        body = bytearray(f.read())
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    body = bytearray(data[8 + n:])
     dtypes = {v: k for k, v in _ST_DTYPES.items()}
     tensors = {}
     for k, info in header.items():
-        begin, end = info["data_offsets"]
+        try:
+            begin, end = (int(v) for v in info["data_offsets"])
+            dtype, shape = dtypes[info["dtype"]], [int(d) for d in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"the header entry of {k!r} is damaged or has an unknown dtype: {str(info)[:200]}") from None
+        if not 0 <= begin <= end <= len(body):
+            raise bad(f"tensor {k!r} needs bytes {begin:,}..{end:,} of the data but there are {len(body):,}: the file "
+                      "is truncated")
+        if math.prod(shape) * torch.empty(0, dtype=dtype).element_size() != end - begin:
+            raise bad(f"tensor {k!r}: shape {shape} of {info['dtype']} does not fill its {end - begin} bytes")
         raw = torch.frombuffer(body, dtype=torch.uint8, count=end - begin, offset=begin) if end > begin \
             else torch.empty(0, dtype=torch.uint8)
-        tensors[k] = raw.clone().view(dtypes[info["dtype"]]).reshape(info["shape"])
+        tensors[k] = raw.clone().view(dtype).reshape(shape)
     return tensors, metadata
 
 
-def save_adapters(model: nn.Module, path, *, metadata: dict | None = None) -> None:
+def save_adapters(model: nn.Module, path, *, metadata: dict | None = None, allow_no_adapters: bool = False) -> None:
     """Save adapter_state_dict(model) as safetensors, with metadata: every adapter's config, the other
-    trainable keys, the base fingerprint and `metadata` (any JSON-able dict, returned by load_adapters)."""
+    trainable keys, the base fingerprint and `metadata` (any JSON-able dict, returned by load_adapters).
+    `path`: a file name or an open binary file object.
+
+    A model without adapter layers whose parameters all train (add_lora / mark_trainable never ran) is refused:
+    the file would be a full copy of the model. allow_no_adapters=True saves whatever trains anyway (a full or a
+    linear-probe fine-tune's checkpoint)."""
+    if not allow_no_adapters and not _adapters(model) and all(p.requires_grad for p in model.parameters()):
+        raise ValueError("save_adapters: the model has no adapter layers and nothing is frozen, so the file would "
+                         "hold every parameter: add adapters first (add_lora / add_ia3, then mark_trainable), or "
+                         "pass allow_no_adapters=True to save the trainable parameters of a full fine-tune")
     tensors = adapter_state_dict(model)
     configs = {name: m.adapter_config() for name, m in _adapters(model)}
     adapter_keys = {f"{name}.{n}" for name, m in _adapters(model) for n in m.adapter_names}
@@ -554,7 +602,7 @@ def save_adapters(model: nn.Module, path, *, metadata: dict | None = None) -> No
         user = json.dumps(metadata or {})
     except TypeError as e:
         raise TypeError(f"save_adapters: metadata must be JSON-serialisable: {e}") from None
-    _write_safetensors(tensors, path, {
+    write_safetensors(tensors, path, {
         "format": "pt",
         "adapters": json.dumps(configs),
         "trainable": json.dumps([k for k in tensors if k not in adapter_keys]),
@@ -578,7 +626,10 @@ def load_adapters(model: nn.Module, path, *, check_fingerprint: bool = True) -> 
     tensors, meta = read_safetensors(path)
     if "adapters" not in meta:
         raise ValueError(f"load_adapters: {path} has no adapter metadata; was it written by save_adapters()?")
-    saved = json.loads(meta["adapters"])
+    try:
+        saved = json.loads(meta["adapters"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"load_adapters: {path}: the adapter metadata is damaged ({e})") from None
     have = {name: m.adapter_config() for name, m in _adapters(model)}
     problems = []
     if sorted(set(saved) - set(have)):
