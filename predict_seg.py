@@ -1,8 +1,9 @@
 r"""
 Use a segmentation model fine-tuned by train_seg.py: masks for a folder of images, or the evaluation of a
 checkpoint on a dataset's validation split. The model is rebuilt from the settings stored in the checkpoint's
-metadata (any adapter file of train_seg.py: final.safetensors, topk/ or ckpt/ files) on the same base: pass the
---weights the run used (without it, the random base of a smoke-test run with the same --seed).
+metadata (any adapter file of train_seg.py: final.safetensors, the task file adapters.safetensors, topk/ or
+ckpt/ files) on the same base: pass the --weights the run used (without it, the random base of a smoke-test run
+with the same --seed).
 
 Masks (single-channel PNGs of class ids at each image's own size) and the competition's run-length JSON:
     python predict_seg.py --checkpoint runs/petras/final.safetensors --weights sam_vit_b_01ec64.pth \

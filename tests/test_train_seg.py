@@ -276,6 +276,11 @@ def test_folder_data_and_bad_input_errors(one_thread, tmp_path, capsys):
     fails("--checkpoint", tmp_path / "x", "--eval", "synthetic", "--rle-json", tmp_path / "x.json",
           match="--rle-json needs --images", script=PREDICT)
     fails("--images", folder, "--checkpoint", tmp_path / "none.safetensors", match="does not exist", script=PREDICT)
+    fails("--images", folder, "--eval", "synthetic", "--checkpoint", tmp_path / "x", match="one of the two",
+          script=PREDICT)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    fails("--eval", "synthetic", "--checkpoint", tmp_path / "junk.safetensors", match="cannot read its metadata",
+          script=PREDICT)
     fails(*tiny, "--data", "folder", "--data-root", tmp_path / "missing", match="img/")
     fails(*tiny, "--data", "synthetic", "--num-classes", "1", match="count the background")
     # an image without its mask: the error names both files
