@@ -549,11 +549,13 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                   "not completely written")
     with open(path, "rb") as f:
         first = f.read(8)
-        if first[:2] == b"PK" or first[:1] == b"\x80":  # a zip archive (torch.save) or a bare pickle
-            raise bad("it is a torch.save / pickle file (.pt / .pth), not safetensors; adapters are read from "
-                      "files written by save_adapters()")
         n = int.from_bytes(first, "little")
         if n > size - 8:
+            # only now look for a zip (torch.save) / pickle signature: a valid header length such as 0x3e80 also
+            # starts with the byte 0x80
+            if first[:2] == b"PK" or first[:1] == b"\x80":
+                raise bad("it is a torch.save / pickle file (.pt / .pth), not safetensors; adapters are read from "
+                          "files written by save_adapters()")
             raise bad(f"its first 8 bytes give a header of {n:,} bytes but the file has {size:,}; it is truncated "
                       "or not safetensors")
         try:
