@@ -5,8 +5,9 @@ linear probing, full / attention fine-tuning, LoRA, LoRA ATTN+MLP, PETAH (LoRA +
 Single process (one GPU, or the CPU):
     python train_cls.py --model efl7 --weights efficientformer_l7.pth --method petah --r 8 --rc 2 \
         --data cub --data-root ~/data --out runs/cub_petah2
-One node with 8 GPUs (the global --batch-size is split over the processes):
-    torchrun --nproc_per_node 8 train_cls.py --model efl7 --weights efficientformer_l7.pth --method petah \
+One node with 8 GPUs (the global --batch-size is split over the processes; the "--" stops torchrun from reading
+the script's flags as its own: it takes --r for an abbreviation of its --rdzv-*/--role/--run-path):
+    torchrun --nproc_per_node 8 -- train_cls.py --model efl7 --weights efficientformer_l7.pth --method petah \
         --r 8 --rc 2 --data cub --data-root ~/data --out runs/cub_petah2
 A method's parameter count, as in the paper's #Params column (no data, no training):
     python train_cls.py --model efl7 --method petah --rc 2 --count-only
@@ -17,13 +18,16 @@ CPU demo: a tiny EfficientFormer (ef_tiny, random backbone) adapted with PETAH o
         --img-size 64 --epochs 6 --batch-size 32 --lr 0.005 --adapter-lr-factor 2 --warmup-epochs 1 --workers 0 \
         --out runs/demo
 (--train-norms: the random backbone's BatchNorms then normalise with batch statistics; a pretrained backbone
-does not need it.) The same on two CPU processes (gloo): torchrun --nproc_per_node 2 train_cls.py <same flags>
+does not need it.) The same on two CPU processes (gloo): torchrun --nproc_per_node 2 -- train_cls.py <same flags>
 
 A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
-In --out: args.json, log.jsonl (one line per epoch, then a summary line), ckpt/ (adapter-only safetensors
-and training state of the last completed epoch), adapters.safetensors (the task: adapters + head + whatever else
-trained, with the metadata to use it on the base model, see multitask.py), merged.safetensors (adapters folded into the weights,
-the checkpoint's own key layout; + merged_masked.safetensors and masks.safetensors for sparse backbones).
+One run at a time writes into an --out (OUT/.lock); a finished run there is only continued with --resume.
+In --out: args.json, log.jsonl (one line per epoch, then a summary line), summary.csv (epoch, train_loss,
+eval_loss, eval_top1, eval_top5, lr: timm's columns, top-k in %), curves.png (when matplotlib is installed),
+tb/ (--tensorboard), ckpt/ (adapter-only safetensors and training state of the last completed epoch),
+adapters.safetensors (the task: adapters + head + whatever else trained, with the metadata to use it on the base
+model, see multitask.py), merged.safetensors (adapters folded into the weights, the checkpoint's own key layout;
++ merged_masked.safetensors and masks.safetensors for sparse backbones).
 """
 
 import argparse
@@ -42,17 +46,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
-
-from data import DATASETS, build_datasets
+from data import DATASETS, CorruptImageError, build_datasets
 from lora import freeze_bn_stats, merge_and_unload
 from methods import METHODS, apply_method
 from multitask import save_task
 from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
 from models.interop import merged_metadata
-from sparse import apply_masks, count_nonzero, load_masks, magnitude_prune, save_masks
-from train_utils import (all_reduce_sum, atomic_save_safetensors, cleanup_distributed, cosine_lr_factor, epoch_seed,
-                         load_checkpoint, save_checkpoint, seed_everything, setup_distributed, write_jsonl)
+from sparse import apply_masks, count_nonzero, load_masks, magnitude_prune
+from train_utils import (all_reduce_sum, atomic_save_safetensors, atomic_write_text, check_common_args,
+                         cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, open_tensorboard,
+                         plot_curves, prepare_out_dir, progress, release_out_dir, save_checkpoint, seed_everything,
+                         setup_distributed, strip_leading_dashdash, user_errors, write_csv, write_jsonl)
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: classification backbones only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0] != "sam_vitb"}
@@ -104,7 +108,8 @@ g.add_argument("--workers", type=int, default=4, help="DataLoader worker process
 
 g = parser.add_argument_group("optimisation (AdamW, linear warmup then cosine decay to 0, per step)")
 g.add_argument("--epochs", type=int, default=200, help="default 200 (the paper: 100 for Food101)")
-g.add_argument("--warmup-epochs", type=float, default=2.0, help="default 2")
+g.add_argument("--warmup-epochs", type=float, default=None,
+               help="linear LR warmup; default 2, at most half of --epochs (must be < --epochs)")
 g.add_argument("--batch-size", type=int, default=128, help="GLOBAL batch size, split over the processes; default 128")
 g.add_argument("--lr", type=float, default=0.005, help="base LR, the head's; default 0.005")
 g.add_argument("--adapter-lr-factor", type=float, default=1.0,
@@ -125,16 +130,23 @@ g.add_argument("--num-classes", type=int, default=None,
                help="--count-only: head size, instead of building the dataset to find it")
 g.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
 g.add_argument("--compile", action="store_true", help="torch.compile the model")
+g.add_argument("--tensorboard", action="store_true",
+               help="also write the per-epoch scalars of summary.csv for TensorBoard into OUT/tb (needs the "
+                    "tensorboard package)")
 g.add_argument("--stop-after-epoch", type=int, default=None,
                help="testing: exit once this epoch's checkpoint is written, as if the run had been killed")
 g.add_argument("--inject-nan-step", type=int, default=None,
                help="testing: make the loss NaN at this optimizer step, to exercise the NaN guard")
-args = parser.parse_args()
+args = parser.parse_args(strip_leading_dashdash(sys.argv[1:]))  # a stray leading "--" (torchrun ... -- --flags)
+if args.warmup_epochs is None:
+    args.warmup_epochs = min(2.0, args.epochs / 2)
+check_common_args(parser, args)  # ranges of the shared flags, --warmup-epochs < --epochs, --weights / --mask exist
 
 # -----------------------------------------------------------------------------
 # processes: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 
-dist = setup_distributed(args.device)
+with user_errors(parser):  # --device cuda without CUDA
+    dist = setup_distributed(args.device)
 master = dist.master  # rank 0 logs, writes the files; every rank trains and evaluates its share
 
 
@@ -155,16 +167,18 @@ if family == "vit" and args.method == "petah" and not args.count_only:
     log("note: a ViT has no convolutional stages: --method petah on it is LoRA ATTN (the patch embedding stays frozen)")
 if args.sparsity is not None and args.mask is not None:
     parser.error("--sparsity and --mask exclude each other: prune by magnitude OR load a mask")
-if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
-    parser.error(f"--sparsity {args.sparsity} must lie in [0, 1), e.g. 0.9 for 90% zeros")
-if args.eval_every < 1:
-    parser.error(f"--eval-every {args.eval_every} must be >= 1 (1 = evaluate after every epoch)")
 if args.batch_size % dist.world_size:
     parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
 try:
     model_cfg = {**preset_cfg, **json.loads(args.model_cfg)}
 except (json.JSONDecodeError, TypeError):
     parser.error(f"--model-cfg must be a JSON object such as '{{\"depths\": [1, 1, 1, 2]}}', got {args.model_cfg!r}")
+if master and not args.count_only:
+    # --out: a writable directory, locked for this run; a finished run there is refused without --resume;
+    # leftovers of a killed run (temporaries, stale epoch files) are removed and counted
+    with user_errors(parser):
+        for note in prepare_out_dir(args.out, resume=args.resume, ckpt_dir=os.path.join(args.out, "ckpt")):
+            log("note: " + note)
 if not args.weights and not args.count_only and master:
     print("\n" + "!" * 100 + "\n!!! WARNING: no --weights: the backbone is RANDOMLY initialised. Adapting a random "
           "backbone is only a\n!!! smoke test; pass --weights PATH (e.g. timm's efficientformer_l7.snap_dist_in1k) "
@@ -201,19 +215,22 @@ else:
         test_ds = None  # the synthetic test split is for other experiments; val is the eval set
 model.reset_classifier(num_classes)
 if args.weights:
-    load_pretrained(model, args.weights, strict=True, verbose=master and not args.count_only)
+    with user_errors(parser):  # a damaged file, a layout that does not fit --model
+        load_pretrained(model, args.weights, strict=True, verbose=master and not args.count_only)
 
 # sparse backbone: prune now, before the adapters wrap the weights (masks are keyed "<module>.weight")
 masks = None
 if args.sparsity is not None:
     masks = magnitude_prune(model, args.sparsity)
 elif args.mask is not None:
-    masks = load_masks(args.mask)
-    apply_masks(model, masks)
+    with user_errors(parser):
+        masks = load_masks(args.mask)
+        apply_masks(model, masks)
 base_keys = set(model.state_dict())  # the merged export must have exactly these keys
 
-info = apply_method(model, args.model, args.method, r=args.r, rc=rc, alpha=args.alpha, train_biases=args.train_biases,
-                    train_norms=args.train_norms, learn_interp=args.learn_interp)
+with user_errors(parser):  # e.g. a rank larger than a layer allows
+    info = apply_method(model, args.model, args.method, r=args.r, rc=rc, alpha=args.alpha,
+                        train_biases=args.train_biases, train_norms=args.train_norms, learn_interp=args.learn_interp)
 adapter_param_names = {n for m in model.modules() for n in getattr(m, "adapter_names", ())}
 nonzero = sum(int(p.count_nonzero()) for n, p in model.named_parameters()
               if n.rpartition(".")[2] not in adapter_param_names)  # the base model's non-zeros (backbone + head)
@@ -283,23 +300,18 @@ warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
 ckpt_dir = os.path.join(args.out, "ckpt")
 start_epoch, history = 0, []  # history: one record per completed epoch (log.jsonl is written from it)
-if master:
-    os.makedirs(args.out, exist_ok=True)
 if args.resume:
-    state = load_checkpoint(ckpt_dir, model)
+    # the settings that decide the result must be the checkpoint's (checked before its adapters are loaded);
+    # a damaged file is named, with the epoch that can still be resumed
+    same = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
+            "train_norms", "dropout", "sparsity", "mask", "data", "data_root", "skip_corrupt", "synthetic_classes",
+            "synthetic_train", "synthetic_val", "img_size", "randaug", "epochs", "warmup_epochs", "batch_size", "lr",
+            "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed")
+    with user_errors(parser, quiet=not master):
+        state = load_checkpoint(ckpt_dir, model, settings={k: getattr(args, k) for k in same}, log=log)
     if state is None:
         log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from scratch")
     else:
-        same = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
-                "train_norms", "dropout", "sparsity", "mask", "data", "synthetic_classes", "synthetic_train",
-                "synthetic_val", "img_size", "randaug", "epochs", "warmup_epochs", "batch_size", "lr",
-                "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed")
-        old = json.loads(state["args"])
-        diff = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}" for k in same
-                if old.get(k) != getattr(args, k)]
-        if diff:
-            raise ValueError(f"--resume: the checkpoint in {ckpt_dir} was made with other settings ({', '.join(diff)});"
-                             f" rerun the original command, or use another --out to start a new run")
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], json.loads(state["history"])
         log(f"resumed from {ckpt_dir} after epoch {start_epoch}")
@@ -316,23 +328,38 @@ if dist.ddp:
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext()
 log(f"{dist.world_size} process(es) on {dist.device}{' with bf16 autocast' if dist.device.type == 'cuda' else ''}: "
     f"{per_rank_batch} images per process and step, {steps_per_epoch} steps per epoch, {total_steps} in all")
+tb = open_tensorboard(parser, os.path.join(args.out, "tb")) if args.tensorboard and master else None
 if master:
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    with user_errors(parser):  # a disk that filled up since the start
+        atomic_write_text(json.dumps(vars(args), indent=1), os.path.join(args.out, "args.json"))
+
+
+def batches(loader):
+    """The loader's batches; an unreadable image stops the run argparse-style, naming the file (from a DataLoader
+    worker the exception's text carries the worker's traceback: keep the message only)."""
+    try:
+        yield from loader
+    except CorruptImageError as e:
+        parser.error(str(e).rpartition("CorruptImageError: ")[2])
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader: DataLoader) -> tuple[int, int, torch.Tensor]:
-    """Top-1 over the whole eval set: (correct, count) summed over ranks, and this rank's predictions."""
+def evaluate(net: nn.Module, loader: DataLoader) -> tuple[int, int, torch.Tensor, dict]:
+    """Top-1 over the whole eval set: (correct, count) summed over ranks, this rank's predictions, and
+    dict(loss=mean cross-entropy, top5=fraction with the label among the 5 highest logits) over all ranks."""
     net.eval()
-    correct, preds = 0, []
-    for x, y in loader:
+    correct, top5, loss, preds = 0, 0, 0.0, []
+    for x, y in batches(loader):
         with autocast:
-            p = net(x.to(dist.device, non_blocking=True)).argmax(-1).cpu()  # (B,)
+            logits = net(x.to(dist.device, non_blocking=True)).float().cpu()  # (B, num_classes)
+        p = logits.argmax(-1)  # (B,)
         correct += (p == y).sum().item()
+        top5 += (logits.topk(min(5, logits.shape[1]), -1).indices == y[:, None]).any(-1).sum().item()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
         preds.append(p)
-    correct, count = all_reduce_sum([correct, sum(len(p) for p in preds)], dist)
-    return int(correct), int(count), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+    correct, count, top5, loss = all_reduce_sum([correct, sum(len(p) for p in preds), top5, loss], dist)
+    return (int(correct), int(count), torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long),
+            dict(loss=loss / max(count, 1), top5=top5 / max(count, 1)))
 
 
 def count_skipped() -> int:
@@ -350,15 +377,26 @@ def count_skipped() -> int:
 # training
 
 step = start_epoch * steps_per_epoch
-final_eval = None  # (correct, count, predictions) of the last epoch, when this process ran it
+final_eval = None  # (correct, count, predictions, loss / top-5) of the last epoch, when this process ran it
+CSV_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]  # timm's summary.csv
+
+
+def csv_rows(history: list[dict]) -> list[dict]:
+    """summary.csv's rows: one per epoch, top-1 / top-5 in % as timm writes them (empty when not evaluated)."""
+    pct = lambda v: None if v is None else 100 * v  # noqa: E731
+    return [dict(epoch=r["epoch"], train_loss=r["train_loss"], eval_loss=r.get("eval_loss"),
+                 eval_top1=pct(r["eval_acc"]), eval_top5=pct(r.get("eval_top5")), lr=r["lr"]) for r in history]
+
+
 for epoch in range(start_epoch, args.epochs):
     seed_everything(epoch_seed(args.seed, epoch, dist.rank))  # this epoch's augmentation and dropout
     train_sampler.set_epoch(epoch)  # this epoch's order
     model.train()
     freeze_bn_stats(raw_model)  # BatchNorms with frozen params keep the pretrained running statistics
     t0, loss_sum, seen = time.time(), 0.0, 0
-    pbar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, dynamic_ncols=True)
-    for x, y in pbar:
+    # a bar on a terminal; written to a file, a plain line every 30 s instead of carriage-return frames
+    pbar = progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", enabled=master)
+    for x, y in batches(pbar):
         lr = args.lr * cosine_lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_factor"]
@@ -395,23 +433,31 @@ for epoch in range(start_epoch, args.epochs):
         for b in raw_model.buffers():
             torch_dist.broadcast(b, 0)
     if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-        correct, count, preds = evaluate(eval_model, eval_loader)
-        final_eval = (correct, count, preds) if epoch + 1 == args.epochs else None
+        correct, count, preds, ev = evaluate(eval_model, eval_loader)
+        final_eval = (correct, count, preds, ev) if epoch + 1 == args.epochs else None
         acc, acc_text = correct / count, f"top-1 {100 * correct / count:.2f}% ({correct}/{count})"
     else:
-        acc, acc_text = None, f"not evaluated (--eval-every {args.eval_every})"
-    history.append(dict(epoch=epoch + 1, step=step, train_loss=loss_sum / seen, eval_acc=acc, lr=lr,
-                        img_per_s=round(seen / train_time, 1), time_s=round(time.time() - t0, 2)))
+        acc, ev, acc_text = None, dict(loss=None, top5=None), f"not evaluated (--eval-every {args.eval_every})"
+    history.append(dict(epoch=epoch + 1, step=step, train_loss=loss_sum / seen, eval_acc=acc, eval_loss=ev["loss"],
+                        eval_top5=ev["top5"], lr=lr, img_per_s=round(seen / train_time, 1),
+                        time_s=round(time.time() - t0, 2)))
     log(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, {acc_text}, {seen / train_time:.0f} img/s")
     if args.skip_corrupt:
         history[-1]["skipped_images"] = count_skipped()
         log(f"  {history[-1]['skipped_images']} unreadable image(s) skipped so far (--skip-corrupt)")
     if master:
-        save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
-                        state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
-                                   args=json.dumps(vars(args))),
-                        metadata=dict(model=args.model, method=args.method, num_classes=num_classes))
-        write_jsonl(history, os.path.join(args.out, "log.jsonl"))
+        with user_errors(parser):  # disk full, read-only file system: the message says so (and what to do)
+            save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
+                            state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
+                                       args=json.dumps(vars(args))),
+                            metadata=dict(model=args.model, method=args.method, num_classes=num_classes))
+            write_jsonl(history, os.path.join(args.out, "log.jsonl"))
+            write_csv(csv_rows(history), os.path.join(args.out, "summary.csv"), CSV_COLUMNS)
+        if tb is not None:
+            for k, v in csv_rows(history)[-1].items():
+                if k != "epoch" and v is not None:
+                    tb.add_scalar(k, v, epoch + 1)
+            tb.flush()
     if args.stop_after_epoch is not None and epoch + 1 == args.stop_after_epoch and epoch + 1 < args.epochs:
         log(f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
         cleanup_distributed(dist)
@@ -420,7 +466,7 @@ for epoch in range(start_epoch, args.epochs):
 # -----------------------------------------------------------------------------
 # merge the adapters into the weights, check the merged model predicts as the adapted one, export
 
-correct, count, preds = final_eval if final_eval is not None else evaluate(eval_model, eval_loader)
+correct, count, preds, _ = final_eval if final_eval is not None else evaluate(eval_model, eval_loader)
 if master:  # the task itself: adapters + head + trained norms / biases / BN statistics + how to use them
     class_names = getattr(train_ds, "classes", None)
     save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
@@ -432,7 +478,7 @@ if master:  # the task itself: adapters + head + trained norms / biases / BN sta
         sparsity=args.sparsity, mask=args.mask, eval_acc=correct / count))
 masked_model = copy.deepcopy(raw_model) if masks is not None else None
 merged = merge_and_unload(raw_model)  # dense merge: W0 + dW in every adapted layer, plain nn.Linear / nn.Conv2d
-merged_correct, _, merged_preds = evaluate(merged, eval_loader)
+merged_correct, _, merged_preds, _ = evaluate(merged, eval_loader)
 n_diff = int(all_reduce_sum([(preds != merged_preds).sum().item()], dist)[0])
 if merged_correct != correct:
     warnings.warn(f"merged top-1 {merged_correct / count:.4f} != unmerged {correct / count:.4f} ({n_diff} predictions"
@@ -446,25 +492,36 @@ summary = dict(summary=True, **counts, epochs=args.epochs, steps=step, eval_acc=
 meta = merged_metadata(merged, model_name=args.model, model_cfg=model_cfg, num_classes=num_classes,
                        img_size=args.img_size, method=args.method)
 if master:
-    atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=meta)
+    with user_errors(parser):  # disk full / read-only: a clear message
+        atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=meta)
     if meta["arch_loads"] != "true":
         log(f"note: merged.safetensors does not load into timm.create_model({meta['arch']!r}): {meta['arch_note']}")
 if masked_model is not None:  # mask-preserving merge: (W0 + dW) * mask keeps the backbone exactly as sparse
     masked = merge_and_unload(masked_model, masks={k: m.to(dist.device) for k, m in masks.items()})
-    masked_correct, _, _ = evaluate(masked, eval_loader)
+    masked_correct, _, _, _ = evaluate(masked, eval_loader)
     summary.update(masked_acc=masked_correct / count, masked_nonzero=count_nonzero(masked.state_dict()))
     if master:
-        atomic_save_safetensors(masked.state_dict(), os.path.join(args.out, "merged_masked.safetensors"), metadata=meta)
-        save_masks(masks, os.path.join(args.out, "masks.safetensors"))
+        with user_errors(parser):
+            atomic_save_safetensors(masked.state_dict(), os.path.join(args.out, "merged_masked.safetensors"),
+                                    metadata=meta)
+            atomic_save_safetensors({k: m.bool() for k, m in masks.items()},  # the file sparse.save_masks writes
+                                    os.path.join(args.out, "masks.safetensors"),
+                                    metadata={"format": "pt", "content": "sparsity masks, True = kept"})
     log(f"sparse export: the dense merge stores {summary['merged_nonzero']:,} non-zeros (top-1 "
         f"{100 * summary['merged_acc']:.2f}%), the mask-preserving merge {summary['masked_nonzero']:,} (top-1 "
         f"{100 * summary['masked_acc']:.2f}%)")
 if test_ds is not None:  # datasets with a separate val split: the final model's test accuracy
-    test_correct, test_count, _ = evaluate(merged, eval_loader_for(test_ds))
+    test_correct, test_count, _, _ = evaluate(merged, eval_loader_for(test_ds))
     summary["test_acc"] = test_correct / test_count
 log(f"done: top-1 {100 * correct / count:.2f}% adapted, {100 * merged_correct / count:.2f}% merged ({n_diff} "
     f"predictions differ); merged model: {os.path.join(args.out, 'merged.safetensors')}")
 if master:
-    write_jsonl(history + [summary], os.path.join(args.out, "log.jsonl"))
+    with user_errors(parser):
+        write_jsonl(history + [summary], os.path.join(args.out, "log.jsonl"))
+        if plot_curves(csv_rows(history), os.path.join(args.out, "curves.png"), title=f"{args.model} / {args.method}"):
+            log(f"training curves: {os.path.join(args.out, 'curves.png')}")  # (matplotlib installed)
+    if tb is not None:
+        tb.close()
     print(json.dumps(summary), flush=True)
+    release_out_dir(args.out)
 cleanup_distributed(dist)
