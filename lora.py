@@ -21,7 +21,7 @@ What is in it:
     qkv_rows            output rows of q / k / v inside a fused qkv projection (contiguous or per head)
     add_lora            put adapters on the modules whose names match patterns
     mark_trainable      adapters (+ biases / norms / named modules) trainable, everything else frozen
-    merge_adapters / unmerge_adapters / merge_and_unload / freeze_bn_stats / count_params
+    merge_adapters / unmerge_adapters / merge_and_unload / freeze_bn_stats / param_counts
     save_adapters / load_adapters / adapter_state_dict / base_fingerprint   adapter-only safetensors files
     write_safetensors / read_safetensors   the safetensors format with torch alone
 The helpers are duck-typed on a small protocol (`adapter_names`, `merge`, `unmerge`, `to_base`,
@@ -413,16 +413,18 @@ def mark_trainable(model: nn.Module, *, biases: bool = False, norms: bool = Fals
                              f"top-level modules are {[n for n, _ in model.named_children()]}")
         for p in hits:
             p.requires_grad_(True)
-    counts = count_params(model)
+    counts = param_counts(model)
     return counts["trainable"], counts["total"]
 
 
-def count_params(model: nn.Module) -> dict:
-    """Parameter counts: trainable, total, and adapter (the adapter parameters alone, the paper's #Params)."""
-    adapter = sum(getattr(m, n).numel() for _, m in _adapters(model) for n in m.adapter_names)
+def param_counts(model: nn.Module) -> dict:
+    """Parameter counts: trainable, total, and adapter_tensors (the adapters' own tensors alone: lora_A, lora_B,
+    the PETRAS interpolation). Not the paper's #Params, which also counts whatever else trains outside the task
+    head (methods.count_parameters' `adapter_params`)."""
+    adapter_tensors = sum(getattr(m, n).numel() for _, m in _adapters(model) for n in m.adapter_names)
     params = list(model.parameters())
     return dict(trainable=sum(p.numel() for p in params if p.requires_grad),
-                total=sum(p.numel() for p in params), adapter=adapter)
+                total=sum(p.numel() for p in params), adapter_tensors=adapter_tensors)
 
 
 def freeze_bn_stats(model: nn.Module) -> int:

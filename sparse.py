@@ -8,11 +8,11 @@ PETAH prunes its backbones to 90% sparsity (Spartan) and then adapts them in two
   two options, with different storage costs:
       dense merge          W' = W0 + dW          the extra capacity the paper argues for, but W' is dense
       mask-preserving      W' = (W0 + dW) * M    stays as sparse as W0 (same non-zeros, same storage)
-  merge_nonzero_report() counts the non-zeros each one stores.
+  (lora.merge_and_unload(model, masks=masks) gives the second; count_nonzero() measures either.)
 
 Masks are bool tensors keyed "<module name>.weight" (True = kept), saved as safetensors.
 magnitude_prune() here is one-shot magnitude pruning (not Spartan): it makes sparse bases to test
-and to experiment with; a released sparse checkpoint gives its masks with masks_from_zeros().
+and to experiment with; for a released sparse checkpoint the masks are {key: weight != 0}.
 """
 
 import re
@@ -77,11 +77,6 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "global",
                  for n, m in layers.items()}
     apply_masks(model, masks)
     return masks
-
-
-def masks_from_zeros(model: nn.Module, *, include=None) -> dict:
-    """Masks of an already sparse model (e.g. a released 90% sparse checkpoint): True where weight != 0."""
-    return {f"{n}.weight": m.weight.detach() != 0 for n, m in _prunable(model, include).items()}
 
 
 def _check_masks(model: nn.Module, masks: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -187,27 +182,3 @@ def sparsity_report(model: nn.Module, masks: dict | None = None) -> dict:
         numel, nonzero = numel + w.numel(), nonzero + nz
     report["total"] = dict(numel=numel, nonzero=nonzero, sparsity=1 - nonzero / max(numel, 1))
     return report
-
-
-@torch.no_grad()
-def merge_nonzero_report(model: nn.Module, masks: dict) -> dict:
-    """Stored non-zeros of the whole model for: the sparse base (adapters dropped), the dense merge
-    W0 + dW, and the mask-preserving merge (W0 + dW) * M. Adapters must be unmerged; nothing changes.
-
-    Returns dict(sparse_base=..., dense_merge=..., masked_merge=..., adapter_params=...).
-    """
-    adapters = {n: m for n, m in model.named_modules() if hasattr(m, "adapter_names") and hasattr(m, "to_base")}
-    if any(getattr(m, "merged", False) for m in adapters.values()):
-        raise ValueError("merge_nonzero_report needs unmerged adapters; call unmerge_adapters(model) first")
-    adapter_ids = {id(getattr(m, a)) for m in adapters.values() for a in m.adapter_names}
-    weight_ids = {id(m.weight) for m in adapters.values()}
-    rest = sum(int(torch.count_nonzero(p)) for p in model.parameters()
-               if id(p) not in adapter_ids and id(p) not in weight_ids)
-    base = dense = masked = rest
-    for n, m in adapters.items():
-        mask = masks.get(f"{n}.weight")
-        base += int(torch.count_nonzero(m.weight))
-        dense += int(torch.count_nonzero(m.to_base().weight))
-        masked += int(torch.count_nonzero(m.to_base(mask).weight))
-    adapter_params = sum(getattr(m, a).numel() for m in adapters.values() for a in m.adapter_names)
-    return dict(sparse_base=base, dense_merge=dense, masked_merge=masked, adapter_params=adapter_params)

@@ -1,16 +1,20 @@
 """Load released checkpoints into the models of this package, strictly.
 
-`load_pretrained(model, path)` reads a `.pth`/`.pt`/`.bin` (torch.load, weights_only=True) or `.safetensors`
-file, peels `model` / `state_dict` wrappers and a DDP `module.` prefix, renames a foreign layout with one
-explicit function per family, resizes position tables to the model's input size, skips a classifier head
+`load_pretrained(model, path)` reads a `.pth`/`.pt`/`.bin`/`.ckpt`/`.pth.tar` (torch.load, weights_only=True)
+or `.safetensors` file, peels `model` / `state_dict` wrappers (training checkpoints: timm's `*.pth.tar`,
+facebookresearch's `{'model': ...}`; `ema=True` takes their EMA weights) and a DDP `module.` / torch.compile
+`_orig_mod.` prefix, hands the state_dict to the model family's `checkpoint_filter_fn` (next to the model, as
+in timm: renames a foreign layout, resizes position tables to the model's input size), skips a classifier head
 made for another number of classes, and fails with the full list of missing / unexpected / mis-shaped keys.
 
-    family           layouts accepted                                   renaming
+    family           layouts accepted                                   checkpoint_filter_fn renames with
     EfficientFormer  timm `efficientformer_l*.snap_dist_in1k`           -
                      snap-research `efficientformer_l*_300d.pth`        efficientformer.snap_to_timm
-    ViT / DeiT III   timm `vit_*.augreg_*`, `deit3_*.fb_*`              -
-                     facebookresearch `deit_3_*.pth` (gamma_1/gamma_2)  vit.deit3_fb_to_timm
-    SAM              Meta `sam_vit_b_01ec64.pth`                        - (sam.resize_sam_state_dict for sizes)
+    ViT / DeiT III   timm `vit_*.augreg_*`, `deit3_*.fb_*`              - (a file of the other variant is
+                     facebookresearch `deit_3_*.pth` (gamma_1/gamma_2)  vit.deit3_fb_to_timm   refused, naming
+                                                                                             the flag)
+    SAM              Meta `sam_vit_b_01ec64.pth`                        -
+                     Hugging Face `facebook/sam-vit-base`               sam.hf_to_meta
 """
 import argparse
 import pickle
@@ -22,16 +26,20 @@ import torch.nn as nn
 
 from . import efficientformer, vit
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar")  # .pth.tar: timm's training checkpoints
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
+EMA_KEYS = ("state_dict_ema", "model_ema")  # timm's train.py, facebookresearch DeiT's main.py
+PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat {key: tensor} dict on the CPU (wrappers and `module.` peeled off)."""
+def read_checkpoint(path: str | Path, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat {key: tensor} dict on the CPU (wrappers and prefixes peeled off;
+    `ema=True`: the EMA weights of a training checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (or is not a file)")
-    suffix = path.suffix.lower()
+    name = path.name.lower()
+    suffix = next((s for s in TORCH_SUFFIXES if name.endswith(s)), path.suffix.lower())
     if suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -44,7 +52,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         raise ValueError(f"{str(path)!r}: unknown checkpoint type {suffix!r}; expected a torch.save file "
                          f"({', '.join(TORCH_SUFFIXES)}) or a .safetensors file")
-    return unwrap_state_dict(obj, str(path))
+    return unwrap_state_dict(obj, str(path), ema=ema)
 
 
 def _torch_load(path: Path):
@@ -66,10 +74,17 @@ def _torch_load(path: Path):
                          f"{msg[:200]}") from e
 
 
-def unwrap_state_dict(obj, where: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Peel `{'model': ...}` / `{'state_dict': ...}` wrappers and a DDP `module.` key prefix."""
+def unwrap_state_dict(obj, where: str = "checkpoint", *, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Peel `{'model': ...}` / `{'state_dict': ...}` wrappers (or, with `ema`, take `state_dict_ema` /
+    `model_ema`) and a `module.` / `_orig_mod.` key prefix."""
     if not isinstance(obj, Mapping):
         raise TypeError(f"{where}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+    if ema:
+        found = [k for k in EMA_KEYS if isinstance(obj.get(k), Mapping)]
+        if not found:
+            raise ValueError(f"{where}: no EMA weights in this file (looked for {', '.join(EMA_KEYS)}; top-level "
+                             f"keys: {', '.join(map(str, sorted(obj)[:10]))}); load it without ema")
+        obj = obj[found[0]]
     while True:
         inner = [k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
         if not inner:
@@ -79,8 +94,9 @@ def unwrap_state_dict(obj, where: str = "checkpoint") -> dict[str, torch.Tensor]
     if not sd:
         raise TypeError(f"{where}: no tensors found (top-level keys: {sorted(obj)[:10]}); expected a state_dict, "
                         f"possibly under 'model' or 'state_dict'")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    for prefix in PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
 
 
@@ -88,16 +104,30 @@ def _is_sam(model: nn.Module) -> bool:
     return all(hasattr(model, n) for n in ("image_encoder", "prompt_encoder", "mask_decoder"))
 
 
-def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: bool = True,
+def family_of(model: nn.Module):
+    """(checkpoint_filter_fn, classifier-head key prefixes) of the model's family; (None, ()) for other modules
+    (their checkpoints are loaded as they are)."""
+    if isinstance(model, efficientformer.EfficientFormer):
+        return efficientformer.checkpoint_filter_fn, ("head.", "head_dist.")
+    if isinstance(model, vit.VisionTransformer):
+        return vit.checkpoint_filter_fn, ("head.",)
+    if _is_sam(model):
+        from . import sam  # imported lazily: the SAM files are only needed for SAM
+        return sam.checkpoint_filter_fn, ()  # the mask tokens are handled by sam.checkpoint_filter_fn
+    return None, ()
+
+
+def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: bool = True, ema: bool = False,
                     verbose: bool = True) -> dict:
     """Load a checkpoint (file path, or an in-memory state_dict) into `model`.
 
     Args:
         model: an EfficientFormer, VisionTransformer, Sam, or any other module of this package, with or
             without adapters injected (adapter tensors are not expected in the checkpoint and are left alone).
-        path: checkpoint file (.pth/.pt/.bin/.ckpt or .safetensors), or a state_dict.
+        path: checkpoint file (.pth/.pt/.bin/.ckpt/.pth.tar or .safetensors), or a state_dict.
         strict: raise a ValueError listing every missing, unexpected and mis-shaped key (after renaming,
             resizing and head skipping); with strict=False those are reported and the rest is loaded.
+        ema: take the EMA weights of a training checkpoint (timm's `state_dict_ema`, DeiT's `model_ema`).
         verbose: print a one-line summary.
 
     Returns:
@@ -105,29 +135,20 @@ def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: boo
              missing=[...], unexpected=[...], mismatched=[...]).
     """
     where = str(path) if not isinstance(path, Mapping) else "state_dict"
-    sd = read_checkpoint(path) if not isinstance(path, Mapping) else unwrap_state_dict(path, where)
+    sd = read_checkpoint(path, ema=ema) if not isinstance(path, Mapping) else unwrap_state_dict(path, where, ema=ema)
 
-    # 1. foreign layouts -> our (timm / Meta) names, 2. tables resized to the model's input size
-    layout, resized, skipped, head_prefixes = "native", [], [], ()
-    if isinstance(model, efficientformer.EfficientFormer):
-        layout, head_prefixes = "timm", ("head.", "head_dist.")
-        if any(k.startswith("network.") for k in sd):
-            sd, layout = efficientformer.snap_to_timm(sd), "snap"
-        sd, resized = efficientformer.adapt_state_dict(sd, model)
-    elif isinstance(model, vit.VisionTransformer):
-        layout, head_prefixes = "timm", ("head.",)
-        if any(k.endswith((".gamma_1", ".gamma_2")) for k in sd):
-            sd, layout = vit.deit3_fb_to_timm(sd), "deit3_fb"
-        sd, resized = vit.adapt_state_dict(sd, model)
-    elif _is_sam(model):
-        from . import sam  # imported lazily: the SAM files are only needed for SAM
-        layout = "sam"
-        new = sam.resize_sam_state_dict(sd, model)
-        resized = sorted(k for k in sd if new[k] is not sd[k])
-        sd, skipped = sam.drop_mask_token_keys(new, model)
+    # 1. foreign layouts -> our (timm / Meta) names, tables resized to the model's input size: the family's filter
+    filter_fn, head_prefixes = family_of(model)
+    layout, resized, skipped = "native", [], []
+    if filter_fn is not None:
+        try:
+            sd, info = filter_fn(sd, model)
+        except ValueError as e:
+            raise ValueError(f"checkpoint {where!r}: {e}") from e
+        layout, resized, skipped = info["layout"], info["resized"], info.get("skipped", [])
 
     own = model.state_dict()
-    # 3. a head for another number of classes (or a model without a head): keep the model's own head
+    # 2. a head for another number of classes (or a model without a head): keep the model's own head
     if head_prefixes:
         ckpt_head = [k for k in sd if k.startswith(head_prefixes)]
         if any(k not in own or own[k].shape != sd[k].shape for k in ckpt_head):
@@ -149,7 +170,8 @@ def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: boo
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if keys:
                 lines.append(f"  {len(keys)} {name} key(s): " + ", ".join(keys))
-        lines.append("  (is it the right model size / family? pass strict=False to load the matching keys only)")
+        lines.append(f"  (is it the right model size / family?{_layout_hint(sd, model)} pass strict=False to load the "
+                     f"matching keys only)")
         raise ValueError("\n".join(lines))
     sd = {k: v for k, v in sd.items() if k in own and sd[k].shape == own[k].shape}
     model.load_state_dict(sd, strict=False)
@@ -167,3 +189,14 @@ def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: boo
         print(msg)
     return dict(layout=layout, skipped=skipped, resized=resized, missing=missing, unexpected=unexpected,
                 mismatched=mismatched)
+
+
+def _layout_hint(sd: dict[str, torch.Tensor], model: nn.Module) -> str:
+    """A sentence naming a known layout that the checkpoint has and the model's family does not read."""
+    from . import sam
+    if sam.is_hf_layout(sd) and not _is_sam(model):
+        return (" this is a Hugging Face transformers SAM checkpoint (vision_encoder.* keys): load it into "
+                "create_model('sam_vitb');")
+    if any(k.startswith(("image_encoder.", "mask_decoder.")) for k in sd) and not _is_sam(model):
+        return " this is a SAM checkpoint (image_encoder.* keys): load it into create_model('sam_vitb');"
+    return ""

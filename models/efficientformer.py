@@ -2,7 +2,8 @@
 
 Li et al., "EfficientFormer: Vision Transformers at MobileNet Speed", NeurIPS 2022. Module names equal the keys
 of timm's `efficientformer_l{1,3,7}.snap_dist_in1k` checkpoints, so those load with strict key checking and no
-renaming; the original snap-research files go through `snap_to_timm`.
+renaming; the original snap-research files go through `snap_to_timm` (in `checkpoint_filter_fn`, what
+`models.load_pretrained` calls).
 
     stem      conv3x3 s2 + BN + ReLU, conv3x3 s2 + BN + ReLU       (B, 3, H, W) -> (B, C0, H/4, W/4)
     stages.0  Meta4D x d0                                          (B, C0, H/4, W/4)
@@ -485,33 +486,23 @@ def snap_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def timm_to_snap(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of `snap_to_timm` (used by the tests to write snap-layout files)."""
-    inv_stem = {v: k for k, v in _SNAP_STEM.items()}
-    out = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if parts[0] == "stem":
-            parts = ["patch_embed", inv_stem[parts[1]]] + parts[2:]
-        elif parts[0] == "stages" and parts[2] == "blocks":
-            parts = ["network", str(2 * int(parts[1]))] + parts[3:]
-        elif parts[0] == "stages" and parts[2] == "downsample":
-            parts = ["network", str(2 * int(parts[1]) - 1), {"conv": "proj", "norm": "norm"}[parts[3]]] + parts[4:]
-        elif parts[0] == "head_dist":
-            parts = ["dist_head"] + parts[1:]
-        if len(parts) >= 2 and parts[-1] == "gamma" and parts[-2] in ("ls1", "ls2"):
-            parts = parts[:-2] + ["layer_scale_" + parts[-2][-1]]
-        out[".".join(parts)] = value
-    return out
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: EfficientFormer) -> tuple[dict, dict]:
+    """Any EfficientFormer layout this package reads -> `model`'s keys and shapes (what `models.load_pretrained`
+    calls; the role of timm's `checkpoint_filter_fn`).
 
+    - snap-research files (`network.*` keys) are renamed to timm's keys (`snap_to_timm`); timm's are kept.
+    - Bias tables made for another token grid (a checkpoint trained at another input size, e.g. 224 -> 512) are
+      resampled to the model's grid (`resize_attention_biases`; the checkpoint's grid must be square, as every
+      released one is) and the model's own `attention_bias_idxs` are used.
 
-def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: EfficientFormer) -> tuple[dict, list[str]]:
-    """Resize a checkpoint's attention bias tables to `model`'s token grid and use the model's bias indices.
-
-    Returns the new state_dict and the list of keys that were changed.
+    Returns:
+        (state_dict, dict(layout="timm" | "snap", resized=[keys changed for the model's grid]))
     """
+    layout = "timm"
+    if any(k.startswith("network.") for k in state_dict):
+        state_dict, layout = snap_to_timm(state_dict), "snap"
     own = model.state_dict()
-    out, changed = dict(state_dict), []
+    out, resized = dict(state_dict), []
     for key, value in state_dict.items():
         if key not in own or own[key].shape == value.shape:
             continue
@@ -522,8 +513,8 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: EfficientFormer
                 raise ValueError(f"{key}: cannot resize a bias table of {n_old} entries (not a square grid)")
             new_res = tuple(model.get_submodule(key.rsplit(".", 1)[0]).resolution)
             out[key] = resize_attention_biases(value, (s, s), new_res)
-            changed.append(key)
+            resized.append(key)
         elif key.endswith("attention_bias_idxs"):
             out[key] = own[key]  # indices for the model's grid, not the checkpoint's
-            changed.append(key)
-    return out, changed
+            resized.append(key)
+    return out, dict(layout=layout, resized=resized)

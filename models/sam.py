@@ -13,7 +13,13 @@ Two ways to use it:
 Other input sizes than 1024 (e.g. 512, 256 for cheap fine-tuning): build with `img_size=S` and load the
 1024 checkpoint through `resize_sam_state_dict`, which interpolates `pos_embed` and the global blocks'
 relative position tables to the new token grid.
+
+Checkpoints: module names equal the keys of Meta's `sam_vit_b_01ec64.pth`; the Hugging Face transformers
+layout (`facebook/sam-vit-base`, `SamModel.save_pretrained`) is renamed by `hf_to_meta`, and
+`checkpoint_filter_fn` (what `models.load_pretrained` calls) applies the renaming, the size fitting and the
+mask-token skipping.
 """
+import re
 
 import torch
 import torch.nn as nn
@@ -257,3 +263,99 @@ def drop_mask_token_keys(state_dict: dict[str, torch.Tensor], model: Sam) -> tup
         return dict(state_dict), []
     skipped = {k for k in list(state_dict) + list(model.state_dict()) if k.startswith(MASK_TOKEN_KEY_PREFIXES)}
     return {k: v for k, v in state_dict.items() if k not in skipped}, sorted(skipped)
+
+
+# Hugging Face transformers' SamModel -> Meta's keys. Plain substring renames, applied in this order to every key
+# (the MLP heads' proj_in / layers.j / proj_out numbering is handled separately in hf_to_meta):
+HF_RENAMES = (
+    ("vision_encoder.", "image_encoder."),
+    ("image_encoder.patch_embed.projection.", "image_encoder.patch_embed.proj."),
+    ("image_encoder.layers.", "image_encoder.blocks."),
+    ("image_encoder.neck.conv1.", "image_encoder.neck.0."),
+    ("image_encoder.neck.layer_norm1.", "image_encoder.neck.1."),
+    ("image_encoder.neck.conv2.", "image_encoder.neck.2."),
+    ("image_encoder.neck.layer_norm2.", "image_encoder.neck.3."),
+    ("prompt_encoder.mask_embed.conv1.", "prompt_encoder.mask_downscaling.0."),
+    ("prompt_encoder.mask_embed.layer_norm1.", "prompt_encoder.mask_downscaling.1."),
+    ("prompt_encoder.mask_embed.conv2.", "prompt_encoder.mask_downscaling.3."),
+    ("prompt_encoder.mask_embed.layer_norm2.", "prompt_encoder.mask_downscaling.4."),
+    ("prompt_encoder.mask_embed.conv3.", "prompt_encoder.mask_downscaling.6."),
+    ("prompt_encoder.point_embed.", "prompt_encoder.point_embeddings."),
+    ("mask_decoder.upscale_conv1.", "mask_decoder.output_upscaling.0."),
+    ("mask_decoder.upscale_layer_norm.", "mask_decoder.output_upscaling.1."),
+    ("mask_decoder.upscale_conv2.", "mask_decoder.output_upscaling.3."),
+    (".layer_norm_final_attn.", ".norm_final_attn."),
+    (".layer_norm", ".norm"),  # encoder blocks' layer_norm{1,2}, decoder layers' layer_norm{1..4}
+)
+HF_PE_KEYS = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
+_HF_MLP = re.compile(r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|proj_out|layers\.(\d+))\.")
+
+
+def is_hf_layout(state_dict: dict[str, torch.Tensor]) -> bool:
+    """True for a Hugging Face transformers SamModel state_dict (`vision_encoder.*` keys)."""
+    return any(k.startswith("vision_encoder.") for k in state_dict)
+
+
+def hf_to_meta(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face transformers SAM state_dict (`facebook/sam-vit-base`: `model.safetensors` or
+    `pytorch_model.bin`) to Meta's keys, which are this package's module names:
+
+        vision_encoder.patch_embed.projection.*        -> image_encoder.patch_embed.proj.*
+        vision_encoder.layers.i.layer_norm{1,2}.*      -> image_encoder.blocks.i.norm{1,2}.*  (attn.*, mlp.lin* kept)
+        vision_encoder.neck.{conv1,layer_norm1,conv2,layer_norm2}.*  -> image_encoder.neck.{0,1,2,3}.*
+        shared_image_embedding.positional_embedding    -> prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
+            (also stored as prompt_encoder.shared_embedding.positional_embedding: the same tensor)
+        prompt_encoder.mask_embed.{conv1,layer_norm1,conv2,layer_norm2,conv3}.*  -> prompt_encoder.mask_downscaling.{0,1,3,4,6}.*
+        prompt_encoder.point_embed.i.*                 -> prompt_encoder.point_embeddings.i.*
+        mask_decoder.upscale_{conv1,layer_norm,conv2}.*  -> mask_decoder.output_upscaling.{0,1,3}.*
+        mask_decoder.transformer.layers.i.layer_normK.*  -> mask_decoder.transformer.layers.i.normK.*
+        mask_decoder.transformer.layer_norm_final_attn.* -> mask_decoder.transformer.norm_final_attn.*
+        <MLP head>.proj_in / .layers.j / .proj_out     -> <MLP head>.layers.0 / .layers.(j + 1) / .layers.(n - 1)
+            (MLP heads: mask_decoder.output_hypernetworks_mlps.k and mask_decoder.iou_prediction_head; n layers)
+    """
+    pe = [state_dict[k] for k in HF_PE_KEYS if k in state_dict]
+    if len(pe) == 2 and not pe[0].is_meta and not torch.equal(pe[0], pe[1]):
+        raise ValueError(f"{HF_PE_KEYS[0]} and {HF_PE_KEYS[1]} differ; in a SamModel they are one tensor")
+    # hidden layers per MLP head, to place proj_out after them
+    hidden: dict[str, set[int]] = {}
+    for key in state_dict:
+        m = _HF_MLP.match(key)
+        if m:
+            hidden.setdefault(m.group(1), set())
+            if m.group(3) is not None:
+                hidden[m.group(1)].add(int(m.group(3)))
+    out = {}
+    for key, value in state_dict.items():
+        if key in HF_PE_KEYS:
+            out["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"] = value
+            continue
+        m = _HF_MLP.match(key)
+        if m:
+            head, part = m.group(1), m.group(2)
+            j = 0 if part == "proj_in" else len(hidden[head]) + 1 if part == "proj_out" else int(m.group(3)) + 1
+            out[f"{head}.layers.{j}.{key[m.end():]}"] = value
+            continue
+        for old, new in HF_RENAMES:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Sam) -> tuple[dict[str, torch.Tensor], dict]:
+    """Any SAM layout this package reads -> `model`'s keys and shapes (what `models.load_pretrained` calls).
+
+    Meta's layout is kept as it is, Hugging Face transformers' is renamed (`hf_to_meta`); then position tables
+    are resized to the model's input size (`resize_sam_state_dict`) and the mask-token keys dropped when the
+    token counts differ (`drop_mask_token_keys`).
+
+    Returns:
+        (state_dict, dict(layout="sam" | "sam_hf", resized=[keys resampled], skipped=[mask-token keys left at
+        the model's initialisation]))
+    """
+    layout = "sam"
+    if is_hf_layout(state_dict):
+        state_dict, layout = hf_to_meta(state_dict), "sam_hf"
+    new = resize_sam_state_dict(state_dict, model)
+    resized = sorted(k for k in state_dict if new[k] is not state_dict[k])
+    new, skipped = drop_mask_token_keys(new, model)
+    return new, dict(layout=layout, resized=resized, skipped=skipped)

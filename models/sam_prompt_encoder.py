@@ -36,16 +36,17 @@ class PositionEmbeddingRandom(nn.Module):
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Encoding of the cell centres of an (h, w) grid -> (2F, h, w)."""
         h, w = size
-        device = self.positional_encoding_gaussian_matrix.device
-        y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h  # (h,) centre of row i
-        x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w  # (w,)
+        device, dtype = self.positional_encoding_gaussian_matrix.device, self.positional_encoding_gaussian_matrix.dtype
+        y = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h  # (h,) centre of row i
+        x = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w  # (w,)
         xy = torch.stack([x[None, :].expand(h, w), y[:, None].expand(h, w)], dim=-1)  # (h, w, 2), (x, y) order
         return self._pe_encoding(xy).permute(2, 0, 1)  # (h, w, 2F) -> (2F, h, w)
 
     def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """(B, N, 2) pixel coordinates (x, y) in an image of size (H, W) -> (B, N, 2F)."""
-        scale = coords.new_tensor([image_size[1], image_size[0]], dtype=torch.float32)  # x / W, y / H
-        return self._pe_encoding(coords.float() / scale)
+        dtype = self.positional_encoding_gaussian_matrix.dtype  # float32 as Meta's, float64 in a .double() model
+        scale = coords.new_tensor([image_size[1], image_size[0]], dtype=dtype)  # x / W, y / H
+        return self._pe_encoding(coords.to(dtype) / scale)
 
 
 class PromptEncoder(nn.Module):

@@ -3,7 +3,8 @@
 Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021; Touvron et al., "DeiT III: Revenge of the ViT",
 ECCV 2022. Module names equal timm's keys (`vit_{small,base}_patch16_224.augreg_*`,
 `deit3_{small,base}_patch16_224.fb_*`), so those checkpoints load with strict key checking; the original
-facebookresearch DeiT III files go through `deit3_fb_to_timm`.
+facebookresearch DeiT III files go through `deit3_fb_to_timm` (in `checkpoint_filter_fn`, what
+`models.load_pretrained` calls).
 
     patch_embed.proj   conv16x16 s16                  (B, 3, H, W) -> (B, N, C), N = H/16 * W/16
     augreg:   x = cat(cls_token, x) + pos_embed       pos_embed (1, 1 + N, C)
@@ -253,18 +254,53 @@ def deit3_fb_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def timm_to_deit3_fb(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of `deit3_fb_to_timm` (used by the tests to write facebookresearch-layout files)."""
-    out = {}
-    for key, value in state_dict.items():
-        for i in ("1", "2"):
-            if key.endswith(f".ls{i}.gamma"):
-                key = key[: -len(f"ls{i}.gamma")] + f"gamma_{i}"
-        out[key] = value
-    return out
+def checkpoint_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The ViT variant a checkpoint was made for: "augreg" (pos_embed (1, 1 + N, C) with a class-token position,
+    N square; no layer-scale gammas), "deit3" (layer-scale gammas, timm's `ls1.gamma` or facebookresearch's
+    `gamma_1`; pos_embed over the N patches only), or None when it is neither (left to the strict key check)."""
+    has_ls = any(k.endswith((".ls1.gamma", ".gamma_1")) for k in state_dict)
+    pe = state_dict.get("pos_embed")
+    n = pe.shape[1] if pe is not None and pe.ndim == 3 else 0
+    cls_pos = n > 1 and math.isqrt(n - 1) ** 2 == n - 1
+    if has_ls and not cls_pos:
+        return "deit3"
+    if not has_ls and cls_pos:
+        return "augreg"
+    return None
 
 
-def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> tuple[dict, list[str]]:
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> tuple[dict, dict]:
+    """Any ViT / DeiT III layout this package reads -> `model`'s keys and shapes (what `models.load_pretrained`
+    calls; the role of timm's `checkpoint_filter_fn`).
+
+    - A checkpoint of the other variant than the model (augreg file into the DeiT III layout create_model builds
+      by default, or the reverse) is refused with the flag that fixes it, before any key is compared.
+    - facebookresearch DeiT III files (`gamma_1` / `gamma_2`) are renamed to timm's keys (`deit3_fb_to_timm`).
+    - pos_embed made for another patch grid is resampled to the model's (`resize_pos_embed`).
+
+    Returns:
+        (state_dict, dict(layout="timm" | "deit3_fb", resized=["pos_embed"] or []))
+    """
+    found = checkpoint_variant(state_dict)
+    built = "deit3" if model.no_embed_class else "augreg"
+    if found is not None and found != built:
+        pe = tuple(state_dict["pos_embed"].shape)
+        if found == "augreg":
+            raise ValueError(f"this is a timm augreg-layout ViT checkpoint (pos_embed {pe} holds a class-token "
+                             f"position, no layer-scale gammas), but the model was built in the DeiT III layout "
+                             f"(the default); build it with variant='augreg': in the scripts pass "
+                             f"--model-cfg '{{\"variant\": \"augreg\"}}'")
+        raise ValueError(f"this is a DeiT III checkpoint (layer-scale gammas, pos_embed {pe} over the patches "
+                         f"only), but the model was built with variant='augreg'; build it in the DeiT III layout "
+                         f"(the default): drop \"variant\" from --model-cfg")
+    layout = "timm"
+    if any(k.endswith((".gamma_1", ".gamma_2")) for k in state_dict):
+        state_dict, layout = deit3_fb_to_timm(state_dict), "deit3_fb"
+    state_dict, resized = _resize_pos_embed_of(state_dict, model)
+    return state_dict, dict(layout=layout, resized=resized)
+
+
+def _resize_pos_embed_of(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> tuple[dict, list[str]]:
     """Resize a checkpoint's pos_embed to `model`'s patch grid. Returns the new state_dict and the changed keys."""
     pe = state_dict.get("pos_embed")
     if pe is None or pe.shape == model.pos_embed.shape:

@@ -313,7 +313,7 @@ def test_mark_trainable_biases_norms_and_counts():
                 "fc2.bias", "head.bias"}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in expected)
-    assert lora.count_params(model)["adapter"] == 2 * (16 + 48)
+    assert lora.param_counts(model)["adapter_tensors"] == 2 * (16 + 48)
     with pytest.raises(ValueError, match="no parameter lives under module 'classifier'"):
         mark_trainable(model, modules=("classifier",))
 
@@ -370,8 +370,8 @@ def test_torchvision_resnet18_adapt_train_merge_unload():
                      layers={nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d})
     assert len(names) == 21  # 20 convs (17 + 3 downsample) and fc
     mark_trainable(model)
-    counts = lora.count_params(model)
-    assert counts["trainable"] == counts["adapter"] == sum(
+    counts = lora.param_counts(model)
+    assert counts["trainable"] == counts["adapter_tensors"] == sum(
         m.r * (m.out_channels + m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])
         for m in model.modules() if isinstance(m, LoRAConv2d)) + 4 * (512 + 10)
     model.train()

@@ -20,8 +20,9 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa:
 from timm.models.vision_transformer import checkpoint_filter_fn as timm_vit_filter  # noqa: E402
 
 from models import create_model, load_pretrained  # noqa: E402
-from models.efficientformer import EfficientFormer, resize_attention_biases, snap_to_timm, timm_to_snap  # noqa: E402
-from models.vit import VisionTransformer, deit3_fb_to_timm, timm_to_deit3_fb  # noqa: E402
+from models.efficientformer import EfficientFormer, resize_attention_biases, snap_to_timm  # noqa: E402
+from models.vit import VisionTransformer, deit3_fb_to_timm  # noqa: E402
+from converters import timm_to_deit3_fb, timm_to_snap  # noqa: E402  (tests/converters.py)
 
 TOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny ops, busy 2-core machine
@@ -430,6 +431,52 @@ def test_missing_and_unexpected_keys_are_listed():
     # a checkpoint of another family lists what does not fit
     with pytest.raises(ValueError, match="patch_embed.proj.weight"):
         load_pretrained(model, perturb_(TimmViT(**TINY_VIT)).state_dict())
+
+
+def test_timm_training_checkpoint_pth_tar(tmp_path):
+    """A checkpoint written by timm's own training code (CheckpointSaver: `checkpoint-N.pth.tar` holding
+    state_dict, state_dict_ema, optimizer, the run's argparse Namespace, metric, saver state) loads; ema=True
+    takes the EMA weights; asking for EMA weights a file does not have says so."""
+    import argparse
+    from timm.utils import CheckpointSaver, ModelEmaV3
+    ref = timm_tiny_ef(num_vit=1)
+    ema = ModelEmaV3(ref, decay=0.5)
+    with torch.no_grad():
+        for p in ema.module.parameters():
+            p.add_(1.0)  # EMA weights differ from the live ones
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    args = argparse.Namespace(model="efficientformer_l1", lr=0.1)
+    saver = CheckpointSaver(ref, opt, args=args, model_ema=ema, checkpoint_dir=str(tmp_path),
+                            recovery_dir=str(tmp_path), max_history=1)
+    saver.save_checkpoint(epoch=3, metric=50.0)
+    path = tmp_path / "last.pth.tar"
+    assert path.is_file() and set(torch.load(path, weights_only=False)) >= {"state_dict", "state_dict_ema", "args"}
+    model = EfficientFormer(**TINY_EF, num_vit=1, num_classes=10)
+    info = load_pretrained(model, path, verbose=False)
+    assert info["layout"] == "timm" and not (info["missing"] or info["skipped"])
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+    load_pretrained(model, path, ema=True, verbose=False)
+    assert all(torch.equal(v, ema.module.state_dict()[k]) for k, v in model.state_dict().items())
+    plain = tmp_path / "plain.pth.tar"
+    torch.save({"state_dict": ref.state_dict(), "epoch": 1}, plain)
+    with pytest.raises(ValueError, match=r"plain\.pth\.tar: no EMA weights.*state_dict_ema.*without ema"):
+        load_pretrained(model, plain, ema=True)
+
+
+@pytest.mark.parametrize("file_variant", ["augreg", "deit3"])
+def test_vit_variant_mismatch_names_the_flag(file_variant):
+    """An augreg ViT file into the DeiT III layout (create_model's default) and the reverse: the message says
+    what the file is and which --model-cfg builds the matching model; with it the file loads."""
+    ref = perturb_(TimmViT(**TINY_VIT, no_embed_class=file_variant == "deit3",
+                           init_values=1e-6 if file_variant == "deit3" else None))
+    other = "deit3" if file_variant == "augreg" else "augreg"
+    model = create_model("vits", variant=other, **TINY_VIT)
+    hint = r"augreg.*pos_embed \(1, 197, 64\).*--model-cfg '\{\"variant\": \"augreg\"\}'" if file_variant == "augreg" \
+        else r"DeiT III checkpoint.*pos_embed \(1, 196, 64\).*drop \"variant\" from --model-cfg"
+    with pytest.raises(ValueError, match=hint):
+        load_pretrained(model, ref.state_dict())
+    same = create_model("vits", variant=file_variant, **TINY_VIT)
+    assert not load_pretrained(same, ref.state_dict(), verbose=False)["missing"]
 
 
 def test_bad_files(tmp_path):

@@ -356,3 +356,88 @@ def test_lora_inject_and_merge_restores_meta_keys():
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
     with torch.no_grad():
         assert max_diff(model.segment(x), adapted) <= 1e-4
+
+
+# ---- Hugging Face transformers layout (`facebook/sam-vit-base`): transformers' own SamModel is the oracle -------
+
+def _hf_sam(**vision):
+    """transformers' SamModel at the tiny size above (random weights), or the ViT-B defaults with no kwargs."""
+    tr = pytest.importorskip("transformers")  # installed with peft (requirements-dev)
+    if not vision:
+        return tr.SamModel(tr.SamConfig())
+    v = tr.SamVisionConfig(**vision)
+    p = tr.SamPromptEncoderConfig(hidden_size=32, image_size=vision["image_size"], patch_size=8, mask_input_channels=16)
+    # layer_norm_eps 1e-5: Meta's decoder LayerNorms (transformers defaults to 1e-6 there, a ~1e-4 difference)
+    m = tr.SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                                iou_head_hidden_dim=32, layer_norm_eps=1e-5)
+    return tr.SamModel(tr.SamConfig(vision_config=v, prompt_encoder_config=p, mask_decoder_config=m))
+
+
+def test_hf_layout_full_size_keys():
+    """Every key of transformers' ViT-B SamModel (Meta's sam_vit_b converted: facebook/sam-vit-base) has one
+    place in our model, with its shape: the 236 keys that used to be 'missing' are renamed, none left over."""
+    from models.sam import hf_to_meta
+    with torch.device("meta"):
+        hf_sd = _hf_sam().state_dict()
+        ours = build_sam_vit_b()
+    assert "vision_encoder.layers.11.attn.qkv.weight" in hf_sd and "mask_decoder.upscale_conv1.weight" in hf_sd
+    renamed = hf_to_meta(hf_sd)
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    # save_pretrained keeps one of the two tied positional-embedding keys: either alone is enough
+    alone = {k: v for k, v in hf_sd.items() if k != "prompt_encoder.shared_embedding.positional_embedding"}
+    assert hf_to_meta(alone).keys() == renamed.keys()
+
+
+def test_hf_layout_loads_and_matches_transformers(tmp_path):
+    """A transformers SamModel saved as safetensors (its save_pretrained format: the tied positional embedding
+    stored once) loads strictly through load_pretrained, and our model then computes what transformers does:
+    image embeddings, and masks + IoU for point prompts through prompt encoder and decoder. Compared in float64,
+    where a misplaced tensor shows at O(1) and rounding stays below 1e-10."""
+    from safetensors.torch import save_file
+    models = importlib.import_module("models")
+    hf = _hf_sam(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                 patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=128, num_pos_feats=16).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # away from the init (zero rel-pos / pos_embed, identity norms), as perturb_ does
+        for name, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "layer_norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.2 * noise)
+            elif name.endswith(("rel_pos_h", "rel_pos_w", "pos_embed")):
+                p.copy_(0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.05 * noise)
+            elif p.ndim >= 2 and "positional_embedding" not in name:  # unit-gain weights: logits of order 1
+                p.copy_(noise / p[0].numel() ** 0.5)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()
+          if k != "prompt_encoder.shared_embedding.positional_embedding"}
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+
+    ours = build_sam_vit_b(img_size=64, **TINY).eval()
+    info = models.load_pretrained(ours, str(path), verbose=False)
+    assert info["layout"] == "sam_hf" and not (info["missing"] or info["unexpected"] or info["skipped"])
+
+    hf, ours = hf.double(), ours.double()
+    x = torch.randn(2, 3, 64, 64, generator=g, dtype=torch.float64)
+    points = torch.tensor([[[10.0, 50.0], [40.0, 8.0]], [[33.0, 33.0], [60.0, 3.0]]], dtype=torch.float64)  # x, y
+    labels = torch.tensor([[1, 0], [1, 1]])
+    with torch.no_grad():
+        emb_hf = hf.get_image_embeddings(x)
+        emb = ours.image_encoder(x)
+        assert max_diff(emb, emb_hf) <= 1e-10 and emb.std() > 0.1
+        out = hf(image_embeddings=emb, input_points=points[:, None], input_labels=labels[:, None],
+                 multimask_output=True)
+        sparse, dense = ours.prompt_encoder((points, labels), None, None)
+        masks, iou = ours.mask_decoder(emb, ours.prompt_encoder.get_dense_pe(), sparse, dense, True)
+    assert max_diff(masks, out.pred_masks[:, 0]) <= 1e-10 and masks.std() > 0.1
+    assert max_diff(iou, out.iou_scores[:, 0]) <= 1e-10 and iou.std() > 0.1
+
+
+def test_hf_layout_into_another_model_is_named():
+    """A transformers SAM file given to a model of another family: the error says what the file is."""
+    models = importlib.import_module("models")
+    sd = {"vision_encoder.pos_embed": torch.zeros(1, 4, 4, 8), "vision_encoder.layers.0.attn.qkv.weight": torch.zeros(3, 1)}
+    ef = models.create_model("ef_tiny", img_size=64)
+    with pytest.raises(ValueError, match=r"Hugging Face transformers SAM checkpoint.*sam_vitb"):
+        models.load_pretrained(ef, sd, verbose=False)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import lora
 import sparse
+from sparse_helpers import masks_from_zeros, merge_nonzero_report  # tests/sparse_helpers.py
 from conv_lora import LoRAConv2d
 from lora import LoRALinear
 
@@ -73,7 +74,7 @@ def test_masks_save_load_and_masks_from_zeros(tmp_path):
     sparse.save_masks(masks, tmp_path / "masks.safetensors")
     back = sparse.load_masks(tmp_path / "masks.safetensors")
     assert back.keys() == masks.keys() and all(torch.equal(back[k], masks[k]) for k in masks)
-    from_zeros = sparse.masks_from_zeros(model)
+    from_zeros = masks_from_zeros(model)
     assert all(torch.equal(from_zeros[k], masks[k]) for k in masks)
 
 
@@ -137,14 +138,14 @@ def test_lora_on_sparse_base_dense_and_mask_preserving_merge():
     params = dict(model.named_parameters())
     for k in PRUNED:  # the sparse base stayed frozen and sparse
         assert params[k].grad is None and torch.equal(params[k], base[k])
-    report = sparse.merge_nonzero_report(model, masks)
+    report = merge_nonzero_report(model, masks)
     rest = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias") or n.startswith("head."))
     nnz_base = sum(int(m.sum()) for m in masks.values())
     weights = sum(m.numel() for m in masks.values())
     assert report["sparse_base"] == rest + nnz_base
     assert report["masked_merge"] == report["sparse_base"]  # (W0 + dW) * M: same storage as the sparse base
     assert report["dense_merge"] == rest + weights  # W0 + dW: every weight of an adapted layer is non-zero
-    assert report["adapter_params"] == lora.count_params(model)["adapter"]
+    assert report["adapter_tensor_numel"] == lora.param_counts(model)["adapter_tensors"]
 
     # the two merges give exactly their formulas, and merge_and_unload(masks) keeps the sparsity
     for name in ("stem", "fc1"):
