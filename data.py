@@ -89,13 +89,20 @@ class CorruptImageError(ValueError):
 
 
 def read_image(path):
-    """Decode an image file into a uint8 RGB tensor (3, H, W); the error names the file."""
+    """Decode an image file into a uint8 RGB tensor (3, H, W); the error names the file.
+
+    An animated GIF decodes to (frames, 3, H, W): its first frame is the image, as PIL's Image.open (and so
+    torchvision's ImageFolder) reads it.
+    """
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        image = decode_image(str(path), mode=ImageReadMode.RGB)
     except (RuntimeError, OSError, ValueError) as e:
         raise CorruptImageError(
             f"cannot read image {path}: {e}. Replace or delete the file, or pass skip_corrupt=True "
             f"(--skip-corrupt) to skip unreadable images and count them.") from e
+    if image.ndim == 4:  # (frames, 3, H, W): an animated GIF
+        image = image[0]
+    return image
 
 
 class ImageFiles(Dataset):
@@ -231,11 +238,20 @@ _TORCHVISION = {
 
 
 def _tv_samples(ds):
-    """(path, label) pairs of a torchvision dataset, read from its private file lists (torchvision <= 0.29)."""
-    if isinstance(ds, StanfordCars):
-        return [(p, y) for p, y in ds._samples]
-    files = ds._images if isinstance(ds, OxfordIIITPet) else ds._image_files
-    return list(zip(files, ds._labels))
+    """(path, label) pairs of a torchvision dataset, read from its private file lists (_samples / _images /
+    _image_files and _labels, unchanged from 0.16 to at least 0.29). A release that renames them gets a clear error."""
+    try:
+        if isinstance(ds, StanfordCars):
+            return [(p, y) for p, y in ds._samples]
+        files = ds._images if isinstance(ds, OxfordIIITPet) else ds._image_files
+        return list(zip(files, ds._labels))
+    except AttributeError as e:
+        import torchvision
+        raise ImportError(
+            f"torchvision {torchvision.__version__}'s {type(ds).__name__} no longer has the private file list data.py "
+            f"reads ({e}): install an earlier torchvision (0.29 has it: pip install 'torchvision<0.30' with its "
+            f"matching torch), or arrange the images as an ImageFolder and use --data folder"
+        ) from None
 
 
 def _load_torchvision(name, root, download):
@@ -283,6 +299,16 @@ def _load_folder(root):
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
     if not classes:
         raise _missing("folder", root, layout, "train/ has no class folders. " + hint)
+    # every training class needs an image torchvision.io can decode: an empty class folder would become a class
+    # the model can never learn (and would shift the labels of a later run that drops it)
+    for c in classes:
+        files = [f for _, _, fs in os.walk(root / "train" / c, followlinks=True) for f in fs]
+        if not any(os.path.splitext(f)[1].lower() in IMG_EXTENSIONS for f in files):
+            other = sorted({os.path.splitext(f)[1].lower() for f in files if not f.startswith(".")})
+            what = (f"only {', '.join(e or '(no extension)' for e in other)} files, which torchvision.io cannot "
+                    f"decode; convert them to PNG or JPEG" if other else "no files")
+            raise ValueError(f"folder: class folder {root / 'train' / c} holds {what}. Every class needs training "
+                             f"images ({'/'.join(IMG_EXTENSIONS)}): add some, or remove the folder to drop the class")
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split in ["train"] + evals:

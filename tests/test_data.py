@@ -369,3 +369,40 @@ def test_cub_download_is_wired(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "download_and_extract_archive", fake_download)
     tr, va, te, n = build_datasets("cub", tmp_path, img_size=16, mean=MEAN, std=STD, download=True)
     assert calls == [(data.CUB_URL, data.CUB_MD5)] and n == 3
+
+
+def test_animated_gif_reads_its_first_frame(tmp_path):
+    """An animated GIF decodes to (frames, 3, H, W); the dataset takes the first frame (as PIL's Image.open does),
+    so a batch with it stacks like any other."""
+    Image = pytest.importorskip("PIL.Image")
+    for c in range(2):
+        _jpg(tmp_path / "train" / f"c{c}" / "0.jpg", COLOURS[c])
+        _jpg(tmp_path / "val" / f"c{c}" / "0.jpg", COLOURS[c])
+    frames = [Image.new("RGB", (12, 16), COLOURS[k]) for k in (1, 0, 2)]  # first frame: class 1's colour
+    frames[0].save(tmp_path / "val" / "c1" / "anim.gif", save_all=True, append_images=frames[1:])
+    tr, va, te, n = build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD)
+    i = next(i for i, (p, _) in enumerate(va.samples) if p.endswith("anim.gif"))
+    assert data.read_image(va.samples[i][0]).shape == (3, 16, 12) and _colour_of(va, i) == 1
+    x, y = next(iter(DataLoader(va, batch_size=len(va))))
+    assert x.shape == (3, 3, 8, 8)
+
+
+@pytest.mark.parametrize("files, phrase", [((), "holds no files"), (("a.bmp", "b.tif"), "only .bmp, .tif files")])
+def test_a_training_class_without_usable_images_is_an_error_naming_it(tmp_path, files, phrase):
+    for c in range(2):
+        _jpg(tmp_path / "train" / f"c{c}" / "0.jpg", COLOURS[c])
+        _jpg(tmp_path / "val" / f"c{c}" / "0.jpg", COLOURS[c])
+    (tmp_path / "train" / "empty").mkdir()
+    for f in files:
+        (tmp_path / "train" / "empty" / f).write_bytes(b"\0")
+    with pytest.raises(ValueError, match=phrase) as e:
+        build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD)
+    assert str(tmp_path / "train" / "empty") in str(e.value) and "remove the folder" in str(e.value)
+
+
+def test_torchvision_without_its_private_file_lists_is_a_clear_error():
+    """data.py reads torchvision's private _image_files / _labels: a release that renames them gets an error
+    that says so and what to do, not an AttributeError deep inside."""
+    ds = object.__new__(data.DTD)  # an instance without the attributes
+    with pytest.raises(ImportError, match=r"DTD no longer has the private file list.*--data folder"):
+        data._tv_samples(ds)
