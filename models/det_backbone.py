@@ -27,20 +27,27 @@ class DetBackbone(nn.Module):
     """EfficientFormer body + per-map GroupNorm + FPN (P2-P6).
 
     Args:
-        body: an EfficientFormer (classifier heads unused: `forward_pyramid` stops before them).
+        body: an EfficientFormer; `forward_pyramid` stops before its final norm and heads, so the norm is
+            replaced by nn.Identity here (no parameter without a gradient; build the body with num_classes=0).
         out_channels: FPN width (256 in every Cascade R-CNN config).
         input_norm: GroupNorm(1, C_i) on each stage map before the FPN.
     """
 
     def __init__(self, *, body: nn.Module, out_channels: int = 256, input_norm: bool = True) -> None:
         super().__init__()
+        body.norm = nn.Identity()
         self.body = body
         self.in_channels = stage_widths(body)
         self.out_channels = out_channels  # read by torchvision-style heads
         self.norms = nn.ModuleList([nn.GroupNorm(1, c) if input_norm else nn.Identity() for c in self.in_channels])
         self.fpn = FeaturePyramidNetwork(self.in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        self.amp_dtype = None  # e.g. torch.bfloat16: body + FPN under autocast, features returned in float32
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        feats = self.body.forward_pyramid(x)  # 4 x (B, C_i, H_i, W_i), strides 4, 8, 16, 32
-        feats = OrderedDict((str(i), norm(f)) for i, (f, norm) in enumerate(zip(feats, self.norms)))
-        return self.fpn(feats)  # {"0".."3": (B, 256, H_i, W_i), "pool": (B, 256, H/64, W/64)}
+        # autocast stops here: anchors, box coding and RoI sampling need float32 coordinates (bf16 keeps 8 bits of
+        # mantissa: a 1000-pixel coordinate would be off by up to 4 pixels)
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            feats = self.body.forward_pyramid(x)  # 4 x (B, C_i, H_i, W_i), strides 4, 8, 16, 32
+            feats = OrderedDict((str(i), norm(f)) for i, (f, norm) in enumerate(zip(feats, self.norms)))
+            out = self.fpn(feats)  # {"0".."3": (B, 256, H_i, W_i), "pool": (B, 256, H/64, W/64)}
+        return OrderedDict((k, v.float()) for k, v in out.items())

@@ -1,0 +1,437 @@
+r"""
+Object detection and instance segmentation with a fine-tuned EfficientFormer: Cascade Mask R-CNN + FPN on COCO,
+as in PETAH Table 6 (Frozen, ATTN FT, Full FT, LoRA ATTN, PETAH-1, PETAH-2). The FPN, the RPN and the cascade
+RoI heads are the new task's head: every method trains them; --method decides what happens in the backbone
+(methods.py, the same layer policy as classification; `frozen` = nothing in the backbone trains).
+
+Single process (one GPU, or the CPU):
+    python train_det.py --model efl7 --weights efficientformer_l7.pth --method petah --r 8 --rc 2 \
+        --data coco --data-root ~/data/coco --out runs/coco_petah2
+One node with 8 GPUs (the global --batch-size, default 16 = 2 per GPU as mmdetection's 1x schedule, is split
+over the processes; a leading `--` before the script's flags is accepted):
+    torchrun --nproc_per_node 8 train_det.py -- --model efl7 --weights efficientformer_l7.pth --method petah \
+        --rc 2 --data coco --data-root ~/data/coco --out runs/coco_petah2
+The paper's #Params column (backbone) with the head (FPN / RPN / RoI heads) counted apart, no data:
+    python train_det.py --model efl7 --method petah --rc 2 --count-only
+CPU demo: a tiny EfficientFormer (random backbone) with narrow heads on the built-in synthetic instance set
+(2-4 shapes per 128 px image, 3 classes; see README for the time and the AP it reaches):
+    OMP_NUM_THREADS=1 python train_det.py --model ef_tiny --method full --data synthetic --img-size 128 \
+        --fpn-channels 64 --fc-dim 256 --mask-channels 64 --epochs 12 --batch-size 8 --lr 1e-3 --warmup-iters 50 \
+        --workers 0 --out runs/det_demo
+
+Schedule (PETAH Appendix A.2 = mmdetection 1x): AdamW, LR 1e-4, weight decay 0.05 (on matrices and kernels),
+12 epochs, linear warmup over 500 steps from 0.001 x LR, LR x 0.1 after epochs 8 and 11.
+A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
+In --out: args.json, log.jsonl (one line per epoch, then a summary line), ckpt/ (trainable weights and training
+state of the last completed epoch), adapters.safetensors (the task file: what this fine-tune changed, adapters +
+the detection head, with the settings to rebuild the model), merged.safetensors (adapters folded into the
+weights: the plain detector's state_dict).
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+from data_det import DET_DATASETS, build_det_datasets, det_collate
+from det_eval import METRICS, coco_evaluate, to_coco_results
+from lora import freeze_bn_stats, merge_and_unload
+from methods import apply_method
+from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
+from models.detector import build_cascade_mask_rcnn
+from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, cleanup_distributed,
+                         epoch_seed, load_checkpoint, save_checkpoint, seed_everything, setup_distributed, write_jsonl)
+
+PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0].startswith("ef")}  # EfficientFormer backbones only
+MODELS = ("efl1", "efl3", "efl7", *PRESETS)
+METHODS = ("frozen", "attn", "full", "lora", "petah")  # PETAH Table 6; frozen = methods.py's "linear"
+NUM_CLASSES = {"coco": 80, "synthetic": 3}  # object classes (the detector adds background)
+
+# -----------------------------------------------------------------------------
+# configuration: every option, with its default, is in --help
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+g = parser.add_argument_group("model and method")
+g.add_argument("--model", default="efl7", choices=MODELS,
+               help="backbone (default efl7); " + "; ".join(f"{k} = {b} with {c}" for k, (b, c) in PRESETS.items()))
+g.add_argument("--model-cfg", default="{}", metavar="JSON",
+               help="extra keyword arguments for models.create_model, overriding a preset's")
+g.add_argument("--weights", default=None, metavar="PATH",
+               help="pretrained backbone checkpoint (timm / snap layouts; the attention biases are resized to the "
+                    "--img-size grid). Without it the backbone is random: only a smoke test")
+g.add_argument("--method", default="petah", choices=METHODS,
+               help="what trains in the backbone (the detection head always trains): frozen (nothing), attn, full, "
+                    "lora (LoRA ATTN), petah (LoRA ATTN + conv-LoRA); default petah")
+g.add_argument("--r", type=int, default=8, help="LoRA rank of the attention layers (lora, petah); default 8")
+g.add_argument("--rc", type=int, default=None, help="conv-LoRA rank of petah; default 1 (PETAH-1)")
+g.add_argument("--alpha", type=float, default=None, help="LoRA alpha; default alpha = rank (scale 1)")
+g.add_argument("--train-biases", action="store_true", help="also train every bias of the backbone")
+g.add_argument("--train-norms", action="store_true", help="also train every norm layer of the backbone")
+g = parser.add_argument_group("detection head (mmdetection cascade_mask_rcnn_r50_fpn_1x defaults)")
+g.add_argument("--fpn-channels", type=int, default=256, help="FPN width; default 256")
+g.add_argument("--fc-dim", type=int, default=1024, help="width of the box heads' two fc layers; default 1024")
+g.add_argument("--mask-channels", type=int, default=256, help="width of the FCN mask heads; default 256")
+g.add_argument("--rpn-batch", type=int, default=256, help="anchors sampled per image for the RPN loss; default 256")
+g.add_argument("--roi-batch", type=int, default=512, help="RoIs sampled per image and stage; default 512")
+
+g = parser.add_argument_group("data")
+g.add_argument("--data", default="synthetic", choices=DET_DATASETS, help="dataset; synthetic needs no files")
+g.add_argument("--data-root", default="data/coco",
+               help="COCO root: train2017/, val2017/, annotations/instances_{train,val}2017.json; default data/coco")
+g.add_argument("--img-size", type=int, default=None,
+               help="shorter image side after resizing (the ratio kept; default 800 for coco, 128 for synthetic)")
+g.add_argument("--max-size", type=int, default=None,
+               help="cap of the longer side (default 1333 for coco; none for synthetic)")
+g.add_argument("--synthetic-train", type=int, default=256, help="--data synthetic: training images; default 256")
+g.add_argument("--synthetic-val", type=int, default=64, help="--data synthetic: validation images; default 64")
+g.add_argument("--eval-every", type=int, default=1, metavar="N",
+               help="evaluate on val every N epochs (and after the last); default 1")
+g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes per rank; default 4")
+
+g = parser.add_argument_group("optimisation (AdamW; linear warmup, then LR x 0.1 at each --lr-steps epoch)")
+g.add_argument("--epochs", type=int, default=12, help="default 12")
+g.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs after which LR x 0.1; default 8 11")
+g.add_argument("--warmup-iters", type=int, default=500, help="linear warmup steps from 0.001 x LR; default 500")
+g.add_argument("--batch-size", type=int, default=16, help="GLOBAL batch size, split over the processes; default 16")
+g.add_argument("--lr", type=float, default=1e-4, help="default 1e-4")
+g.add_argument("--weight-decay", type=float, default=0.05,
+               help="AdamW weight decay, on matrices and kernels only (not on biases, norms, scales); default 0.05")
+g.add_argument("--seed", type=int, default=0, help="default 0")
+
+g = parser.add_argument_group("system and output")
+g.add_argument("--out", default="runs/det", help="output directory; default runs/det")
+g.add_argument("--resume", action="store_true", help="continue from the last completed epoch in OUT/ckpt")
+g.add_argument("--count-only", action="store_true",
+               help="print one JSON line (backbone #Params and the FPN / RPN / RoI head counts) and exit")
+g.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+g.add_argument("--stop-after-epoch", type=int, default=None,
+               help="testing: exit once this epoch's checkpoint is written, as if the run had been killed")
+g.add_argument("--inject-nan-step", type=int, default=None,
+               help="testing: make the loss NaN at this optimizer step, to exercise the NaN guard")
+argv = sys.argv[1:]
+args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `torchrun train_det.py -- --flags`
+
+# -----------------------------------------------------------------------------
+# processes: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPUs
+
+try:
+    dist = setup_distributed(args.device)
+except ValueError as e:
+    parser.error(str(e))
+master = dist.master
+
+
+def log(*a):
+    if master:
+        print(*a, flush=True)
+
+
+builder, preset_cfg = PRESETS.get(args.model, (args.model, {}))
+if args.rc is not None and args.method != "petah":
+    if master:
+        warnings.warn(f"--rc {args.rc} is ignored: conv-LoRA belongs to --method petah (got --method {args.method})",
+                      stacklevel=1)
+rc = 1 if args.rc is None else args.rc
+img_size = args.img_size if args.img_size is not None else (800 if args.data == "coco" else 128)
+max_size = args.max_size if args.max_size is not None else (1333 if args.data == "coco" else None)
+if img_size < 32:
+    parser.error(f"--img-size {img_size} is too small: the backbone downsamples by 32 (P5 is 1/32 of the input, "
+                 f"P6 1/64); use at least 32 (COCO: 800)")
+if max_size is not None and max_size < img_size:
+    parser.error(f"--max-size {max_size} must be >= --img-size {img_size} (the longer side is capped at --max-size)")
+for flag in ("r", "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "epochs", "batch_size",
+             "eval_every"):
+    if getattr(args, flag) < 1:
+        parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
+if rc < 1:
+    parser.error(f"--rc {rc} must be >= 1")
+if args.batch_size % dist.world_size:
+    parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
+try:
+    model_cfg = {**preset_cfg, **json.loads(args.model_cfg)}
+except (json.JSONDecodeError, TypeError):
+    parser.error(f"--model-cfg must be a JSON object such as '{{\"depths\": [1, 1, 1, 2]}}', got {args.model_cfg!r}")
+if not args.weights and not args.count_only and master:
+    print("\n" + "!" * 100 + "\n!!! WARNING: no --weights: the backbone is RANDOMLY initialised. Only a smoke test; "
+          "pass --weights PATH\n!!! (e.g. timm's efficientformer_l7.snap_dist_in1k) for real fine-tuning.\n"
+          + "!" * 100 + "\n", file=sys.stderr, flush=True)
+
+# -----------------------------------------------------------------------------
+# model: EfficientFormer (+ adapters of --method) -> GroupNorm + FPN -> RPN -> 3-stage cascade with mask heads
+
+
+def build_detector(num_classes: int) -> tuple[nn.Module, dict, set]:
+    """The detector of --model / --method for `num_classes` object classes: (model, counts, base state_dict keys)."""
+    torch.manual_seed(args.seed)  # identical initialisation on every rank and in a resumed run
+    # the bias tables live on the (S/32, S/32) grid of a square S = --img-size rounded up to 32; other batch grids
+    # (ratio kept, padded to 32) resample the table
+    body = create_model(builder, num_classes=0, img_size=32 * math.ceil(img_size / 32), **model_cfg)
+    if args.weights:
+        load_pretrained(body, args.weights, strict=True, verbose=master and not args.count_only)
+    body.norm = nn.Identity()  # forward_pyramid never reaches the final norm: no dead trainable params
+    apply_method(body, args.model, "linear" if args.method == "frozen" else args.method, r=args.r, rc=rc,
+                 alpha=args.alpha, train_biases=args.train_biases, train_norms=args.train_norms, head_names=())
+    det = build_cascade_mask_rcnn(body, num_classes=num_classes + 1, fpn_channels=args.fpn_channels,
+                                  fc_dim=args.fc_dim, mask_channels=args.mask_channels,
+                                  rpn_batch_size_per_image=args.rpn_batch, roi_batch_size_per_image=args.roi_batch,
+                                  mean=body.data_cfg["mean"], std=body.data_cfg["std"])
+    base = {k for k in det.state_dict()}  # merged export: exactly these keys (the adapters folded away)
+    base = {k for k in base if not any(k.endswith("." + n) for m in det.modules() for n in getattr(m, "adapter_names", ()))}
+
+    def n_params(prefix: str, trainable_only: bool = False) -> int:
+        return sum(p.numel() for n, p in det.named_parameters() if n.startswith(prefix)
+                   and (p.requires_grad or not trainable_only))
+
+    counts = dict(model=args.model, method=args.method,
+                  adapter_params=n_params("backbone.body.", trainable_only=True),  # the paper's #Params column
+                  fpn_params=n_params("backbone.norms.") + n_params("backbone.fpn."),
+                  rpn_params=n_params("rpn."), roi_heads_params=n_params("roi_heads."),
+                  backbone_params=n_params("backbone.body."), total_params=n_params(""))
+    counts["head_params"] = counts["fpn_params"] + counts["rpn_params"] + counts["roi_heads_params"]
+    counts["trainable_params"] = n_params("", trainable_only=True)
+    return det, counts, base
+
+
+if args.count_only:
+    try:
+        model, counts, _ = build_detector(NUM_CLASSES[args.data])
+    except (TypeError, ValueError) as e:
+        parser.error(f"cannot build --model {args.model} with {model_cfg}: {e}")
+    if master:
+        print(json.dumps(counts), flush=True)
+    cleanup_distributed(dist)
+    sys.exit(0)
+
+if dist.ddp and not master:
+    torch_dist.barrier()  # rank 0 reads the annotation files first
+try:
+    train_ds, val_ds, classes = build_det_datasets(args.data, args.data_root, img_size=img_size, max_size=max_size,
+                                                   synthetic_train=args.synthetic_train,
+                                                   synthetic_val=args.synthetic_val, seed=args.seed)
+except (FileNotFoundError, ValueError) as e:
+    parser.error(str(e))
+if dist.ddp and master:
+    torch_dist.barrier()
+for split, ds in (("train", train_ds), ("val", val_ds)):
+    s = ds.stats
+    log(f"{split}: {len(ds)} images of {s['images']}; {s['boxes']} boxes: {s['clipped']} clipped to their image, "
+        f"{s['dropped']} dropped (under 1 px wide or high); {s['crowd']} crowd regions (not training targets)"
+        + (f"; {s['skipped_images']} images without a target skipped" if split == "train" else
+           "; images without objects kept (scored by COCOeval)"))
+try:
+    model, counts, base_keys = build_detector(len(classes))
+except (TypeError, ValueError) as e:
+    parser.error(f"cannot build --model {args.model} with --img-size {img_size} and {model_cfg}: {e}")
+log(f"{args.model} / {args.method}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} parameters: "
+    f"backbone #Params {counts['adapter_params']:,} (of {counts['backbone_params']:,}), head: FPN "
+    f"{counts['fpn_params']:,} + RPN {counts['rpn_params']:,} + RoI heads {counts['roi_heads_params']:,}")
+model.to(dist.device)
+if dist.device.type == "cuda":
+    model.backbone.amp_dtype = torch.bfloat16  # backbone + FPN in bf16; boxes, losses in float32
+
+# -----------------------------------------------------------------------------
+# optimizer: AdamW over the trainable parameters, weight decay on matrices / kernels only
+
+decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
+                               dict(params=no_decay, weight_decay=0.0)], lr=args.lr)
+
+# -----------------------------------------------------------------------------
+# loaders: DistributedSampler (also on one process, the same shuffle), drop_last: the same steps whatever the
+# number of processes
+
+per_rank_batch = args.batch_size // dist.world_size
+train_sampler = DistributedSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                   seed=args.seed, drop_last=True)
+loader_kw = dict(num_workers=args.workers, collate_fn=det_collate, persistent_workers=args.workers > 0)
+train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler, drop_last=True, **loader_kw)
+eval_loader = DataLoader(Subset(val_ds, range(dist.rank, len(val_ds), dist.world_size)), batch_size=per_rank_batch,
+                         **loader_kw)  # every rank a disjoint share, each image once
+steps_per_epoch = len(train_loader)
+if steps_per_epoch == 0:
+    parser.error(f"the training set ({len(train_ds)} images) is smaller than one --batch-size ({args.batch_size})")
+total_steps = args.epochs * steps_per_epoch
+
+
+def lr_at(step: int) -> float:
+    """mmdetection's 1x schedule: x0.1 after each --lr-steps epoch; linear warmup from 0.001 x LR."""
+    factor = 0.1 ** sum(step // steps_per_epoch >= s for s in args.lr_steps)
+    if step < args.warmup_iters:
+        factor *= 0.001 + (1 - 0.001) * step / args.warmup_iters
+    return args.lr * factor
+
+
+# -----------------------------------------------------------------------------
+# resume: trainable weights + optimizer state of the last completed epoch (the LR follows from the step)
+
+ckpt_dir = os.path.join(args.out, "ckpt")
+start_epoch, history = 0, []
+if master:
+    os.makedirs(args.out, exist_ok=True)
+if args.resume:
+    try:
+        state = load_checkpoint(ckpt_dir, model)
+    except (ValueError, KeyError) as e:
+        parser.error(f"--resume: cannot load the checkpoint in {ckpt_dir}: {e}")
+    if state is None:
+        log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from scratch")
+    else:
+        same = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "train_biases", "train_norms",
+                "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "data", "img_size", "max_size",
+                "synthetic_train", "synthetic_val", "epochs", "lr_steps", "warmup_iters", "batch_size", "lr",
+                "weight_decay", "seed")
+        old = json.loads(state["args"])
+        diff = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}" for k in same
+                if old.get(k) != getattr(args, k)]
+        if diff:
+            parser.error(f"--resume: the checkpoint in {ckpt_dir} was made with other settings ({', '.join(diff)}); "
+                         f"rerun the original command, or use another --out to start a new run")
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], json.loads(state["history"])
+        log(f"resumed from {ckpt_dir} after epoch {start_epoch}")
+
+raw_model = model  # adapters, checkpoints and the merge work on the plain module
+if dist.ddp:
+    model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+log(f"{dist.world_size} process(es) on {dist.device}: {per_rank_batch} images per process and step, "
+    f"{steps_per_epoch} steps per epoch, {total_steps} in all")
+if master:
+    with open(os.path.join(args.out, "args.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+
+def to_device(targets: list[dict]) -> list[dict]:
+    return [{k: v.to(dist.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+            for t in targets]
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module) -> dict[str, float]:
+    """COCOeval (bbox + segm) of `net` on the whole val set: each rank detects its share, rank 0 scores."""
+    net.eval()
+    results = []
+    for images, targets in tqdm(eval_loader, desc="eval", disable=not master, leave=False, dynamic_ncols=True):
+        outs = net([im.to(dist.device) for im in images],
+                   original_sizes=[tuple(t["orig_size"].tolist()) for t in targets])
+        results += to_coco_results(outs, [t["image_id"] for t in targets], val_ds.label_to_cat)
+    if dist.ddp:
+        gathered = [None] * dist.world_size
+        torch_dist.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in part]
+    metrics = [coco_evaluate(val_ds.coco, results) if master else None]
+    if dist.ddp:
+        torch_dist.broadcast_object_list(metrics, 0)
+    return metrics[0]
+
+
+def metrics_text(m: dict) -> str:
+    return (f"box AP {100 * m['bbox_AP']:.1f} / AP50 {100 * m['bbox_AP50']:.1f}, "
+            f"mask AP {100 * m['segm_AP']:.1f} / AP50 {100 * m['segm_AP50']:.1f}")
+
+
+# -----------------------------------------------------------------------------
+# training
+
+step = start_epoch * steps_per_epoch
+final_metrics = None
+for epoch in range(start_epoch, args.epochs):
+    seed_everything(epoch_seed(args.seed, epoch, dist.rank))  # this epoch's flips and RoI / anchor sampling
+    train_sampler.set_epoch(epoch)
+    model.train()
+    freeze_bn_stats(raw_model)  # BatchNorms with frozen params keep the pretrained running statistics
+    t0, sums, seen = time.time(), {}, 0
+    pbar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, dynamic_ncols=True)
+    for images, targets in pbar:
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = model([im.to(dist.device, non_blocking=True) for im in images], to_device(targets))
+        loss = sum(losses.values())  # RPN + the three stages' weighted box, class and mask losses
+        if step == args.inject_nan_step:
+            loss = loss * float("nan")
+        if all_reduce_sum([0.0 if math.isfinite(loss.item()) else 1.0], dist)[0]:
+            last = f"epoch {history[-1]['epoch']}" if history else "none yet"
+            log(f"\nERROR: loss is {loss.item()} at step {step} (epoch {epoch + 1}); stopping. Last good checkpoint: "
+                f"{last}, in {ckpt_dir}. Lower --lr, then rerun (with --resume to keep it).")
+            cleanup_distributed(dist)
+            sys.exit(1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients over the ranks here
+        optimizer.step()
+        step += 1
+        seen += len(images)
+        for k, v in [("loss", loss), *losses.items()]:
+            sums[k] = sums.get(k, 0.0) + v.item() * len(images)
+        if master:
+            pbar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}",
+                             img_s=f"{seen * dist.world_size / (time.time() - t0):.1f}")
+    pbar.close()
+    train_time = time.time() - t0
+    totals = all_reduce_sum([seen] + list(sums.values()), dist)
+    train_losses = {k: v / totals[0] for k, v in zip(sums, totals[1:])}
+    if dist.ddp:  # rank 0's buffers (trained BatchNorms' statistics) everywhere
+        for b in raw_model.buffers():
+            torch_dist.broadcast(b, 0)
+    if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        metrics = evaluate(raw_model)
+        final_metrics = metrics if epoch + 1 == args.epochs else None
+        text = metrics_text(metrics)
+    else:
+        metrics, text = {}, f"not evaluated (--eval-every {args.eval_every})"
+    history.append(dict(epoch=epoch + 1, step=step, lr=lr, train_loss=train_losses["loss"],
+                        losses={k: v for k, v in train_losses.items() if k != "loss"}, **metrics,
+                        img_per_s=round(totals[0] / train_time, 2), time_s=round(time.time() - t0, 2)))
+    log(f"epoch {epoch + 1}: train loss {train_losses['loss']:.4f}, {text}, {totals[0] / train_time:.1f} img/s")
+    if master:
+        save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
+                        state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
+                                   args=json.dumps(vars(args))),
+                        metadata=dict(model=args.model, method=args.method, num_classes=len(classes)))
+        write_jsonl(history, os.path.join(args.out, "log.jsonl"))
+    if args.stop_after_epoch is not None and epoch + 1 == args.stop_after_epoch and epoch + 1 < args.epochs:
+        log(f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
+        cleanup_distributed(dist)
+        sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# task file, then merge the adapters into the weights, check the merged detector scores as the adapted one, export
+
+metrics = final_metrics if final_metrics is not None else evaluate(raw_model)
+model_args = {k: getattr(args, k) for k in ("model", "model_cfg", "method", "r", "alpha", "train_biases",
+                                            "train_norms", "fpn_channels", "fc_dim", "mask_channels", "data")}
+model_args.update(rc=rc, img_size=img_size, max_size=max_size, classes=classes, label_to_cat=val_ds.label_to_cat)
+if master:  # adapters + every trained head parameter, the base fingerprint, the settings to rebuild the model
+    atomic_save_adapters(raw_model, os.path.join(args.out, "adapters.safetensors"),
+                         metadata=dict(task="detection", model_args=model_args))
+merged = merge_and_unload(copy.deepcopy(raw_model))  # plain nn.Linear / nn.Conv2d: W0 + dW
+merged_metrics = evaluate(merged)
+diff = max(abs(metrics[k] - merged_metrics[k]) for k in metrics)
+if diff > 0:
+    warnings.warn(f"the merged detector's COCO metrics differ from the adapted one's by up to {diff:.2e}: rounding "
+                  f"at a score / NMS tie, or a merge bug", stacklevel=1)
+export = merged.state_dict()
+if set(export) != base_keys:
+    raise RuntimeError(f"the merged model's keys differ from the base model's: {sorted(set(export) ^ base_keys)[:5]}")
+summary = dict(summary=True, **counts, epochs=args.epochs, steps=step, **metrics,
+               **{f"merged_{k}": v for k, v in merged_metrics.items()}, merged_max_abs_diff=diff)
+if master:
+    atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"),
+                            metadata=dict(model_args=json.dumps(model_args)))
+log(f"done: adapted {metrics_text(metrics)}; merged {metrics_text(merged_metrics)} (max |diff| {diff:.1e}); "
+    f"merged detector: {os.path.join(args.out, 'merged.safetensors')}")
+if master:
+    write_jsonl(history + [summary], os.path.join(args.out, "log.jsonl"))
+    print(json.dumps(summary), flush=True)
+cleanup_distributed(dist)
