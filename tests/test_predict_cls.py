@@ -1,0 +1,117 @@
+"""predict_cls.py on a folder of images: the top-1 of each task's merged model, mixed batches and --task; user errors."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision.io import write_png
+
+from data import build_transform, read_image
+from lora import merge_and_unload
+from methods import apply_method
+from models import create_model
+from multitask import save_task
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "predict_cls.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pred")
+    torch.manual_seed(0)
+    base = create_model("ef_tiny", num_classes=1000, img_size=64).eval()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, d / "base.safetensors")
+    merged = {}
+    for name, method, nc, kw in (("birds", "petah", 7, dict(rc=2, train_norms=True)), ("cars", "ia3", 5, {})):
+        m = copy.deepcopy(base)
+        m.reset_classifier(nc)
+        apply_method(m, "ef_tiny", method, **kw)
+        with torch.no_grad():  # a trained-looking task: every trained tensor moved, heads far from uniform
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * (2.0 if p.ndim == 2 and p.shape[0] == nc else 0.2))
+        dc = m.data_cfg
+        save_task(m, d / f"{name}.safetensors", meta=dict(
+            kind="cls", model="ef_tiny", model_cfg={}, method=method, num_classes=nc, img_size=64,
+            class_names=[f"{name}_{i}" for i in range(nc)], mean=list(dc["mean"]), std=list(dc["std"]),
+            interpolation=dc["interpolation"], crop_pct=dc["crop_pct"]))
+        merged[name] = merge_and_unload(m).eval()
+    imgs = d / "imgs"
+    (imgs / "sub").mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    for i in range(5):  # random 3x3 colour blocks at different image sizes, one image in a sub-folder
+        small = torch.randint(0, 256, (3, 3, 3), generator=g, dtype=torch.uint8)
+        img = torch.nn.functional.interpolate(small[None].float(), size=(70 + 9 * i, 90 - 5 * i), mode="nearest")
+        write_png(img[0].round().clamp(0, 255).to(torch.uint8), str(imgs / ("sub" if i == 4 else "") / f"im{i}.png"))
+    return d, base, merged
+
+
+def expected_top1(d, base, merged):
+    """Each image through the eval transform of the base's checkpoint and each task's merged model."""
+    dc = base.data_cfg
+    tf = build_transform(train=False, img_size=64, mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"],
+                         interpolation=dc["interpolation"])
+    paths = sorted(str(p) for p in (d / "imgs").rglob("*.png"))
+    x = torch.stack([tf(read_image(p)) for p in paths])
+    with torch.no_grad():
+        return paths, {n: m(x).softmax(-1) for n, m in merged.items()}
+
+
+def test_folder_top1_equals_merged_models(setup):
+    d, base, merged = setup
+    paths, probs = expected_top1(d, base, merged)
+    out = d / "preds.jsonl"
+    r = run("--model", "ef_tiny", "--weights", d / "base.safetensors", "--tasks", f"birds={d / 'birds.safetensors'}",
+            f"cars={d / 'cars.safetensors'}", "--images", d / "imgs", "--topk", 3, "--batch-size", 4, "--workers", 0,
+            "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "\r" not in r.stderr  # no progress-bar frames in a log
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["image"], row["task"]) for row in rows] == [(p, t) for p in paths for t in ("birds", "cars")]
+    tops = {n: set() for n in merged}
+    for row in rows:
+        p = probs[row["task"]][paths.index(row["image"])]
+        assert len(row["top"]) == 3
+        best = row["top"][0]
+        assert best["index"] == int(p.argmax()) and best["class"] == f"{row['task']}_{best['index']}"
+        assert abs(best["prob"] - float(p.max())) <= 1e-5
+        assert [t["prob"] for t in row["top"]] == sorted([t["prob"] for t in row["top"]], reverse=True)
+        tops[row["task"]].add(best["index"])
+    assert any(len(s) > 1 for s in tops.values())  # the images are told apart: the check is not vacuous
+    # --task: one task, its layers merged: the same predictions
+    out1 = d / "one.jsonl"
+    r = run("--weights", d / "base.safetensors", "--tasks", f"birds={d / 'birds.safetensors'}",
+            f"cars={d / 'cars.safetensors'}", "--images", d / "imgs" / "im0.png", d / "imgs" / "sub",
+            "--task", "cars", "--topk", 10, "--workers", 0, "--out", out1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows1 = [json.loads(line) for line in out1.read_text().splitlines()]
+    assert [row["task"] for row in rows1] == ["cars", "cars"] and len(rows1[0]["top"]) == 5  # topk <= classes
+    for row in rows1:
+        assert row["top"][0]["index"] == int(probs["cars"][paths.index(row["image"])].argmax())
+
+
+def test_user_errors(setup, tmp_path):
+    """Exit 2, a message naming the problem, no traceback, no partial output (one process per case: few cases)."""
+    d, _, _ = setup
+    t = f"birds={d / 'birds.safetensors'}"
+    bad_img = tmp_path / "broken.png"
+    bad_img.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cases = [
+        (["--tasks", "birds", "--images", d / "imgs"], "NAME=FILE"),
+        (["--tasks", t, "--images", d / "imgs", "--task", "cub"], "not among --tasks"),
+        (["--tasks", f"x={d / 'base.safetensors'}", "--images", d / "imgs"], "not a task file"),
+        (["--tasks", t, "--images", bad_img, "--workers", 0], "cannot read image"),
+    ]
+    for extra, phrase in cases:
+        r = run("--weights", d / "base.safetensors", "--out", tmp_path / "p.jsonl", *extra)
+        assert r.returncode == 2 and phrase in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
+        assert not os.listdir(tmp_path) or sorted(os.listdir(tmp_path)) == ["broken.png"]  # no partial output
