@@ -18,9 +18,13 @@ conv_lora.py and ia3.py; this file only decides WHERE they go and WHAT is traina
   ia3        (IA)^3: learned scaling of keys and values (k/v rows of the fused qkv output) and of the
              MLP's intermediate activation (input scaling of fc2; in EF both Meta3D and Meta4D MLPs)
 
+#Params, one meaning: `adapter_params` = every trainable parameter outside the task head, the paper's #Params
+column (for LoRA / PETAH / (IA)^3 the adapters; for ATTN FT the attention weights; for PETRAS also the norms
+and biases it trains). `count_parameters` computes it; the paper's exact numbers are PAPER_PARAMS below, the
+one copy in the repository (tests, bench/ and the README table read it).
 A LoRA'd linear layer adds r * (d_in + d_out) parameters, a conv-LoRA'd conv rc * (c_out +
-c_in/groups * kh * kw): with r=8 this gives exactly the #Params column of the paper (REFERENCE.md 1),
-e.g. EF L7 PETAH-2 = 262,144 (attention) + 2 * 94,395 (convolutions) = 450,934.
+c_in/groups * kh * kw): with r=8 this gives exactly the paper's column, e.g. EF L7 PETAH-2 = 262,144
+(attention) + 2 * 94,395 (convolutions) = 450,934.
 
 Layer names are the checkpoint keys (timm layout). A new model family = one more entry in LAYERS
 (and, when its classes differ, FAMILIES); the method logic below stays as it is.
@@ -35,6 +39,33 @@ from ia3 import IA3Conv2d, IA3Linear, add_ia3
 from lora import LoRALinear, add_lora, mark_trainable, qkv_rows
 
 METHODS = ("linear", "full", "attn", "lora", "lora_mlp", "petah", "ia3")
+
+# The #Params column of the PETAH paper's tables (its exact values: trainable parameters outside the task head,
+# 224-px models), keyed (model, method, r, rc): LoRA rank r on the attention (+ MLP) linears, conv-LoRA rank rc
+# (PETAH-1 / PETAH-2 are rc = 1 / 2; rc is 1 where no conv is adapted). apply_method(...)["adapter_params"]
+# equals every entry (tests/test_paper_params.py).
+PAPER_PARAMS = {
+    ("efl7", "lora", 8, 1): 262_144, ("efl7", "lora", 16, 1): 524_288, ("efl7", "lora_mlp", 8, 1): 753_664,
+    ("efl7", "petah", 8, 1): 356_539, ("efl7", "petah", 8, 2): 450_934, ("efl7", "attn", 8, 1): 15_750_208,
+    ("efl3", "lora", 8, 1): 114_688, ("efl3", "petah", 8, 1): 176_987, ("efl3", "petah", 8, 2): 239_286,
+    ("efl3", "attn", 8, 1): 5_252_640,
+    ("efl1", "lora", 8, 1): 27_648, ("efl1", "petah", 8, 1): 62_283, ("efl1", "petah", 8, 2): 96_918,
+    ("vitb", "lora", 8, 1): 442_368, ("vitb", "attn", 8, 1): 28_348_416,
+    ("vits", "lora", 8, 1): 221_184, ("vits", "attn", 8, 1): 7_096_320,
+}
+PAPER_MODEL_NAMES = {"efl7": "EfficientFormer L7", "efl3": "EfficientFormer L3", "efl1": "EfficientFormer L1",
+                     "vitb": "ViT-B/16", "vits": "ViT-S/16"}
+
+
+def paper_params_table() -> str:
+    """The README's parameter-count table (markdown), rendered from PAPER_PARAMS."""
+    columns = [("LoRA ATTN r=8", "lora", 1), ("PETAH-1", "petah", 1), ("PETAH-2", "petah", 2), ("ATTN FT", "attn", 1)]
+    rows = [["model"] + [c[0] for c in columns]]
+    for model, label in PAPER_MODEL_NAMES.items():
+        counts = [PAPER_PARAMS.get((model, method, 8, rc)) for _, method, rc in columns]
+        rows.append([label] + ["" if c is None else f"{c:,}" for c in counts])
+    lines = ["|" + "".join(f" {cell} |" if cell else " |" for cell in row) for row in rows]
+    return "\n".join(lines[:1] + ["|" + "---|" * (len(columns) + 1)] + lines[1:])
 
 # model class name -> family key of LAYERS
 FAMILIES = {"EfficientFormer": "efficientformer", "VisionTransformer": "vit"}
@@ -168,8 +199,9 @@ def apply_method(model: nn.Module, model_name: str, method: str, *, r: int = 8, 
 
 
 def count_parameters(model: nn.Module, *, head_names: tuple[str, ...] = ("head", "head_dist")) -> dict:
-    """adapter_params: trainable params outside the head; head_params: all params of the head modules;
-    total_params: every parameter of the model (adapters included); trainable_params: all trainable."""
+    """adapter_params: every trainable parameter outside the head (the paper's #Params); head_params: all
+    params of the head modules; total_params: every parameter of the model (adapters included);
+    trainable_params: all trainable (= adapter_params + the trainable part of the head)."""
     def in_head(name: str) -> bool:
         return any(name == h or name.startswith(h + ".") for h in head_names)
 

@@ -38,7 +38,7 @@ from bench_models import build_pair, time_pair  # noqa: E402
 from conv_lora import fold_bn  # noqa: E402
 from lora import (adapter_state_dict, freeze_bn_stats, merge_adapters, merge_and_unload,  # noqa: E402
                   save_adapters)
-from methods import apply_method, plan_method  # noqa: E402
+from methods import PAPER_PARAMS, apply_method, plan_method  # noqa: E402
 from models import create_model, load_pretrained  # noqa: E402
 
 # benchmark key -> (our create_model name, timm model name, constructor kwargs given to both)
@@ -59,14 +59,6 @@ METHODS = {"linear": ("linear", 1), "full": ("full", 1), "attn": ("attn", 1), "l
 R = 8  # LoRA rank of the linear layers, as in the paper's tables
 HEADS = ("head", "head_dist")
 
-# The paper's #Params (adapters, head excluded) as exact counts (REFERENCE.md section 1).
-PAPER_PARAMS = {
-    ("efl7", "lora"): 262_144, ("efl7", "lora_mlp"): 753_664, ("efl7", "petah-1"): 356_539,
-    ("efl7", "petah-2"): 450_934, ("efl7", "attn"): 15_750_208,
-    ("efl3", "lora"): 114_688, ("efl3", "petah-1"): 176_987, ("efl3", "petah-2"): 239_286, ("efl3", "attn"): 5_252_640,
-    ("efl1", "lora"): 27_648, ("efl1", "petah-1"): 62_283, ("efl1", "petah-2"): 96_918,
-    ("vitb", "lora"): 442_368, ("vitb", "attn"): 28_348_416, ("vits", "lora"): 221_184, ("vits", "attn"): 7_096_320,
-}
 
 
 def env_worker(spec: dict) -> dict:
@@ -77,9 +69,11 @@ def env_worker(spec: dict) -> dict:
 
 
 def paper_params(key: str, label: str) -> int | None:
-    if not is_ef(key) and label.startswith("petah"):
-        label = "lora"  # ViT has no convolutional stages: PETAH == LoRA ATTN there
-    return PAPER_PARAMS.get((key, label))
+    """The paper's #Params (methods.PAPER_PARAMS) for a bench model key and method label, None if not reported."""
+    method, rc = METHODS[label]
+    if not is_ef(key) and method == "petah":
+        method, rc = "lora", 1  # ViT has no convolutional stages: PETAH == LoRA ATTN there
+    return PAPER_PARAMS.get((key, method, R, rc))
 
 
 def is_ef(key: str) -> bool:

@@ -103,12 +103,12 @@ def test_efficientformer_counts_and_keys(name):
     with torch.device("meta"):
         ours, ref = create_model(name), timm.create_model(timm_name, pretrained=False)
         headless = create_model(name, num_classes=0)
-    assert n_params(ours) == with_heads  # REFERENCE.md section 2
+    assert n_params(ours) == with_heads  # the released sizes (timm's model cards)
     assert n_params(headless) == without_heads
     assert shapes(ours) == shapes(ref)  # same keys, same shapes: timm checkpoints load strictly
     idxs = [k for k in ours.state_dict() if k.endswith("attention_bias_idxs")]  # persistent, as in timm
     assert len(idxs) == sum(k.endswith("attention_biases") for k in ours.state_dict()) > 0
-    flat_at = {"efl1": 3, "efl3": 2, "efl7": 0}[name]  # REFERENCE.md: the parameter-free Flat's block index
+    flat_at = {"efl1": 3, "efl3": 2, "efl7": 0}[name]  # the parameter-free Flat's block index in the checkpoints
     assert type(ours.stages[3].blocks[flat_at]).__name__ == "Flat"
 
 
@@ -117,7 +117,7 @@ def test_vit_counts_and_keys(name, variant):
     timm_name, count = VIT_COUNTS[name, variant]
     with torch.device("meta"):
         ours, ref = create_model(name, variant=variant), timm.create_model(timm_name, pretrained=False)
-    assert n_params(ours) == count  # REFERENCE.md section 2
+    assert n_params(ours) == count  # the released sizes (timm's model cards)
     assert shapes(ours) == shapes(ref)
 
 
