@@ -32,8 +32,10 @@ CPU demos (tiny random models on the built-in synthetic data, about 10 s each wi
         --out runs/demo_ef
 
 A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
-In --out: args.json, log.jsonl (one line per evaluation, then a summary line), ckpt/ (adapter-only safetensors
-and training state of the last completed epoch), topk/ (the k best evaluations' adapters, --final-model
+One run at a time writes into an --out (OUT/.lock); a finished run there is only continued with --resume.
+In --out: args.json, log.jsonl (one line per evaluation, then a summary line), summary.csv (epoch, step,
+train_loss, eval_miou, eval_iou_fg, eval_pixel_acc, lr), curves.png (when matplotlib is installed), tb/
+(--tensorboard), ckpt/ (adapter-only safetensors and training state of the last completed epoch), topk/ (the k best evaluations' adapters, --final-model
 average), vis/ (PNG grids: image | truth | prediction), final.safetensors (adapters of the final model),
 adapters.safetensors (the task file of multitask.py), merged.safetensors (adapters folded into the weights,
 the checkpoint's own key layout).
@@ -56,9 +58,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
-from tqdm import tqdm
 
 import data_seg
+from data import CorruptImageError
 from lora import freeze_bn_stats, merge_and_unload, read_safetensors
 from methods import METHODS as EF_METHODS, SAM_METHODS, apply_method, apply_sam_method, count_parameters
 from models import PRESETS as ALL_PRESETS, create_model, ef_semantic_fpn, load_pretrained
@@ -66,8 +68,10 @@ from models.interop import merged_metadata
 from multitask import save_task
 from seg_metrics import evaluate, metrics, seg_loss
 from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write_text,
-                         cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, save_checkpoint,
-                         seed_everything, setup_distributed, write_jsonl)
+                         check_common_args, cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint,
+                         open_tensorboard, plot_curves, prepare_out_dir, progress, release_out_dir, save_checkpoint,
+                         seed_everything, setup_distributed, strip_leading_dashdash, user_errors, write_csv,
+                         write_jsonl)
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: segmentation models only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if k in ("sam_tiny", "ef_tiny")}
@@ -84,7 +88,7 @@ RECIPES = {
 MODEL_KEYS = ("model", "model_cfg", "head", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
               "train_norms", "num_classes", "img_size", "fpn_channels", "fpn_head_channels")
 # settings a --resume must share with the checkpoint
-RESUME_KEYS = MODEL_KEYS + ("weights", "data", "synthetic_train", "synthetic_val", "randaug", "scale_range",
+RESUME_KEYS = MODEL_KEYS + ("weights", "data", "data_root", "synthetic_train", "synthetic_val", "randaug", "scale_range",
                             "train_on_val", "epochs", "iters", "schedule", "warmup_epochs", "batch_size", "lr",
                             "weight_decay", "loss", "top_k", "final_model", "seed")
 
@@ -184,16 +188,20 @@ g.add_argument("--count-only", action="store_true",
                     "total_params, num_classes) and exit")
 g.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
 g.add_argument("--vis-images", type=int, default=4, help="validation images in each PNG grid (0: none); default 4")
+g.add_argument("--tensorboard", action="store_true",
+               help="also write the per-evaluation scalars of summary.csv for TensorBoard into OUT/tb (needs the "
+                    "tensorboard package)")
 g.add_argument("--stop-after-epoch", type=int, default=None,
                help="testing: exit once this epoch's checkpoint is written, as if the run had been killed")
 g.add_argument("--inject-nan-step", type=int, default=None,
                help="testing: make the loss NaN at this optimizer step, to exercise the NaN guard")
-args = parser.parse_args()
+args = parser.parse_args(strip_leading_dashdash(sys.argv[1:]))  # a stray leading "--" (torchrun ... -- --flags)
 
 # -----------------------------------------------------------------------------
 # processes: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 
-dist = setup_distributed(args.device)
+with user_errors(parser):  # --device cuda without CUDA
+    dist = setup_distributed(args.device)
 master = dist.master  # rank 0 logs, writes the files; every rank trains and evaluates its share
 
 
@@ -208,7 +216,7 @@ def log(*a):
 builder, preset_cfg = PRESETS.get(args.model, (args.model, {}))
 is_sam = builder == "sam_vitb"
 for k, v in RECIPES["petras" if is_sam else "petah"].items():
-    if getattr(args, k) is None and not (k in ("epochs", "iters") and (args.epochs or args.iters)):
+    if getattr(args, k) is None and not (k in ("epochs", "iters") and (args.epochs, args.iters) != (None, None)):
         setattr(args, k, v)
 if args.method not in (SAM_METHODS if is_sam else EF_METHODS):
     parser.error(f"--method {args.method} is not a method for {args.model}; choose one of "
@@ -225,15 +233,16 @@ peft_sam = is_sam and args.method in ("lora", "ia3")  # PETRAS trains norms and 
 args.train_biases = peft_sam if args.train_biases is None else args.train_biases
 args.train_norms = peft_sam if args.train_norms is None else args.train_norms
 args.final_model = args.final_model or ("last" if args.data == "ade20k" else "average")
-args.eval_size = args.eval_size or args.img_size
-if args.epochs is not None and args.iters is not None:
-    parser.error("give the training length as --epochs or as --iters, not both")
-for name in ("r", "rc", "batch_size", "img_size", "eval_size", "top_k", "eval_every", "fpn_channels",
-             "fpn_head_channels", "synthetic_train", "synthetic_val", "epochs", "iters"):
+args.eval_size = args.img_size if args.eval_size is None else args.eval_size
+check_common_args(parser, args)  # ranges of the shared flags, --warmup-epochs < --epochs, --weights exists
+for name in ("eval_size", "eval_stride", "fpn_channels", "fpn_head_channels", "iters"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
         parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-if args.workers < 0:
-    parser.error(f"--workers must be >= 0, got {args.workers}")
+if args.epochs is not None and args.iters is not None:
+    parser.error("give the training length as --epochs or as --iters, not both")
+if not 0 < args.scale_range[0] <= args.scale_range[1]:
+    parser.error(f"--scale-range {args.scale_range[0]:g} {args.scale_range[1]:g} must satisfy 0 < LO <= HI "
+                 f"(e.g. 0.5 2.0)")
 if args.num_classes is not None and args.num_classes < 2:
     parser.error(f"--num-classes {args.num_classes}: count the background too (2 = binary)")
 if args.batch_size % dist.world_size:
@@ -245,8 +254,12 @@ except (json.JSONDecodeError, TypeError):
 stride = model_cfg.get("patch_size", 16) if is_sam else 32
 if args.img_size % stride:
     parser.error(f"--img-size {args.img_size} must be a multiple of {stride} for {args.model} (e.g. 512)")
-if args.weights and not os.path.isfile(args.weights):
-    parser.error(f"--weights {args.weights} does not exist")
+if master and not args.count_only:
+    # --out: a writable directory, locked for this run; a finished run there is refused without --resume;
+    # leftovers of a killed run (temporaries, stale epoch files) are removed and counted
+    with user_errors(parser):
+        for note in prepare_out_dir(args.out, resume=args.resume, ckpt_dir=os.path.join(args.out, "ckpt")):
+            log("note: " + note)
 if not args.weights and not args.count_only and master:
     print("\n" + "!" * 100 + "\n!!! WARNING: no --weights given: the model is RANDOMLY initialised. Adapting a "
           "random model is\n!!! only a smoke test; pass --weights PATH to fine-tune a pretrained model.\n"
@@ -293,7 +306,8 @@ try:
 except (TypeError, ValueError) as e:  # unknown --model-cfg keys
     parser.error(f"cannot build --model {args.model} with --img-size {args.img_size} and {model_cfg}: {e}")
 if args.weights:
-    load_pretrained(model, args.weights, strict=True, verbose=master and not args.count_only)
+    with user_errors(parser):  # a damaged file, a layout that does not fit --model
+        load_pretrained(model, args.weights, strict=True, verbose=master and not args.count_only)
 if is_sam:
     base_keys = set(model.state_dict())
     counts = apply_sam_method(model, args.method, num_classes=num_classes, r=args.r, alpha=args.alpha,
@@ -375,20 +389,18 @@ lr_factor = cosine_lr_factor if args.schedule == "cosine" else poly_lr_factor
 
 ckpt_dir, topk_dir, vis_dir = (os.path.join(args.out, d) for d in ("ckpt", "topk", "vis"))
 if master:
-    for d in (ckpt_dir, topk_dir, vis_dir):
-        os.makedirs(d, exist_ok=True)
+    with user_errors(parser):
+        for d in (ckpt_dir, topk_dir, vis_dir):
+            os.makedirs(d, exist_ok=True)
 start_epoch, history, topk = 0, [], []  # topk: [dict(epoch, score, file)], best first
 if args.resume:
-    state = load_checkpoint(ckpt_dir, model)
+    # the settings that decide the result must be the checkpoint's (checked before its adapters are loaded);
+    # a damaged file is named, with the epoch that can still be resumed
+    with user_errors(parser, quiet=not master):
+        state = load_checkpoint(ckpt_dir, model, settings={k: getattr(args, k) for k in RESUME_KEYS}, log=log)
     if state is None:
         log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from scratch")
     else:
-        old = state["args"]
-        diff = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {vars(args).get(k)!r}" for k in RESUME_KEYS
-                if old.get(k) != vars(args).get(k)]
-        if diff:
-            parser.error(f"--resume: the checkpoint in {ckpt_dir} was made with other settings ({', '.join(diff)});"
-                         f" rerun the original command, or use another --out to start a new run")
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, topk = state["epoch"], json.loads(state["history"]), json.loads(state["topk"])
         log(f"resumed from {ckpt_dir} after epoch {start_epoch}")
@@ -419,8 +431,26 @@ log(f"{dist.world_size} process(es) on {dist.device}{' with bf16 autocast' if di
     f"{per_rank_batch} images per process and step, {steps_per_epoch} steps per epoch, {total_steps} steps "
     f"({epochs} epochs), {args.schedule} LR {args.lr:g}, loss {loss_kind}, {num_classes} classes, final model: "
     f"{args.final_model}")
+tb = open_tensorboard(parser, os.path.join(args.out, "tb")) if args.tensorboard and master else None
 if master:
-    atomic_write_text(json.dumps(vars(args), indent=1), os.path.join(args.out, "args.json"))
+    with user_errors(parser):  # a disk that filled up since the start
+        atomic_write_text(json.dumps(vars(args), indent=1), os.path.join(args.out, "args.json"))
+CSV_COLUMNS = ["epoch", "step", "train_loss", "eval_miou", "eval_iou_fg", "eval_pixel_acc", "lr"]  # summary.csv
+
+
+def csv_rows(history: list[dict]) -> list[dict]:
+    """summary.csv's rows, one per evaluation (eval_iou_fg for binary tasks only)."""
+    return [dict(epoch=r["epoch"], step=r["step"], train_loss=r["train_loss"], eval_miou=r["miou"],
+                 eval_iou_fg=r.get("iou_fg"), eval_pixel_acc=r["pixel_acc"], lr=r["lr"]) for r in history]
+
+
+def batches(loader):
+    """The loader's batches; an unreadable image or mask stops the run argparse-style, naming the file (from a
+    DataLoader worker the exception's text carries the worker's traceback: keep the message only)."""
+    try:
+        yield from loader
+    except CorruptImageError as e:
+        parser.error(str(e).rpartition("CorruptImageError: ")[2])
 
 
 def save_vis(samples: list, path: str) -> None:
@@ -470,8 +500,9 @@ for epoch in range(start_epoch, epochs):
     freeze_bn_stats(raw_model)  # BatchNorms with frozen params keep the pretrained running statistics
     t0, loss_sum, seen = time.time(), 0.0, 0
     n_steps = min(steps_per_epoch, total_steps - step)
-    pbar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{epochs}", disable=not master, dynamic_ncols=True)
-    for i, (x, y) in enumerate(train_loader):
+    # a bar on a terminal; written to a file, a plain line every 30 s instead of carriage-return frames
+    pbar = progress(train_loader, desc=f"epoch {epoch + 1}/{epochs}", enabled=master)
+    for i, (x, y) in enumerate(batches(pbar)):
         if i == n_steps:
             break
         lr = args.lr * lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps)
@@ -495,7 +526,6 @@ for epoch in range(start_epoch, epochs):
         optimizer.step()
         step += 1
         loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
-        pbar.update(1)
         pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
     pbar.close()
     train_time = time.time() - t0
@@ -519,13 +549,20 @@ for epoch in range(start_epoch, epochs):
     if master:
         if samples:
             save_vis(samples, os.path.join(vis_dir, f"epoch_{epoch + 1:04d}.png"))
-        if args.final_model == "average":
-            topk = update_topk(topk, epoch + 1, score)
-        save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
-                        state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
-                                   topk=json.dumps(topk), args=vars(args)),
-                        metadata=adapter_meta)
-        write_jsonl(history, os.path.join(args.out, "log.jsonl"))
+        with user_errors(parser):  # disk full, read-only file system: the message says so (and what to do)
+            if args.final_model == "average":
+                topk = update_topk(topk, epoch + 1, score)
+            save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
+                            state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
+                                       topk=json.dumps(topk), args=vars(args)),
+                            metadata=adapter_meta)
+            write_jsonl(history, os.path.join(args.out, "log.jsonl"))
+            write_csv(csv_rows(history), os.path.join(args.out, "summary.csv"), CSV_COLUMNS)
+        if tb is not None:
+            for k, v in csv_rows(history)[-1].items():
+                if k not in ("epoch", "step") and v is not None:
+                    tb.add_scalar(k, v, step)
+            tb.flush()
     if dist.ddp:
         torch_dist.barrier()
     if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and not last_epoch:
@@ -550,15 +587,16 @@ if args.final_model == "average":
     if unexpected:
         raise RuntimeError(f"top-k files hold tensors the model does not have: {unexpected[:5]}")
 if master:
-    atomic_save_adapters(raw_model, os.path.join(args.out, "final.safetensors"),
-                         metadata=dict(adapter_meta, final_model=args.final_model, topk=[t["epoch"] for t in topk]))
-    # the task itself (multitask.py): adapters + head + trained norms / biases / BN statistics + how to use them
-    save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
-        adapter_meta, kind="seg", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=args.rc,
-        alpha=args.alpha, learn_interp=args.learn_interp, train_norms=args.train_norms,
-        train_biases=args.train_biases, num_classes=num_classes, class_names=list(train_ds.classes),
-        img_size=args.img_size, mean=list(mean), std=list(std), head=args.head, fpn_channels=args.fpn_channels,
-        fpn_head_channels=args.fpn_head_channels, final_model=args.final_model))
+    with user_errors(parser):  # disk full, read-only file system
+        atomic_save_adapters(raw_model, os.path.join(args.out, "final.safetensors"), metadata=dict(
+            adapter_meta, final_model=args.final_model, topk=[t["epoch"] for t in topk]))
+        # the task itself (multitask.py): adapters + head + trained norms / biases / BN statistics + how to use them
+        save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
+            adapter_meta, kind="seg", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r,
+            rc=args.rc, alpha=args.alpha, learn_interp=args.learn_interp, train_norms=args.train_norms,
+            train_biases=args.train_biases, num_classes=num_classes, class_names=list(train_ds.classes),
+            img_size=args.img_size, mean=list(mean), std=list(std), head=args.head, fpn_channels=args.fpn_channels,
+            fpn_head_channels=args.fpn_head_channels, final_model=args.final_model))
 
 # -----------------------------------------------------------------------------
 # merge the adapters into the weights, check the merged model predicts as the adapted one, export
@@ -582,9 +620,10 @@ if set(export) != base_keys:
     raise RuntimeError(f"merged model keys differ from the base model's: {sorted(set(export) ^ base_keys)[:5]}")
 if master:
     # what the file loads into (models/interop.py), and this project's settings to rebuild it (model_args)
-    atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=merged_metadata(
-        merged, model_name=args.model, model_cfg=json.loads(args.model_cfg), num_classes=num_classes,
-        img_size=args.img_size, mean=list(mean), std=list(std), model_args=json.dumps(model_args)))
+    with user_errors(parser):
+        atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=merged_metadata(
+            merged, model_name=args.model, model_cfg=json.loads(args.model_cfg), num_classes=num_classes,
+            img_size=args.img_size, mean=list(mean), std=list(std), model_args=json.dumps(model_args)))
 if test_ds is not None:
     test_cm, _, _ = evaluate(raw_model, eval_loader_for(test_ds), **eval_kw)
     summary.update({f"test_{k}": v for k, v in metrics(test_cm).items()})
@@ -596,6 +635,14 @@ log(f"done: {name} {summary['final_score']:.4f} of {which}, last evaluation {las
     f"differs in {int(diff['pixels_differ'])} val pixels (max logit diff {diff['max_logit_diff']:.1e}), saved to "
     f"{os.path.join(args.out, 'merged.safetensors')}")
 if master:
-    write_jsonl(history + [summary], os.path.join(args.out, "log.jsonl"))
+    with user_errors(parser):
+        write_jsonl(history + [summary], os.path.join(args.out, "log.jsonl"))
+        if plot_curves(csv_rows(history), os.path.join(args.out, "curves.png"), x="step",
+                       panels=(("train_loss",), ("eval_miou", "eval_iou_fg"), ("lr",)), title=f"{args.model} "
+                       f"{args.method} on {args.data}"):
+            log(f"training curves: {os.path.join(args.out, 'curves.png')}")
     print(json.dumps(summary), flush=True)
+    if tb is not None:
+        tb.close()
+    release_out_dir(args.out)
 cleanup_distributed(dist)

@@ -392,3 +392,59 @@ def test_task_file_is_the_final_model_and_predicts(sam_run, tmp_path, capsys):
                script=PREDICT) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["miou"] == pytest.approx(summary["final_miou"], abs=1e-12)
+
+
+TINY = ["--model", "ef_tiny", "--method", "lora", "--data", "synthetic", "--img-size", "32", "--synthetic-train", "2",
+        "--synthetic-val", "1", "--fpn-channels", "16", "--fpn-head-channels", "16", "--epochs", "1",
+        "--batch-size", "2", "--workers", "0"]
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--lr", "nan"], "--lr nan must be a finite number"),
+    (["--workers", "-1"], "--workers -1 must be >= 0"),
+    (["--epochs", "0"], "--epochs 0 must be >= 1"),
+    (["--alpha", "0"], "--alpha 0.0 must be > 0"),
+    (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3 must be < --epochs 2"),
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--iters", "5"], "--epochs or as --iters, not both"),
+    (["--eval-size", "0"], "--eval-size must be >= 1"),
+    (["--scale-range", "0", "1"], "--scale-range 0 1 must satisfy 0 < LO <= HI"),
+    (["--model-cfg", "[1]"], "--model-cfg must be a JSON object"),
+    (["--weights", "nowhere.pth"], "--weights nowhere.pth: does not exist"),
+])
+def test_bad_arguments_are_named_without_traceback(one_thread, tmp_path, capsys, extra, phrase):
+    capsys.readouterr()
+    assert run(*TINY, "--out", tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err
+    assert phrase in err and "Traceback" not in err and "usage:" in err
+
+
+def test_out_dir_rules_resume_settings_and_damaged_checkpoints(ef_run, tmp_path, capsys):
+    import shutil
+
+    def fails(*argv, phrase):
+        capsys.readouterr()
+        assert run(*argv) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and "Traceback" not in err, err
+
+    (tmp_path / "file").write_text("x")
+    fails(*EF_RUN, "--out", tmp_path / "file", phrase="is an existing file")
+    out = tmp_path / "copy"
+    shutil.copytree(ef_run, out)
+    (out / ".lock").unlink(missing_ok=True)
+    fails(*EF_RUN, "--out", out, phrase="holds a finished run")  # not overwritten without --resume
+    fails(*EF_RUN, "--out", out, "--resume", "--data-root", tmp_path, phrase="--data-root 'data' -> ")
+    state = out / "ckpt" / "epoch_0004.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated: named, with what can still be resumed
+    fails(*EF_RUN, "--out", out, "--resume", phrase="epoch_0004.pt (the training state of epoch 4) is damaged")
+
+
+def test_stray_leading_double_dash_as_torchrun_passes_it(tmp_path):
+    import subprocess
+    p = subprocess.run([sys.executable, SCRIPT, "--", "--model", "ef_tiny", "--method", "petah", "--rc", "2",
+                        "--count-only"], capture_output=True, text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1",
+                        "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["model"] == "ef_tiny"
