@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset
-from torchvision.io import ImageReadMode, decode_image, write_png
+from torchvision.io import ImageReadMode, decode_image, encode_png
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -342,13 +342,20 @@ def rle_decode(rle, shape):
     return flat.view(W, H).t().contiguous()  # column-major back to (H, W)
 
 
-def save_mask_png(mask, path, *, scale=1):
-    """Write a (H, W) mask of class ids as a single-channel 8-bit PNG (scale=255 makes a binary mask visible)."""
+def encode_mask_png(mask, *, scale=1):
+    """The bytes of a (H, W) mask of class ids as a single-channel 8-bit PNG (scale=255 makes a binary mask
+    visible)."""
     mask = _to_numpy_or_tensor_2d(mask).long() * scale
     if mask.min() < 0 or mask.max() > 255:
         raise ValueError(f"mask values must lie in 0..255 after scaling, got {int(mask.min())}..{int(mask.max())}")
+    return encode_png(mask.to(torch.uint8)[None]).numpy().tobytes()
+
+
+def save_mask_png(mask, path, *, scale=1):
+    """Write encode_mask_png(mask, scale=scale) to `path` (the parent folder is created)."""
+    data = encode_mask_png(mask, scale=scale)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_png(mask.to(torch.uint8)[None], str(path))
+    Path(path).write_bytes(data)
 
 
 def list_images(directory):

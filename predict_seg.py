@@ -34,7 +34,8 @@ from lora import load_adapters, read_safetensors
 from methods import apply_method, apply_sam_method
 from models import PRESETS, create_model, ef_semantic_fpn, load_pretrained
 from seg_metrics import evaluate, metrics, predict_logits, to_classes
-from train_utils import atomic_write_text, cleanup_distributed, setup_distributed
+from train_utils import (atomic_write, atomic_write_text, check_common_args, cleanup_distributed, setup_distributed,
+                         strip_leading_dashdash, user_errors)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--checkpoint", required=True, metavar="FILE",
@@ -62,9 +63,10 @@ parser.add_argument("--eval-stride", type=int, default=None, help="--eval-mode s
 parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass and process; default 1")
 parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes; default 2")
 parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-args = parser.parse_args()
-
-dist = setup_distributed(args.device)
+args = parser.parse_args(strip_leading_dashdash(sys.argv[1:]))  # a stray leading "--" (torchrun ... -- --flags)
+check_common_args(parser, args)  # --batch-size, --workers ranges, --weights exists
+with user_errors(parser):  # --device cuda without CUDA
+    dist = setup_distributed(args.device)
 
 
 def log(*a):
@@ -76,14 +78,12 @@ if (args.images is None) == (args.eval is None):
     parser.error("give --images DIR (write masks) or --eval DATA (score the validation split), one of the two")
 if args.rle_json and not args.images:
     parser.error("--rle-json needs --images DIR (the images to encode)")
-for name in ("batch_size", "synthetic_val", "eval_size", "eval_stride"):
+for name in ("eval_size", "eval_stride"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
         parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 if not os.path.isfile(args.checkpoint):
     parser.error(f"--checkpoint {args.checkpoint} does not exist; pass the final.safetensors (or a topk/ or ckpt/ "
                  f"file) of a finished train_seg.py run")
-if args.weights and not os.path.isfile(args.weights):
-    parser.error(f"--weights {args.weights} does not exist")
 try:
     stored = json.loads(json.loads(read_safetensors(args.checkpoint)[1].get("user", "{}")).get("model_args", "{}"))
 except Exception as e:  # not a safetensors file, or metadata of another program
@@ -106,13 +106,15 @@ if builder == "sam_vitb":
     model = create_model(builder, img_size=cfg.img_size, num_classes=1 if cfg.num_classes <= 2 else cfg.num_classes,
                          **model_cfg)
     if args.weights:
-        load_pretrained(model, args.weights, strict=True, verbose=dist.master)
+        with user_errors(parser):  # a damaged file, a layout that does not fit the model
+            load_pretrained(model, args.weights, strict=True, verbose=dist.master)
     apply_sam_method(model, cfg.method, num_classes=cfg.num_classes, r=cfg.r, alpha=cfg.alpha,
                      learn_interp=cfg.learn_interp, train_biases=cfg.train_biases, train_norms=cfg.train_norms)
 else:
     model = create_model(builder, num_classes=0, img_size=cfg.img_size, **model_cfg)
     if args.weights:
-        load_pretrained(model, args.weights, strict=True, verbose=dist.master)
+        with user_errors(parser):
+            load_pretrained(model, args.weights, strict=True, verbose=dist.master)
     model.norm = nn.Identity()
     apply_method(model, cfg.model, cfg.method, r=cfg.r, rc=cfg.rc, alpha=cfg.alpha, train_biases=cfg.train_biases,
                  train_norms=cfg.train_norms, learn_interp=cfg.learn_interp, head_names=())
@@ -160,7 +162,10 @@ except (FileNotFoundError, ValueError) as e:
 ade = data_seg.AdeEvalTransform(img_size=eval_size, mean=mean, std=std) if user.get("data") == "ade20k" else None
 canvas = data_seg.SegTransform(train=False, img_size=eval_size, mean=mean, std=std)
 out_dir = Path(args.out)
-out_dir.mkdir(parents=True, exist_ok=True)
+if out_dir.exists() and not out_dir.is_dir():
+    parser.error(f"--out {out_dir} is an existing file, not a directory; choose another --out")
+with user_errors(parser, OSError):
+    out_dir.mkdir(parents=True, exist_ok=True)
 rle = {}
 with torch.no_grad():
     for path in tqdm(files[dist.rank::dist.world_size], desc="predict", disable=not dist.master):
@@ -178,7 +183,8 @@ with torch.no_grad():
                                     stride=args.eval_stride, amp=autocast)[..., :h, :w]  # the image's part
             logits = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
         mask = to_classes(logits)[0].cpu()  # (H, W) class ids
-        data_seg.save_mask_png(mask, out_dir / (path.stem + ".png"))
+        with user_errors(parser):  # disk full, read-only file system: named, no partial file
+            atomic_write(str(out_dir / (path.stem + ".png")), lambda f: f.write(data_seg.encode_mask_png(mask)))
         if args.rle_json:
             rle[path.stem] = data_seg.rle_encode(mask == 1)
 if args.rle_json:
@@ -187,7 +193,8 @@ if args.rle_json:
         parts = [None] * dist.world_size
         torch_dist.all_gather_object(parts, rle)
     if dist.master:
-        atomic_write_text(json.dumps({k: v for p in parts for k, v in sorted(p.items())}), args.rle_json)
+        with user_errors(parser):
+            atomic_write_text(json.dumps({k: v for p in parts for k, v in sorted(p.items())}), args.rle_json)
 log(f"wrote {len(files)} masks to {out_dir}" + (f" and run-length encodings to {args.rle_json}" if args.rle_json
                                                 else ""))
 cleanup_distributed(dist)

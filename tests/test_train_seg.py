@@ -278,6 +278,10 @@ def test_folder_data_and_bad_input_errors(one_thread, tmp_path, capsys):
     fails("--images", folder, "--checkpoint", tmp_path / "none.safetensors", match="does not exist", script=PREDICT)
     fails("--images", folder, "--eval", "synthetic", "--checkpoint", tmp_path / "x", match="one of the two",
           script=PREDICT)
+    fails("--eval", "synthetic", "--checkpoint", tmp_path / "x", "--batch-size", "0", match="--batch-size 0 must be",
+          script=PREDICT)
+    fails("--eval", "synthetic", "--checkpoint", tmp_path / "x", "--weights", tmp_path / "no.pth",
+          match="does not exist", script=PREDICT)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     fails("--eval", "synthetic", "--checkpoint", tmp_path / "junk.safetensors", match="cannot read its metadata",
           script=PREDICT)
