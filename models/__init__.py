@@ -1,10 +1,12 @@
 """Backbones of the PETAH / PETRAS experiments, written in plain PyTorch with the checkpoints' key names.
 
     create_model("efl7", num_classes=200)                  EfficientFormer-L7 (also efl1, efl3)
-    create_model("efl1", img_size=512, num_classes=0)      dense use: model.forward_pyramid(x) -> 4 maps
+    create_model("efl1", img_size=512, num_classes=0)      dense use: model.forward_pyramid(x) -> 4 maps, any
+                                                           input whose sides are multiples of 32 (biases resampled)
     create_model("vitb")                                   DeiT III-B/16 layout (variant="augreg": ViT-B/16 augreg)
     create_model("sam_vitb", img_size=512, num_classes=1)  SAM ViT-B
-    load_pretrained(model, "efficientformer_l7.safetensors")  timm / snap / facebookresearch / Meta layouts
+    load_pretrained(model, "efficientformer_l7.safetensors")  timm / snap / facebookresearch / Meta / Hugging Face
+                                                           layouts, timm's *.pth.tar (ema=True: its EMA weights)
 """
 import torch.nn as nn
 

@@ -288,7 +288,8 @@ HF_RENAMES = (
     (".layer_norm", ".norm"),  # encoder blocks' layer_norm{1,2}, decoder layers' layer_norm{1..4}
 )
 HF_PE_KEYS = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
-_HF_MLP = re.compile(r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|proj_out|layers\.(\d+))\.")
+_HF_MLP = re.compile(r"(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))"  # the MLP head
+                     r"\.(proj_in|proj_out|layers\.(\d+))\.")  # which of its layers
 
 
 def is_hf_layout(state_dict: dict[str, torch.Tensor]) -> bool:
@@ -305,7 +306,8 @@ def hf_to_meta(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         vision_encoder.neck.{conv1,layer_norm1,conv2,layer_norm2}.*  -> image_encoder.neck.{0,1,2,3}.*
         shared_image_embedding.positional_embedding    -> prompt_encoder.pe_layer.positional_encoding_gaussian_matrix
             (also stored as prompt_encoder.shared_embedding.positional_embedding: the same tensor)
-        prompt_encoder.mask_embed.{conv1,layer_norm1,conv2,layer_norm2,conv3}.*  -> prompt_encoder.mask_downscaling.{0,1,3,4,6}.*
+        prompt_encoder.mask_embed.{conv1,layer_norm1,conv2,layer_norm2,conv3}.*
+                                                       -> prompt_encoder.mask_downscaling.{0,1,3,4,6}.*
         prompt_encoder.point_embed.i.*                 -> prompt_encoder.point_embeddings.i.*
         mask_decoder.upscale_{conv1,layer_norm,conv2}.*  -> mask_decoder.output_upscaling.{0,1,3}.*
         mask_decoder.transformer.layers.i.layer_normK.*  -> mask_decoder.transformer.layers.i.normK.*

@@ -395,6 +395,7 @@ def test_hf_layout_loads_and_matches_transformers(tmp_path):
     where a misplaced tensor shows at O(1) and rounding stays below 1e-10."""
     from safetensors.torch import save_file
     models = importlib.import_module("models")
+    torch.manual_seed(0)  # the Fourier matrix keeps transformers' random init
     hf = _hf_sam(hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=64,
                  patch_size=8, window_size=4, global_attn_indexes=[1], mlp_dim=128, num_pos_feats=16).eval()
     g = torch.Generator().manual_seed(0)
@@ -431,13 +432,14 @@ def test_hf_layout_loads_and_matches_transformers(tmp_path):
         sparse, dense = ours.prompt_encoder((points, labels), None, None)
         masks, iou = ours.mask_decoder(emb, ours.prompt_encoder.get_dense_pe(), sparse, dense, True)
     assert max_diff(masks, out.pred_masks[:, 0]) <= 1e-10 and masks.std() > 0.1
-    assert max_diff(iou, out.iou_scores[:, 0]) <= 1e-10 and iou.std() > 0.1
+    assert max_diff(iou, out.iou_scores[:, 0]) <= 1e-10 and iou.std() > 0.01  # 6 scores, not all equal
 
 
 def test_hf_layout_into_another_model_is_named():
     """A transformers SAM file given to a model of another family: the error says what the file is."""
     models = importlib.import_module("models")
-    sd = {"vision_encoder.pos_embed": torch.zeros(1, 4, 4, 8), "vision_encoder.layers.0.attn.qkv.weight": torch.zeros(3, 1)}
+    sd = {"vision_encoder.pos_embed": torch.zeros(1, 4, 4, 8),
+          "vision_encoder.layers.0.attn.qkv.weight": torch.zeros(3, 1)}
     ef = models.create_model("ef_tiny", img_size=64)
     with pytest.raises(ValueError, match=r"Hugging Face transformers SAM checkpoint.*sam_vitb"):
         models.load_pretrained(ef, sd, verbose=False)
