@@ -1,0 +1,328 @@
+r"""
+Export a trained task as one file a runtime executes, and check that it computes what PyTorch computes.
+
+PETAH's deployment claim: a task adapted with LoRA / conv-LoRA costs exactly the base model at inference,
+because the adapters merge into the weights. This script merges the task into the base, optionally folds
+every BatchNorm into the conv before it, exports the network, reloads the exported file, runs it on random
+inputs (batch 1 and 2) and compares with the PyTorch model. Nothing is written to --out unless that check
+passes (the file is written to a temporary name beside it, then moved into place).
+
+    # a task file (train_cls.py: OUT/adapters.safetensors) on the base checkpoint it was trained on
+    python export.py --weights efficientformer_l7.pth --task runs/cub/adapters.safetensors --fold-bn \
+        --format onnx --out cub.onnx
+    # a merged model (OUT/merged.safetensors): the settings come from its metadata
+    python export.py --weights runs/cub/merged.safetensors --format pt2 --out cub.pt2
+    # the base model alone (e.g. to compare its graph with a task's)
+    python export.py --model efl7 --weights efficientformer_l7.pth --format onnx --img-size 224 --out base.onnx
+
+Formats:
+    onnx  ONNX (opset of torch.onnx's exporter), dynamic batch dimension, checked with onnxruntime (<= 1e-4).
+          Needs the optional packages: pip install onnx onnxruntime onnxscript
+    pt2   a torch.export program (torch.export.save), reloaded with torch.export.load and run (<= 1e-5): the
+          entry point of ExecuTorch and other PyTorch-native mobile stacks. Dynamic batch dimension too.
+
+Models: every family the training scripts write: EfficientFormer and ViT classifiers (train_cls.py),
+EfficientFormer + Semantic FPN and SAM's prompt-free segmentation (train_seg.py); the exported graph takes a
+normalised (B, 3, S, S) image (mean / std in the metadata) and returns (B, K) logits or (B, K, S, S) logit maps.
+Printed: the max abs difference per batch size, the file size, GFLOPs (2 x multiply-adds, models/flops.py) and
+the latency at batch 1 of the unmerged PyTorch model (adapters active), the merged one and the exported file;
+last, one JSON line with the same numbers.
+"""
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import sys
+import warnings
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from deploy import (KINDS, add_task_adapters, build_model, exportable, fold_all_bn, fpn_widths, kind_of,
+                    median_time, onnx_op_counts, parse_json_meta)
+from lora import load_adapters, merge_and_unload
+from models import MODEL_NAMES, PRESETS
+from models.flops import count_flops
+from models.interop import reference_arch
+
+FORMATS = {"onnx": 1e-4, "pt2": 1e-5}  # format -> max abs difference to the PyTorch model the check allows
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+
+# -----------------------------------------------------------------------------
+# configuration
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default=None, choices=MODEL_NAMES + tuple(PRESETS),
+                    help="backbone; default: the one named in --task's or --weights' metadata")
+parser.add_argument("--model-cfg", default=None, metavar="JSON",
+                    help="extra models.create_model keywords (as in training); default: from the metadata, else {}")
+parser.add_argument("--weights", default=None, metavar="PATH",
+                    help="the base checkpoint the task was trained on, or a merged model (OUT/merged.safetensors, "
+                         "then no --task). Without it the weights are random: only for looking at the graph")
+parser.add_argument("--task", default=None, metavar="FILE",
+                    help="task file (OUT/adapters.safetensors, or an OUT/ckpt/epoch_*.safetensors) to merge in")
+parser.add_argument("--num-classes", type=int, default=None,
+                    help="classes, when no metadata says (a base checkpoint alone); default: its head's, else 1000")
+parser.add_argument("--img-size", type=int, default=None,
+                    help="input side of the exported graph; default: the trained size from the metadata, else 224 "
+                         "(SAM 1024). EfficientFormer takes any multiple of 32; ViT and SAM their trained size")
+parser.add_argument("--fold-bn", action="store_true",
+                    help="fold every BatchNorm into the conv before it (the deployed form; EfficientFormer, FPN)")
+parser.add_argument("--format", required=True, metavar="{onnx,pt2}",
+                    help="onnx (checked with onnxruntime) or pt2 (torch.export.save, checked after torch.export.load)")
+parser.add_argument("--out", required=True, metavar="PATH", help="the file to write (e.g. cub.onnx, cub.pt2)")
+parser.add_argument("--opset", type=int, default=None, help="--format onnx: ONNX opset; default: the exporter's")
+parser.add_argument("--repeats", type=int, default=10,
+                    help="timed runs per latency number (median, after 2 warm-up runs); 0 skips timing; default 10")
+parser.add_argument("--seed", type=int, default=0, help="seed of the random check inputs; default 0")
+args = parser.parse_args()
+
+# -----------------------------------------------------------------------------
+# the cheap checks first: format, optional packages, the output path
+
+if args.format not in FORMATS:
+    parser.error(f"--format {args.format!r} is not supported; use --format onnx (onnxruntime) or --format pt2 "
+                 f"(torch.export, ExecuTorch's entry point)")
+if args.format == "onnx":
+    missing = []
+    for pkg in ONNX_PACKAGES:
+        try:
+            __import__(pkg)
+        except ImportError:
+            missing.append(pkg)
+    if missing:
+        parser.error(f"--format onnx needs the optional package(s) {', '.join(missing)}: "
+                     f"pip install {' '.join(ONNX_PACKAGES)}   (or export with --format pt2, which needs torch only)")
+    import onnx
+    import onnxruntime as ort
+out = os.path.abspath(args.out)
+out_dir = os.path.dirname(out)
+if os.path.isdir(out):
+    parser.error(f"--out {args.out} is a directory; give a file name, e.g. --out {os.path.join(args.out, 'task.' + args.format)}")
+if not os.path.isdir(out_dir):
+    parser.error(f"--out {args.out}: the folder {out_dir} does not exist; create it (mkdir -p {out_dir}) or choose "
+                 f"another --out")
+if not os.access(out_dir, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+    parser.error(f"--out {args.out}: cannot write there (permission denied); choose a writable --out")
+if args.repeats < 0:
+    parser.error(f"--repeats {args.repeats} must be >= 0 (0 = no timing)")
+
+# -----------------------------------------------------------------------------
+# what --weights and --task hold: a base checkpoint, a merged model (with metadata), a task file
+
+
+def safetensors_meta(path: str) -> dict:
+    if not path.endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        parser.error(f"--weights {path} is not a readable safetensors file ({e}); pass a checkpoint or a merged model")
+
+
+if args.weights is not None and not os.path.isfile(args.weights):
+    parser.error(f"--weights {args.weights} does not exist (or is not a file)")
+wmeta = safetensors_meta(args.weights) if args.weights else {}
+if "adapters" in wmeta:
+    parser.error(f"--weights {args.weights} is a task file (adapters only); pass it as --task and the base checkpoint "
+                 f"it was trained on as --weights")
+merged_file = "model" in wmeta  # train_cls.py / train_seg.py write the model name into merged.safetensors
+if merged_file and args.task:
+    parser.error(f"--weights {args.weights} is a merged model: its task is already in the weights. Drop --task, or "
+                 f"pass the base checkpoint the task was trained on as --weights")
+task = None
+if args.task:
+    from multitask import read_task
+    try:
+        task = read_task(args.task)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(f"--task: {e}")
+tmeta = task.meta if task is not None else {}
+stored = tmeta or {k: parse_json_meta(wmeta, k) for k in wmeta}  # the task's settings, else the merged file's
+
+name = stored.get("model")
+if args.model and name and args.model != name:
+    parser.error(f"--model {args.model}, but {args.task or args.weights} was made with --model {name}; drop --model "
+                 f"or pass the matching file")
+name = args.model or name
+if not name:
+    parser.error("no --model given and the files do not name one (a base checkpoint has no metadata): pass --model")
+try:
+    model_cfg = json.loads(args.model_cfg) if args.model_cfg is not None else stored.get("model_cfg") or {}
+    if isinstance(model_cfg, str):
+        model_cfg = json.loads(model_cfg)
+    assert isinstance(model_cfg, dict)
+except (json.JSONDecodeError, AssertionError):
+    parser.error(f"--model-cfg must be a JSON object such as '{{\"depths\": [1, 1, 1, 2]}}', got {args.model_cfg!r}")
+
+keys = list(task.tensors) if task is not None else []
+if merged_file:
+    from safetensors.torch import load_file
+    merged_state = load_file(args.weights)
+    keys = list(merged_state)
+kind = kind_of(name, keys)
+if tmeta.get("kind") == "seg" and kind == "cls":
+    kind = "fpn"  # an EfficientFormer segmentation task that trained no decode_head tensor (none in practice)
+num_classes = stored.get("num_classes") or args.num_classes
+fpn = dict(fpn_channels=stored.get("fpn_channels") or 256, fpn_head_channels=stored.get("fpn_head_channels") or 128)
+if kind == "fpn" and "decode_head.conv_seg.weight" in keys:  # the head's sizes from its tensors
+    state = task.tensors if task is not None else merged_state
+    num_classes, fpn["fpn_channels"], fpn["fpn_head_channels"] = fpn_widths(state)
+if num_classes is None:  # a base checkpoint alone: its head's size
+    num_classes = 1000
+    if args.weights:
+        from models import read_checkpoint
+        head = {k: v for k, v in read_checkpoint(args.weights).items() if k in ("head.weight", "head_dist.weight")}
+        num_classes = next(iter(head.values())).shape[0] if head else 1000
+num_classes = int(num_classes)
+trained_size = int(stored["img_size"]) if stored.get("img_size") else None
+img_size = args.img_size or trained_size or (1024 if kind == "sam" else 224)
+build_size = trained_size or img_size  # the tables (biases, pos_embed) are stored for the trained size
+if not args.weights:
+    warnings.warn("no --weights: the model is RANDOMLY initialised; the export shows the graph and its cost only",
+                  stacklevel=1)
+
+# -----------------------------------------------------------------------------
+# the PyTorch model: base weights, then the task's adapters; or the merged weights
+
+print(f"model {name} ({kind}), {num_classes} classes, trained at {build_size}, exported at {img_size}, "
+      f"format {args.format}{', BN folded' if args.fold_bn else ''}", flush=True)
+torch.manual_seed(args.seed)
+try:
+    model = build_model(name, kind=kind, num_classes=num_classes, img_size=build_size, model_cfg=model_cfg,
+                        weights=None if merged_file else args.weights, verbose=True, **fpn)
+except (TypeError, ValueError, FileNotFoundError) as e:  # a bad --model-cfg, a checkpoint of another model
+    parser.error(f"cannot build {name} from {args.weights or 'random weights'}: {e}")
+if merged_file:
+    try:
+        model.load_state_dict(merged_state, strict=True)
+    except RuntimeError as e:
+        parser.error(f"--weights {args.weights} does not load into {name} with {model_cfg}: {str(e)[:600]}")
+if task is not None:
+    try:
+        add_task_adapters(model, task.adapters)
+        load_adapters(model, args.task)  # checks every adapter config, every shape and the base fingerprint
+    except ValueError as e:
+        msg = str(e)
+        if "fingerprint" in msg:
+            msg = (f"--task {args.task} was trained on another base than --weights {args.weights} (fingerprint "
+                   f"mismatch): pass the base checkpoint the task was trained on (same file, same --model-cfg)")
+        parser.error(msg)
+    print(f"task {args.task}: {len(task.adapters)} adapted layers, {len(task.trainable)} other trained tensors, "
+          f"{task.nbytes() / 2**20:.2f} MB", flush=True)
+model.eval().requires_grad_(False)  # inference only (and FlopCounterMode's tracker wants no grad leaves)
+unmerged = copy.deepcopy(model)  # the adapted model as trained: the reference for latency (and a second check)
+merged = merge_and_unload(model)  # plain nn.Linear / nn.Conv2d again: the base model's graph
+if args.fold_bn:
+    folded, left = fold_all_bn(merged)
+    print(f"folded {folded} BatchNorms into their convs ({left} left)", flush=True)
+net, ref_net = exportable(merged, kind), exportable(unmerged, kind)
+
+arch, arch_kwargs, note = reference_arch(merged)
+if note:
+    print(f"note: {note}", flush=True)
+elif arch:
+    print(f"reference: the merged weights load strictly into {'timm' if arch != 'sam_vit_b' else 'segment_anything'} "
+          f"{arch} {arch_kwargs}", flush=True)
+if img_size != build_size:
+    print(f"note: exported at {img_size} but trained at {build_size}: the attention-bias tables are resampled to the "
+          f"new token grid inside the graph (an extra bicubic resize per call)", flush=True)
+
+gen = torch.Generator().manual_seed(args.seed)
+inputs = {B: torch.randn(B, 3, img_size, img_size, generator=gen) for B in (1, 2)}
+try:
+    with torch.no_grad():
+        expected = {B: net(x) for B, x in inputs.items()}  # the merged (folded) PyTorch model
+        adapted = {B: ref_net(x) for B, x in inputs.items()}  # the unmerged adapted model
+except ValueError as e:  # an input size the model cannot take
+    parser.error(f"--img-size {img_size}: {e}")
+
+# -----------------------------------------------------------------------------
+# export to a temporary file beside --out, reload, check, then move into place
+
+tmp = f"{out}.tmp.{os.getpid()}.{args.format}"  # torch.export.load wants the .pt2 suffix
+batch = torch.export.Dim("batch", min=1, max=4096)  # traced at batch 2: torch.export specialises a size-1 dim
+try:
+    chatter = io.StringIO()  # the ONNX exporter's progress lines: shown only if it fails
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(chatter):
+            if args.format == "onnx":
+                # SDPA's math form while tracing: the CPU flash kernel's output strides differ from the decomposed
+                # graph's, which breaks a later reshape of the attention output (SAM) in the ONNX lowering
+                with sdpa_kernel(SDPBackend.MATH):
+                    torch.onnx.export(net, (inputs[2],), tmp, dynamo=True, external_data=False,
+                                      dynamic_shapes=({0: batch},), input_names=["image"], output_names=["logits"],
+                                      opset_version=args.opset)
+            else:
+                torch.export.save(torch.export.export(net, (inputs[2],), dynamic_shapes=({0: batch},)), tmp)
+    except Exception:
+        sys.stdout.write(chatter.getvalue())
+        raise
+    if args.format == "onnx":
+        onnx.checker.check_model(tmp)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch, for the timings
+        session = ort.InferenceSession(tmp, opts, providers=["CPUExecutionProvider"])
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    else:
+        program = torch.export.load(tmp).module()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return program(x)
+
+    tol = FORMATS[args.format]
+    diffs, diffs_adapted = {}, {}
+    for B, x in inputs.items():
+        y = run(x)
+        if y.shape != expected[B].shape:
+            raise RuntimeError(f"the exported model returns {tuple(y.shape)} for batch {B}, PyTorch "
+                               f"{tuple(expected[B].shape)}")
+        diffs[B] = (y - expected[B]).abs().max().item()
+        diffs_adapted[B] = (y - adapted[B]).abs().max().item()
+        vs_task = f"; vs the unmerged adapted model {diffs_adapted[B]:.2e}" if task is not None else ""
+        print(f"check batch {B}: max |exported - PyTorch| = {diffs[B]:.2e} (allowed {tol:.0e}){vs_task}; output "
+              f"{tuple(y.shape)}, max |y| {y.abs().max().item():.3g}", flush=True)
+    if max(diffs.values()) > tol:
+        raise SystemExit(f"export.py: error: the exported model differs from the PyTorch model by "
+                         f"{max(diffs.values()):.2e} > {tol:.0e}; nothing written to {args.out}")
+    os.replace(tmp, out)
+finally:
+    if os.path.exists(tmp):
+        os.remove(tmp)
+
+# -----------------------------------------------------------------------------
+# what it costs: size, GFLOPs, latency at batch 1
+
+size_mb = os.path.getsize(out) / 2**20
+x1 = inputs[1]
+flops_merged = count_flops(net, x1)[0] / 1e9
+flops_unmerged = count_flops(ref_net, x1)[0] / 1e9
+result = dict(out=args.out, format=args.format, model=name, kind=kind, img_size=img_size, fold_bn=args.fold_bn,
+              task=args.task, max_abs_diff=max(diffs.values()), max_abs_diff_vs_unmerged=max(diffs_adapted.values()),
+              size_mb=round(size_mb, 3), gflops=round(flops_merged, 4), gflops_unmerged=round(flops_unmerged, 4),
+              threads=torch.get_num_threads())
+print(f"wrote {args.out}: {size_mb:.2f} MB; {flops_merged:.3f} GFLOPs per image (unmerged adapted model: "
+      f"{flops_unmerged:.3f})", flush=True)
+if args.format == "onnx":
+    ops = onnx_op_counts(out)
+    result["onnx_nodes"] = sum(ops.values())
+    print(f"ONNX graph: {sum(ops.values())} nodes, " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)), flush=True)
+if args.repeats:
+    with torch.no_grad():
+        t_unmerged = median_time(ref_net, x1, repeats=args.repeats)
+        t_merged = median_time(net, x1, repeats=args.repeats)
+    t_export = median_time(run, x1, repeats=args.repeats)
+    result.update(ms_unmerged=round(1e3 * t_unmerged, 3), ms_merged=round(1e3 * t_merged, 3),
+                  ms_exported=round(1e3 * t_export, 3))
+    print(f"latency, batch 1, {torch.get_num_threads()} thread(s), median of {args.repeats}: unmerged PyTorch "
+          f"{1e3 * t_unmerged:.2f} ms, merged PyTorch {1e3 * t_merged:.2f} ms, exported ({args.format}) "
+          f"{1e3 * t_export:.2f} ms", flush=True)
+print(json.dumps(result), flush=True)
