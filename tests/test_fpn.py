@@ -1,4 +1,4 @@
-"""Semantic FPN: sizes, parameter count from REFERENCE.md section 3, the documented wiring, errors."""
+"""Semantic FPN: sizes, parameter count from the layer list in models/fpn.py, the documented wiring, errors."""
 import pytest
 import torch
 import torch.nn as nn
@@ -16,8 +16,9 @@ def maps(dims, size=64, batch=2, seed=0):
 
 
 def expected_params(dims, k, ch=256, hc=128, input_norm=True):
-    """REFERENCE.md 3: laterals 1x1 (bias), 3x3 FPN convs (bias), head 1/1/2/3 x (3x3 conv no bias + BN),
-    1x1 classifier; plus GroupNorm(1, C) per input (the snap backbone's output norms)."""
+    """The Semantic FPN of the EfficientFormer paper's ADE20K model: laterals 1x1 (bias), 3x3 FPN convs (bias),
+    head 1/1/2/3 x (3x3 conv no bias + BN), 1x1 classifier; plus GroupNorm(1, C) per input (the snap backbone's
+    output norms)."""
     neck = sum(c * ch + ch for c in dims) + len(dims) * (ch * ch * 9 + ch)
     convs_per_level = [max(1, i) for i in range(len(dims))]  # 1, 1, 2, 3
     head = sum(ch * hc * 9 + 2 * hc + (n - 1) * (hc * hc * 9 + 2 * hc) for n in convs_per_level)
@@ -31,7 +32,7 @@ def test_shapes_and_count(num_classes):
     assert [sum(isinstance(m, nn.Conv2d) for m in h.modules()) for h in fpn.scale_heads] == [1, 1, 2, 3]
     out = fpn(maps(L1_DIMS))
     assert out.shape == (2, num_classes, 64, 64)
-    # about 4.2M parameters on top of the backbone for 150 classes (REFERENCE.md: ~4.2-4.4M)
+    # about 4.2M parameters on top of the backbone for 150 classes (the papers' Semantic FPN: ~4.2-4.4M)
     if num_classes == 150:
         assert 4.1e6 < expected_params(L1_DIMS, 150) < 4.4e6
 

@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 import data_seg
 import seg_metrics
 from lora import load_adapters, read_safetensors
-from methods import apply_sam_method
+from methods import PAPER_PARAMS, apply_sam_method
 from models import PRESETS, create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,7 +239,7 @@ def test_count_only_sam_vitb_ia3(one_thread, capsys):
 def test_count_only_efl1_petah_matches_reference(one_thread, capsys):
     assert run("--model", "efl1", "--head", "fpn", "--method", "petah", "--count-only") == 0
     c = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert c["adapter_params"] == 62_283  # REFERENCE.md 1: EF L1 PETAH-1 (the FPN head is not counted)
+    assert c["adapter_params"] == PAPER_PARAMS["efl1", "petah", 8, 1] == 62_283  # PETAH-1 (FPN head not counted)
 
 
 def make_folder(root: Path, *, n_train=4, n_val=2, size=(48, 64)):
