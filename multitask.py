@@ -91,7 +91,7 @@ def save_task(model: nn.Module, path, *, meta: dict) -> str:
     if meta["kind"] not in KINDS:
         raise ValueError(f"save_task: meta['kind'] must be one of {KINDS}, got {meta['kind']!r}")
     try:
-        user = json.dumps(_jsonable(meta))
+        json.dumps(_jsonable(meta))
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_task: meta must be JSON-serialisable: {e}") from None
     tensors = adapter_state_dict(model)  # adapters, trained params, BN statistics of trained BNs
@@ -99,11 +99,24 @@ def save_task(model: nn.Module, path, *, meta: dict) -> str:
         raise ValueError("save_task: the model has no adapters and no trainable parameter: nothing was trained")
     adapters = {name: m.adapter_config() for name, m in _adapter_modules(model)}
     adapter_keys = {f"{name}.{n}" for name, m in _adapter_modules(model) for n in m.adapter_names}
+    return _write_task(path, tensors, adapters=adapters, trainable=[k for k in tensors if k not in adapter_keys],
+                       fingerprint=base_fingerprint(model, exclude=set(tensors)), meta=meta)
+
+
+def _write_task(path, tensors: dict, *, adapters: dict, trainable: list, fingerprint: str, meta: dict) -> str:
+    """The task file itself (save_task, and peft_io for adapters made elsewhere): atomic, umask mode."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"save_task: meta lacks {missing}; it needs at least {list(REQUIRED_META)}")
+    try:
+        user = json.dumps(_jsonable(meta))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_task: meta must be JSON-serialisable: {e}") from None
     metadata = {
         "format": "pt",
         "adapters": json.dumps(adapters),
-        "trainable": json.dumps([k for k in tensors if k not in adapter_keys]),
-        "fingerprint": base_fingerprint(model, exclude=set(tensors)),
+        "trainable": json.dumps(list(trainable)),
+        "fingerprint": fingerprint,
         "user": user,
         "task_format": TASK_FORMAT,
     }
