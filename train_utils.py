@@ -157,7 +157,7 @@ def setup_distributed(device: str | None = None) -> Dist:
     """Detect torchrun from RANK/LOCAL_RANK/WORLD_SIZE and initialise the process group.
 
     NCCL when CUDA is available (one GPU per process, chosen by LOCAL_RANK), gloo on CPU, so
-    `torchrun --nproc_per_node 2 train_cls.py ...` also runs on a machine without a GPU.
+    `torchrun --nproc_per_node 2 -- train_cls.py ...` also runs on a machine without a GPU.
     `device`: "cpu" / "cuda" to override the automatic choice.
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")

@@ -102,6 +102,20 @@ def test_bad_flag(tmp_path, extra, phrase):
     assert not (tmp_path / "o").exists()  # refused before --out is touched
 
 
+CALL_SITE_ROWS = [  # library errors the script reports argparse-style: extra argv, phrase
+    (["--method", "lora", "--r", "100"], "LoRA rank r=100 is out of range"),
+    (["--img-size", "33"], "must be a positive multiple of 32"),
+    (["--weights", "GARBAGE"], "garbage.pth"),  # a file that is no checkpoint
+]
+
+
+@pytest.mark.parametrize("extra, phrase", CALL_SITE_ROWS, ids=[" ".join(r[0]) for r in CALL_SITE_ROWS])
+def test_library_error_at_a_call_site(tmp_path, extra, phrase):
+    (tmp_path / "garbage.pth").write_text("garbage")
+    extra = [str(tmp_path / "garbage.pth") if a == "GARBAGE" else a for a in extra]
+    check(*run(*TINY, *extra, "--out", tmp_path / "o"), 2, phrase)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda(tmp_path):
     check(*run(*TINY, "--device", "cuda", "--out", tmp_path / "o"), 2, "use --device cpu")
