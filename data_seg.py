@@ -23,7 +23,8 @@ Two evaluation protocols:
 
 Binary folder masks: 0 = background, 1 or 255 = foreground (0/255 masks as image editors save them; one rule
 for every file, so 255 never means foreground in one file and ignore in another); binary masks have no ignore
-label. `SegFiles.masks_with_255` counts the masks read so (train_seg.py logs it).
+label. `SegFiles.masks_with_255` counts the masks read so (train_seg.py logs it). Masks of K > 2 classes: 255 is
+the ignore label.
 
 Also: `list_images(dir)` for prediction, `rle_encode` / `rle_decode` (the competition's run-length format:
 1-based start/length pairs over the column-major flattened mask), `save_mask_png`.
