@@ -29,7 +29,6 @@ weights: the plain detector's state_dict).
 """
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -42,16 +41,18 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset
-from tqdm import tqdm
 
 from data_det import DET_DATASETS, build_det_datasets, det_collate
-from det_eval import METRICS, coco_evaluate, to_coco_results
+from det_eval import coco_evaluate, to_coco_results
 from lora import freeze_bn_stats, merge_and_unload
 from methods import apply_method
 from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
 from models.detector import build_cascade_mask_rcnn
-from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, cleanup_distributed,
-                         epoch_seed, load_checkpoint, save_checkpoint, seed_everything, setup_distributed, write_jsonl)
+from multitask import save_task
+from train_utils import (all_reduce_sum, atomic_save_safetensors, atomic_write_text, check_common_args,
+                         cleanup_distributed, epoch_seed, load_checkpoint, prepare_out_dir, progress, release_out_dir,
+                         save_checkpoint, seed_everything, setup_distributed, strip_leading_dashdash, user_errors,
+                         write_jsonl)
 
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0].startswith("ef")}  # EfficientFormer backbones only
 MODELS = ("efl1", "efl3", "efl7", *PRESETS)
@@ -119,16 +120,14 @@ g.add_argument("--stop-after-epoch", type=int, default=None,
                help="testing: exit once this epoch's checkpoint is written, as if the run had been killed")
 g.add_argument("--inject-nan-step", type=int, default=None,
                help="testing: make the loss NaN at this optimizer step, to exercise the NaN guard")
-argv = sys.argv[1:]
-args = parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)  # `torchrun train_det.py -- --flags`
+args = parser.parse_args(strip_leading_dashdash(sys.argv[1:]))  # a stray leading "--" (torchrun ... -- --flags)
+check_common_args(parser, args)  # ranges of the shared flags, --weights exists
 
 # -----------------------------------------------------------------------------
 # processes: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; NCCL on GPUs, gloo on CPUs
 
-try:
+with user_errors(parser):  # --device cuda without CUDA
     dist = setup_distributed(args.device)
-except ValueError as e:
-    parser.error(str(e))
 master = dist.master
 
 
@@ -150,18 +149,21 @@ if img_size < 32:
                  f"P6 1/64); use at least 32 (COCO: 800)")
 if max_size is not None and max_size < img_size:
     parser.error(f"--max-size {max_size} must be >= --img-size {img_size} (the longer side is capped at --max-size)")
-for flag in ("r", "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "epochs", "batch_size",
-             "eval_every"):
-    if getattr(args, flag) < 1:
-        parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
-if rc < 1:
-    parser.error(f"--rc {rc} must be >= 1")
+for flag in ("fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "warmup_iters"):
+    if getattr(args, flag) < (0 if flag == "warmup_iters" else 1):
+        parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= {0 if flag == 'warmup_iters' else 1}")
 if args.batch_size % dist.world_size:
     parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
 try:
     model_cfg = {**preset_cfg, **json.loads(args.model_cfg)}
 except (json.JSONDecodeError, TypeError):
     parser.error(f"--model-cfg must be a JSON object such as '{{\"depths\": [1, 1, 1, 2]}}', got {args.model_cfg!r}")
+if master and not args.count_only:
+    # --out: a writable directory, locked for this run; a finished run there is refused without --resume;
+    # leftovers of a killed run (temporaries, stale epoch files) are removed and counted
+    with user_errors(parser):
+        for note in prepare_out_dir(args.out, resume=args.resume, ckpt_dir=os.path.join(args.out, "ckpt")):
+            log("note: " + note)
 if not args.weights and not args.count_only and master:
     print("\n" + "!" * 100 + "\n!!! WARNING: no --weights: the backbone is RANDOMLY initialised. Only a smoke test; "
           "pass --weights PATH\n!!! (e.g. timm's efficientformer_l7.snap_dist_in1k) for real fine-tuning.\n"
@@ -178,7 +180,8 @@ def build_detector(num_classes: int) -> tuple[nn.Module, dict, set]:
     # (ratio kept, padded to 32) resample the table
     body = create_model(builder, num_classes=0, img_size=32 * math.ceil(img_size / 32), **model_cfg)
     if args.weights:
-        load_pretrained(body, args.weights, strict=True, verbose=master and not args.count_only)
+        with user_errors(parser):  # a damaged file, a layout that does not fit --model
+            load_pretrained(body, args.weights, strict=True, verbose=master and not args.count_only)
     body.norm = nn.Identity()  # forward_pyramid never reaches the final norm: no dead trainable params
     apply_method(body, args.model, "linear" if args.method == "frozen" else args.method, r=args.r, rc=rc,
                  alpha=args.alpha, train_biases=args.train_biases, train_norms=args.train_norms, head_names=())
@@ -215,12 +218,10 @@ if args.count_only:
 
 if dist.ddp and not master:
     torch_dist.barrier()  # rank 0 reads the annotation files first
-try:
+with user_errors(parser):  # a missing COCO root (the message names the layout), an annotation file that does not parse
     train_ds, val_ds, classes = build_det_datasets(args.data, args.data_root, img_size=img_size, max_size=max_size,
                                                    synthetic_train=args.synthetic_train,
                                                    synthetic_val=args.synthetic_val, seed=args.seed)
-except (FileNotFoundError, ValueError) as e:
-    parser.error(str(e))
 if dist.ddp and master:
     torch_dist.barrier()
 for split, ds in (("train", train_ds), ("val", val_ds)):
@@ -278,26 +279,17 @@ def lr_at(step: int) -> float:
 
 ckpt_dir = os.path.join(args.out, "ckpt")
 start_epoch, history = 0, []
-if master:
-    os.makedirs(args.out, exist_ok=True)
 if args.resume:
-    try:
-        state = load_checkpoint(ckpt_dir, model)
-    except (ValueError, KeyError) as e:
-        parser.error(f"--resume: cannot load the checkpoint in {ckpt_dir}: {e}")
+    # the settings that decide the result must be the checkpoint's (checked before its weights are loaded)
+    same = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "train_biases", "train_norms",
+            "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "data", "data_root", "img_size",
+            "max_size", "synthetic_train", "synthetic_val", "epochs", "lr_steps", "warmup_iters", "batch_size", "lr",
+            "weight_decay", "seed")
+    with user_errors(parser, quiet=not master):
+        state = load_checkpoint(ckpt_dir, model, settings={k: getattr(args, k) for k in same}, log=log)
     if state is None:
         log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from scratch")
     else:
-        same = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "train_biases", "train_norms",
-                "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "data", "img_size", "max_size",
-                "synthetic_train", "synthetic_val", "epochs", "lr_steps", "warmup_iters", "batch_size", "lr",
-                "weight_decay", "seed")
-        old = json.loads(state["args"])
-        diff = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(args, k)!r}" for k in same
-                if old.get(k) != getattr(args, k)]
-        if diff:
-            parser.error(f"--resume: the checkpoint in {ckpt_dir} was made with other settings ({', '.join(diff)}); "
-                         f"rerun the original command, or use another --out to start a new run")
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"], json.loads(state["history"])
         log(f"resumed from {ckpt_dir} after epoch {start_epoch}")
@@ -308,8 +300,8 @@ if dist.ddp:
 log(f"{dist.world_size} process(es) on {dist.device}: {per_rank_batch} images per process and step, "
     f"{steps_per_epoch} steps per epoch, {total_steps} in all")
 if master:
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    with user_errors(parser):
+        atomic_write_text(json.dumps(vars(args), indent=1), os.path.join(args.out, "args.json"))
 
 
 def to_device(targets: list[dict]) -> list[dict]:
@@ -322,7 +314,7 @@ def evaluate(net: nn.Module) -> dict[str, float]:
     """COCOeval (bbox + segm) of `net` on the whole val set: each rank detects its share, rank 0 scores."""
     net.eval()
     results = []
-    for images, targets in tqdm(eval_loader, desc="eval", disable=not master, leave=False, dynamic_ncols=True):
+    for images, targets in progress(eval_loader, desc="eval", enabled=master):
         outs = net([im.to(dist.device) for im in images],
                    original_sizes=[tuple(t["orig_size"].tolist()) for t in targets])
         results += to_coco_results(outs, [t["image_id"] for t in targets], val_ds.label_to_cat)
@@ -352,7 +344,7 @@ for epoch in range(start_epoch, args.epochs):
     model.train()
     freeze_bn_stats(raw_model)  # BatchNorms with frozen params keep the pretrained running statistics
     t0, sums, seen = time.time(), {}, 0
-    pbar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master, dynamic_ncols=True)
+    pbar = progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", enabled=master)
     for images, targets in pbar:
         lr = lr_at(step)
         for group in optimizer.param_groups:
@@ -395,11 +387,12 @@ for epoch in range(start_epoch, args.epochs):
                         img_per_s=round(totals[0] / train_time, 2), time_s=round(time.time() - t0, 2)))
     log(f"epoch {epoch + 1}: train loss {train_losses['loss']:.4f}, {text}, {totals[0] / train_time:.1f} img/s")
     if master:
-        save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
-                        state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
-                                   args=json.dumps(vars(args))),
-                        metadata=dict(model=args.model, method=args.method, num_classes=len(classes)))
-        write_jsonl(history, os.path.join(args.out, "log.jsonl"))
+        with user_errors(parser):  # disk full, read-only file system: the message says so (and what to do)
+            save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
+                            state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
+                                       args=json.dumps(vars(args))),
+                            metadata=dict(model=args.model, method=args.method, num_classes=len(classes)))
+            write_jsonl(history, os.path.join(args.out, "log.jsonl"))
     if args.stop_after_epoch is not None and epoch + 1 == args.stop_after_epoch and epoch + 1 < args.epochs:
         log(f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
         cleanup_distributed(dist)
@@ -409,13 +402,15 @@ for epoch in range(start_epoch, args.epochs):
 # task file, then merge the adapters into the weights, check the merged detector scores as the adapted one, export
 
 metrics = final_metrics if final_metrics is not None else evaluate(raw_model)
-model_args = {k: getattr(args, k) for k in ("model", "model_cfg", "method", "r", "alpha", "train_biases",
-                                            "train_norms", "fpn_channels", "fc_dim", "mask_channels", "data")}
-model_args.update(rc=rc, img_size=img_size, max_size=max_size, classes=classes, label_to_cat=val_ds.label_to_cat)
-if master:  # adapters + every trained head parameter, the base fingerprint, the settings to rebuild the model
-    atomic_save_adapters(raw_model, os.path.join(args.out, "adapters.safetensors"),
-                         metadata=dict(task="detection", model_args=model_args))
-merged = merge_and_unload(copy.deepcopy(raw_model))  # plain nn.Linear / nn.Conv2d: W0 + dW
+if master:  # the task itself: adapters + the detection head (+ trained norms / biases / BN statistics) + how to use it
+    with user_errors(parser):
+        save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
+            kind="det", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=rc, alpha=args.alpha,
+            train_norms=args.train_norms, train_biases=args.train_biases, num_classes=len(classes),
+            class_names=list(classes), label_to_cat=list(val_ds.label_to_cat), img_size=img_size, max_size=max_size,
+            fpn_channels=args.fpn_channels, fc_dim=args.fc_dim, mask_channels=args.mask_channels, data=args.data,
+            mean=list(raw_model.transform.image_mean), std=list(raw_model.transform.image_std), **metrics))
+merged = merge_and_unload(raw_model)  # in place: W0 + dW in every adapted layer, plain nn.Linear / nn.Conv2d
 merged_metrics = evaluate(merged)
 diff = max(abs(metrics[k] - merged_metrics[k]) for k in metrics)
 if diff > 0:
@@ -427,11 +422,16 @@ if set(export) != base_keys:
 summary = dict(summary=True, **counts, epochs=args.epochs, steps=step, **metrics,
                **{f"merged_{k}": v for k, v in merged_metrics.items()}, merged_max_abs_diff=diff)
 if master:
-    atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"),
-                            metadata=dict(model_args=json.dumps(model_args)))
+    with user_errors(parser):  # disk full / read-only: a clear message
+        atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=dict(
+            model=args.model, model_cfg=json.dumps(model_cfg), num_classes=str(len(classes)),
+            fpn_channels=str(args.fpn_channels), fc_dim=str(args.fc_dim), mask_channels=str(args.mask_channels),
+            img_size=str(img_size), label_to_cat=json.dumps(list(val_ds.label_to_cat))))
 log(f"done: adapted {metrics_text(metrics)}; merged {metrics_text(merged_metrics)} (max |diff| {diff:.1e}); "
     f"merged detector: {os.path.join(args.out, 'merged.safetensors')}")
 if master:
-    write_jsonl(history + [summary], os.path.join(args.out, "log.jsonl"))
+    with user_errors(parser):
+        write_jsonl(history + [summary], os.path.join(args.out, "log.jsonl"))
     print(json.dumps(summary), flush=True)
+    release_out_dir(args.out)
 cleanup_distributed(dist)
