@@ -78,7 +78,7 @@ def unwrap_state_dict(obj, where: str = "checkpoint", *, ema: bool = False) -> d
     """Peel `{'model': ...}` / `{'state_dict': ...}` wrappers (or, with `ema`, take `state_dict_ema` /
     `model_ema`) and a `module.` / `_orig_mod.` key prefix."""
     if not isinstance(obj, Mapping):
-        raise TypeError(f"{where}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+        raise ValueError(f"{where}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
     if ema:
         found = [k for k in EMA_KEYS if isinstance(obj.get(k), Mapping)]
         if not found:
@@ -92,8 +92,8 @@ def unwrap_state_dict(obj, where: str = "checkpoint", *, ema: bool = False) -> d
         obj = obj[inner[0]]
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
-        raise TypeError(f"{where}: no tensors found (top-level keys: {sorted(obj)[:10]}); expected a state_dict, "
-                        f"possibly under 'model' or 'state_dict'")
+        raise ValueError(f"{where}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]}); expected a "
+                         f"state_dict, possibly under 'model' or 'state_dict'")
     for prefix in PREFIXES:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}

@@ -479,6 +479,22 @@ def test_vit_variant_mismatch_names_the_flag(file_variant):
     assert not load_pretrained(same, ref.state_dict(), verbose=False)["missing"]
 
 
+def test_augreg_hint_reaches_the_user_without_traceback(tmp_path):
+    """The scripts print the hint argparse-style: exit 2, the flag named, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    path = tmp_path / "vit_augreg.pth"
+    torch.save(TimmViT(patch_size=8, embed_dim=48, depth=2, num_heads=3, img_size=64).state_dict(), path)
+    out = subprocess.run([sys.executable, "train_cls.py", "--model", "vit_tiny", "--img-size", "64", "--weights",
+                          str(path), "--method", "lora", "--count-only"], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--model-cfg '{\"variant\": \"augreg\"}'" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_bad_files(tmp_path):
     model = EfficientFormer(**TINY_EF, num_vit=1, num_classes=10)
     sd = model.state_dict()
@@ -513,8 +529,12 @@ def test_bad_files(tmp_path):
         load_pretrained(model, tmp_path / "obj.pth")
     not_a_dict = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], not_a_dict)
-    with pytest.raises(TypeError, match="state_dict"):
+    with pytest.raises(ValueError, match=r"list\.pth: expected a state_dict.*got list"):
         load_pretrained(model, not_a_dict)
+    no_tensors = tmp_path / "meta.pth"
+    torch.save({"epoch": 3, "arch": "efficientformer_l1"}, no_tensors)
+    with pytest.raises(ValueError, match=r"meta\.pth: no tensors found.*arch.*epoch"):
+        load_pretrained(model, no_tensors)
     # wrappers and a DDP prefix are peeled
     wrapped = tmp_path / "wrapped.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}, wrapped)
