@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lora import adapter_state_dict, base_fingerprint
 
@@ -209,6 +210,9 @@ def read_task(path) -> Task:
 #                  models keeps the batch as dimension 0 and treats samples independently (BatchNorm in eval mode
 #                  included). Heads of different widths are zero-padded to the widest, then cut back per sample.
 
+_END = object()  # marks the end of the runs in _Switch.forward
+
+
 def _plain(obj, name, value):
     # set an attribute without nn.Module registering a module value as a submodule
     object.__setattr__(obj, name, value)
@@ -233,7 +237,24 @@ class _Switch:
                 runs[-1][2] = e
             else:
                 runs.append([m, s, e])
-        outs = [super(_Switch, self).forward(x[s:e]) if m is None else m(x[s:e]) for m, s, e in runs]
+        # Slices whose task adds a low-rank update or scales outputs share ONE base forward over their span of the
+        # batch (the frozen layer's work at full batch size), then get their update in place; other slices (heads,
+        # norms, interpolated or input-scaled adapters, own biases) run through their variant alone.
+        outs, span = [], []
+        for m, s, e in runs + [[_END, 0, 0]]:
+            if m is not _END and (m is None or self._shares_base(m)):
+                span.append((m, s, e))
+                continue
+            if span:
+                a, b = span[0][1], span[-1][2]
+                y = super(_Switch, self).forward(x[a:b])                    # W0 x + b over the span
+                for v, s2, e2 in span:
+                    if v is not None:
+                        self._update_(v, y[s2 - a:e2 - a], x[s2:e2])
+                outs.append(y)
+                span = []
+            if m is not _END:
+                outs.append(m(x[s:e]))
         if len(outs) == 1:
             return outs[0]
         dim = 1 if isinstance(self, nn.Conv2d) else -1  # the feature dim heads of different widths differ in
@@ -243,6 +264,30 @@ class _Switch:
                     torch.nn.functional.pad(o, (0, width - o.shape[dim]) if dim == -1 else
                                             (0, 0, 0, 0, 0, width - o.shape[dim])) for o in outs]
         return torch.cat(outs, 0)
+
+    def _shares_base(self, v) -> bool:
+        """Can slice outputs of variant v be made from the base layer's output (same weight and bias)?"""
+        if v.weight is not self.weight or getattr(v, "bias", None) is not self.bias:
+            return False
+        if hasattr(v, "lora_A"):
+            return not v.learn_interp  # y_t = W0 x + b + delta_t
+        return getattr(v, "mode", None) == "out"  # (IA)^3 on outputs: y_t = s_t * (W0 x + b)
+
+    @staticmethod
+    def _update_(v, y, x) -> None:
+        """In place: y (the base output of x) becomes variant v's output."""
+        if hasattr(v, "lora_A"):
+            if isinstance(v, nn.Conv2d):
+                y += v.lora_path(x)                                              # (b, c_out, H', W')
+            else:
+                delta = F.linear(F.linear(x, v.lora_A) * v.scaling, v.lora_B)   # (b, ..., out or len(rows))
+                if v.lora_rows is None:
+                    y += delta
+                else:
+                    y.index_add_(-1, v.lora_rows, delta)
+        else:
+            s = v._out_scale()                                                   # (out,)
+            y *= s if isinstance(v, nn.Linear) else s.view(-1, 1, 1)
 
 
 class SwitchLinear(_Switch, nn.Linear):
