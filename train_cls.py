@@ -12,8 +12,10 @@ the script's flags as its own: it takes --r for an abbreviation of its --rdzv-*/
 A method's parameter count, as in the paper's #Params column (no data, no training):
     python train_cls.py --model efl7 --method petah --rc 2 --count-only
 CPU demo: a tiny EfficientFormer (ef_tiny, random backbone) adapted with PETAH on the built-in synthetic data
-(10 classes of shape x texture x colour, chance = 10%); about 65 s of CPU time, top-1 ~46% after 6 epochs
-(OMP_NUM_THREADS=1: tiny ops are faster on one thread, and much faster on a busy machine):
+(10 classes of shape x texture x colour, chance = 10%); 35-65 s of CPU time, top-1 about 45-55% after 6 epochs
+(51.0% measured with one thread, torch 2.14, an x86 CPU; with a random backbone the number follows the rounding
+of the torch build and thread count) (OMP_NUM_THREADS=1: tiny ops are faster on one thread, much faster on a
+busy machine):
     OMP_NUM_THREADS=1 python train_cls.py --model ef_tiny --method petah --rc 4 --train-norms --data synthetic \
         --img-size 64 --epochs 6 --batch-size 32 --lr 0.005 --adapter-lr-factor 2 --warmup-epochs 1 --workers 0 \
         --out runs/demo
