@@ -41,7 +41,7 @@ import warnings
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from deploy import (KINDS, add_task_adapters, build_model, exportable, fold_all_bn, fpn_widths, kind_of,
+from deploy import (add_task_adapters, build_model, builder_of, exportable, fold_all_bn, fpn_widths, kind_of,
                     median_time, onnx_op_counts, parse_json_meta)
 from lora import load_adapters, merge_and_unload
 from models import MODEL_NAMES, PRESETS
@@ -183,6 +183,9 @@ num_classes = int(num_classes)
 trained_size = int(stored["img_size"]) if stored.get("img_size") else None
 img_size = args.img_size or trained_size or (1024 if kind == "sam" else 224)
 build_size = trained_size or img_size  # the tables (biases, pos_embed) are stored for the trained size
+if img_size != build_size and not builder_of(name).startswith("ef"):
+    parser.error(f"--img-size {img_size}: {name} was trained at {build_size} and a ViT / SAM graph takes exactly its "
+                 f"trained size (position tables); drop --img-size or pass --img-size {build_size}")
 if not args.weights:
     warnings.warn("no --weights: the model is RANDOMLY initialised; the export shows the graph and its cost only",
                   stacklevel=1)
@@ -294,6 +297,8 @@ try:
         raise SystemExit(f"export.py: error: the exported model differs from the PyTorch model by "
                          f"{max(diffs.values()):.2e} > {tol:.0e}; nothing written to {args.out}")
     os.replace(tmp, out)
+except OSError as e:  # the disk, not the model: full, read-only, permissions
+    raise SystemExit(f"export.py: error: cannot write {args.out} ({e}); choose a writable --out") from None
 finally:
     if os.path.exists(tmp):
         os.remove(tmp)
