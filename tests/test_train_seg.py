@@ -445,10 +445,30 @@ def test_out_dir_rules_resume_settings_and_damaged_checkpoints(ef_run, tmp_path,
     fails(*EF_RUN, "--out", out, "--resume", phrase="epoch_0004.pt (the training state of epoch 4) is damaged")
 
 
-def test_stray_leading_double_dash_as_torchrun_passes_it(tmp_path):
+def test_stray_leading_double_dash_is_accepted(one_thread, capsys):
+    capsys.readouterr()
+    assert run("--", "--model", "ef_tiny", "--method", "petah", "--rc", "2", "--count-only") == 0  # python x.py -- ...
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == "ef_tiny"
+
+
+def test_torchrun_two_processes_score_as_one(tmp_path, capsys):
+    """The docstring's torchrun form (`-- --flags`, --r included) on 2 CPU processes: the run's final mIoU, summed over
+    both ranks' halves of the val set, equals predict_seg's single-process evaluation of its final.safetensors."""
+    import shutil
     import subprocess
-    p = subprocess.run([sys.executable, SCRIPT, "--", "--model", "ef_tiny", "--method", "petah", "--rc", "2",
-                        "--count-only"], capture_output=True, text=True, cwd=ROOT, env={"OMP_NUM_THREADS": "1",
-                        "PATH": "/usr/bin:/bin"})
-    assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout.strip().splitlines()[-1])["model"] == "ef_tiny"
+    out = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    p = subprocess.run([torchrun, "--nproc_per_node", "2", SCRIPT, "--", "--model", "ef_tiny", "--method", "petah",
+                        "--r", "4", "--rc", "2", *SYN[:2], "--img-size", "32", "--synthetic-train", "4",
+                        "--synthetic-val", "3", "--fpn-channels", "16", "--fpn-head-channels", "16", "--epochs", "2",
+                        "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", out],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    _, summary = read_log(out)
+    assert summary["steps"] == 4 and summary["merged_pixels_differ"] == 0
+    capsys.readouterr()
+    assert run("--checkpoint", out / "final.safetensors", "--eval", "synthetic", "--synthetic-val", "3", "--workers",
+               "0", script=PREDICT) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["images"] == 6 and rec["miou"] == pytest.approx(summary["final_miou"], abs=1e-12)
