@@ -29,17 +29,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def attention_bias_idxs(resolution: tuple[int, int]) -> torch.Tensor:
+def attention_bias_idxs(resolution: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
     """Index into the bias table for every (query, key) pair of an Rh x Rw grid: |dy| * Rw + |dx|.
 
-    Returns a (N, N) LongTensor, N = Rh * Rw, tokens in row-major order.
+    Returns a (N, N) LongTensor, N = Rh * Rw, tokens in row-major order (token i = (y_i, x_i), i = y_i * Rw + x_i).
     """
     rh, rw = resolution
-    ys, xs = torch.meshgrid(torch.arange(rh), torch.arange(rw), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()  # (N,)
-    dy = (ys[:, None] - ys[None, :]).abs()  # (N, N)
-    dx = (xs[:, None] - xs[None, :]).abs()
-    return dy * rw + dx
+    ys, xs = torch.arange(rh, device=device), torch.arange(rw, device=device)
+    dy = (ys[:, None] - ys[None, :]).abs()  # (Rh, Rh): |y_i - y_j|
+    dx = (xs[:, None] - xs[None, :]).abs()  # (Rw, Rw): |x_i - x_j|
+    # [y_i, x_i, y_j, x_j] -> |dy| * Rw + |dx|, then rows i = (y_i, x_i) and columns j = (y_j, x_j) flattened
+    return (dy[:, None, :, None] * rw + dx[None, :, None, :]).reshape(rh * rw, rh * rw)
 
 
 def resize_attention_biases(table: torch.Tensor, old_res: tuple[int, int], new_res: tuple[int, int]) -> torch.Tensor:
@@ -67,11 +67,13 @@ class Attention(nn.Module):
 
     Other token grids: `forward(x, grid=(gh, gw))` with N = gh * gw tokens resamples the (heads, Rh * Rw) table
     to (heads, gh * gw) (bicubic, `resize_attention_biases`, the resampling `load_pretrained` applies when a
-    model is built for another size) and indexes it with that grid's |dy| * gw + |dx| table. The index tables
-    are cached per (grid, device) in `_idxs_cache` (plain integers of the geometry, never stale); the resampled
-    biases are recomputed on every call (heads * gh * gw outputs of a 4x4-tap filter: nothing next to the
-    attention itself), so they always follow the trained `attention_biases` and gradients reach them. At the
-    trained grid the persistent `attention_bias_idxs` buffer and the table itself are used, unchanged.
+    model is built for another size) and indexes it with that grid's |dy| * gw + |dx| table. The index table
+    of the last other grid is cached in `_idxs_cache` (integers of the geometry, never stale; one entry, so a run
+    over many sizes holds at most one N x N table per block; another size rebuilds it, ~1-5 ms on a CPU core at
+    N ~ 1000). The resampled biases are recomputed on every call (heads * gh * gw outputs of a 4x4-tap filter:
+    nothing next to the attention itself), so they always follow the trained `attention_biases` and gradients
+    reach them. At the trained grid the persistent `attention_bias_idxs` buffer and the table itself are used,
+    unchanged.
 
     `use_sdpa` (attribute): None = F.scaled_dot_product_attention on CUDA, the explicit softmax on CPU (faster
     there); True / False force one path (both give the same numbers).
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution[0] * resolution[1]))
         # persistent: timm's and snap's checkpoints store it, so strict loading needs the key
         self.register_buffer("attention_bias_idxs", attention_bias_idxs(self.resolution), persistent=True)
-        self._idxs_cache: dict[tuple, torch.Tensor] = {}  # (gh, gw, device) -> (N, N) indices of another grid
+        self._idxs_cache: tuple | None = None  # ((gh, gw, device), (N, N) indices) of the last other grid
 
     def bias_for_grid(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(table, idxs) for a (gh, gw) token grid: the trained table and buffer at `resolution`, else the table
@@ -101,9 +103,9 @@ class Attention(nn.Module):
             return self.attention_biases, self.attention_bias_idxs
         table = resize_attention_biases(self.attention_biases, self.resolution, grid)  # (heads, gh * gw)
         key = (*grid, self.attention_bias_idxs.device)
-        if key not in self._idxs_cache:
-            self._idxs_cache[key] = attention_bias_idxs(grid).to(self.attention_bias_idxs.device)
-        return table, self._idxs_cache[key]
+        if self._idxs_cache is None or self._idxs_cache[0] != key:
+            self._idxs_cache = (key, attention_bias_idxs(grid, device=key[2]))
+        return table, self._idxs_cache[1]
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """x (B, N, C) tokens of a grid in row-major order; `grid` = (gh, gw), gh * gw = N (default: the trained

@@ -247,12 +247,13 @@ def test_efficientformer_trained_grid_uses_the_stored_table():
     attn = base.stages[3].blocks[2].token_mixer
     table, idxs = attn.bias_for_grid((2, 2))
     assert table is attn.attention_biases and idxs is attn.attention_bias_idxs
-    assert attn._idxs_cache == {}
+    assert attn._idxs_cache is None
     table, idxs = attn.bias_for_grid((2, 3))
     assert table.shape == (8, 6) and idxs.shape == (6, 6)
     # |dy| * 3 + |dx| for tokens (0, 0) and (1, 2) of a 2x3 grid, row-major: token 5 is (1, 2)
     assert idxs[0, 5].item() == 1 * 3 + 2 and idxs[5, 0].item() == 5 and idxs[4, 2].item() == 1 * 3 + 1
-    assert attn.bias_for_grid((2, 3))[1] is idxs  # cached per grid
+    assert attn.bias_for_grid((2, 3))[1] is idxs  # cached: the same size again reuses it
+    assert attn.bias_for_grid((3, 2))[1].shape == (6, 6) and attn.bias_for_grid((2, 3))[1] is not idxs  # one entry
     assert attn.attention_bias_idxs.shape == (4, 4)
     assert sorted(base.state_dict()) == sorted(EfficientFormer(**TINY_EF, num_vit=2, num_classes=10,
                                                                img_size=64).state_dict())
