@@ -54,7 +54,7 @@ from methods import METHODS, apply_method
 from multitask import save_task
 from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
 from models.interop import merged_metadata
-from sparse import apply_masks, count_nonzero, load_masks, magnitude_prune
+from sparse import MaskKeeper, apply_masks, count_nonzero, load_masks, magnitude_prune
 from train_utils import (all_reduce_sum, atomic_save_safetensors, atomic_write_text, check_common_args,
                          cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, open_tensorboard,
                          plot_curves, prepare_out_dir, progress, release_out_dir, save_checkpoint, seed_everything,
@@ -273,6 +273,9 @@ optimizer = torch.optim.AdamW([dict(params=ps, lr_factor=f, weight_decay=wd) for
 for group in optimizer.param_groups:
     log(f"  param group: LR factor {group['lr_factor']}, weight decay {group['weight_decay']}: "
         f"{sum(p.numel() for p in group['params']):,} parameters in {len(group['params'])} tensors")
+# sparse full / attn: pruned weights get no gradient (so AdamW leaves them at zero) and are zeroed again after every
+# optimizer.step() (so weight decay cannot revive them)
+keeper = MaskKeeper(model, train_masks, optimizer=optimizer) if train_masks is not None else None
 
 # -----------------------------------------------------------------------------
 # loaders. DistributedSampler also on one process (the same shuffle), drop_last on both sampler and loader:
@@ -416,13 +419,8 @@ for epoch in range(start_epoch, args.epochs):
             cleanup_distributed(dist)
             sys.exit(1)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients over the ranks here
-        if train_masks is not None:  # pruned weights get no gradient, so AdamW leaves them at zero
-            for k, m in train_masks.items():
-                raw_model.get_parameter(k).grad.mul_(m)
+        loss.backward()  # DDP averages the gradients over the ranks here (masked ones: see MaskKeeper above)
         optimizer.step()
-        if train_masks is not None:
-            apply_masks(raw_model, train_masks)
         step += 1
         loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
         if master:
