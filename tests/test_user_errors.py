@@ -437,3 +437,29 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
                                                      r"another --out"):
         train_utils.atomic_write(str(tmp_path / "x.bin"), fail)
     assert os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# train_utils helpers the scripts share
+
+def test_lock_of_another_host_is_refused_naming_how_to_clear_it(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps(dict(pid=1, host="elsewhere", started="now", command="train_seg.py")))
+    with pytest.raises(ValueError, match=r"pid 1 on host elsewhere.*If that run is gone, delete .*\.lock"):
+        train_utils.prepare_out_dir(str(tmp_path), resume=False)
+
+
+def test_resume_settings_compare_paths_after_expansion():
+    home = os.path.expanduser("~")
+    train_utils.check_resume_settings({"data_root": "~/data/", "lr": 0.1}, {"data_root": f"{home}/data", "lr": 0.1},
+                                      ckpt_dir="c")
+    with pytest.raises(ValueError, match=r"--lr 0.1 -> 0.2\)"):  # only what differs is named
+        train_utils.check_resume_settings(json.dumps({"data_root": "d", "lr": 0.1}), {"data_root": "d", "lr": 0.2},
+                                          ckpt_dir="c")
+
+
+def test_progress_off_a_terminal_prints_plain_lines(capsys):
+    bar = train_utils.progress(range(3), desc="epoch 1/2", every=0)  # every step, for the test
+    for _ in bar:
+        bar.set_postfix(loss="0.5")
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()[-1].startswith("epoch 1/2: step 3/3, ") and "loss 0.5" in err
