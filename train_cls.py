@@ -209,7 +209,7 @@ else:
             interpolation=data_cfg["interpolation"], skip_corrupt=args.skip_corrupt,
             synthetic_cfg=dict(num_classes=args.synthetic_classes, train_per_class=args.synthetic_train,
                                val_per_class=args.synthetic_val, test_per_class=args.synthetic_val))
-    except (FileNotFoundError, ValueError, ImportError) as e:  # ImportError: cars needs scipy
+    except (OSError, ValueError, ImportError) as e:  # a missing layout, a failed download; cars needs scipy
         parser.error(str(e))
     if dist.ddp and master:
         torch_dist.barrier()
