@@ -35,14 +35,15 @@ A run stopped at any moment continues from its last completed epoch with the sam
 One run at a time writes into an --out (OUT/.lock); a finished run there is only continued with --resume.
 In --out: args.json, log.jsonl (one line per evaluation, then a summary line), summary.csv (epoch, step,
 train_loss, eval_miou, eval_iou_fg, eval_pixel_acc, lr), curves.png (when matplotlib is installed), tb/
-(--tensorboard), ckpt/ (adapter-only safetensors and training state of the last completed epoch), topk/ (the k best evaluations' adapters, --final-model
-average), vis/ (PNG grids: image | truth | prediction), final.safetensors (adapters of the final model),
-adapters.safetensors (the task file of multitask.py), merged.safetensors (adapters folded into the weights,
-the checkpoint's own key layout).
+(--tensorboard), ckpt/ (adapter-only safetensors and training state of the last completed epoch), topk/ (the k
+best evaluations' adapters, --final-model average), vis/ (PNG grids: image | truth | prediction),
+final.safetensors (adapters of the final model), adapters.safetensors (the task file of multitask.py),
+merged.safetensors (adapters folded into the weights, the checkpoint's own key layout).
 """
 
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -67,11 +68,11 @@ from models import PRESETS as ALL_PRESETS, create_model, ef_semantic_fpn, load_p
 from models.interop import merged_metadata
 from multitask import save_task
 from seg_metrics import evaluate, metrics, seg_loss
-from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write_text,
-                         check_common_args, cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint,
-                         open_tensorboard, plot_curves, prepare_out_dir, progress, release_out_dir, save_checkpoint,
-                         seed_everything, setup_distributed, strip_leading_dashdash, user_errors, write_csv,
-                         write_jsonl)
+from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write,
+                         atomic_write_text, check_common_args, cleanup_distributed, cosine_lr_factor, epoch_seed,
+                         load_checkpoint, open_tensorboard, plot_curves, prepare_out_dir, progress, release_out_dir,
+                         save_checkpoint, seed_everything, setup_distributed, strip_leading_dashdash, user_errors,
+                         write_csv, write_jsonl)
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: segmentation models only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if k in ("sam_tiny", "ef_tiny")}
@@ -88,9 +89,9 @@ RECIPES = {
 MODEL_KEYS = ("model", "model_cfg", "head", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
               "train_norms", "num_classes", "img_size", "fpn_channels", "fpn_head_channels")
 # settings a --resume must share with the checkpoint
-RESUME_KEYS = MODEL_KEYS + ("weights", "data", "data_root", "synthetic_train", "synthetic_val", "randaug", "scale_range",
-                            "train_on_val", "epochs", "iters", "schedule", "warmup_epochs", "batch_size", "lr",
-                            "weight_decay", "loss", "top_k", "final_model", "seed")
+RESUME_KEYS = MODEL_KEYS + ("weights", "data", "data_root", "synthetic_train", "synthetic_val", "randaug",
+                            "scale_range", "train_on_val", "epochs", "iters", "schedule", "warmup_epochs",
+                            "batch_size", "lr", "weight_decay", "loss", "top_k", "final_model", "seed")
 
 # -----------------------------------------------------------------------------
 # configuration: every option, with its default, is in --help
@@ -472,7 +473,9 @@ def save_vis(samples: list, path: str) -> None:
             masks = torch.stack([lab == c for c in present]) if present else None  # (C, side, side) bool
             tiles.append(draw_segmentation_masks(rgb, masks, alpha=0.5, colors=[palette[c] for c in present])
                          if present else rgb)
-    save_image(make_grid([t.float() / 255 for t in tiles], nrow=3, padding=2, pad_value=1.0), path)
+    buf = io.BytesIO()
+    save_image(make_grid([t.float() / 255 for t in tiles], nrow=3, padding=2, pad_value=1.0), buf, format="png")
+    atomic_write(path, lambda f: f.write(buf.getvalue()))  # no half-written PNG; mode from the umask
 
 
 def update_topk(topk: list, epoch: int, score: float) -> list:
