@@ -380,6 +380,11 @@ def test_pretrained_weights_are_loaded_resized_and_stay_frozen(one_thread, tmp_p
     assert torch.equal(merged["backbone.stem.conv1.weight"], ef.state_dict()["stem.conv1.weight"])
     assert merged["backbone.stages.3.blocks.2.token_mixer.attention_biases"].shape == (8, 4)  # 7x7 -> 2x2 grid
     assert not any(k.startswith(("backbone.head", "backbone.norm")) for k in merged)
+    # predict_seg needs the base the run adapted: without --weights the adapters' base fingerprint does not match
+    evaluate = ["--checkpoint", tmp_path / "ef" / "final.safetensors", "--eval", "synthetic", "--synthetic-val", "1",
+                "--workers", "0"]
+    assert run(*evaluate, script=PREDICT) == 2
+    assert run(*evaluate, "--weights", tmp_path / "ef.pth", script=PREDICT) == 0
 
 
 def test_task_file_is_the_final_model_and_predicts(sam_run, tmp_path, capsys):
