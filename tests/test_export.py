@@ -1,0 +1,207 @@
+"""export.py: a task merged into its base and exported (ONNX checked with onnxruntime, a torch.export .pt2 reloaded)
+computes what the unmerged adapted model computes, at batch sizes the export never saw; the ONNX graph of a task is
+the base model's graph (same op types and counts); every model family the training scripts write; what bad input
+gets (a clear message, exit 2, no traceback, nothing at --out).
+
+The task files are made here as the training scripts make them (methods.apply_method / apply_sam_method on the
+base, multitask.save_task), with every trained tensor randomised: with B = 0 a merge check proves nothing.
+Successful exports run in this process (runpy, no interpreter start); bad input runs as real processes.
+"""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from deploy import build_model, exportable, onnx_op_counts
+from methods import apply_method, apply_sam_method
+from models import ef_semantic_fpn
+from multitask import save_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "export.py")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+S = 64  # input side of every tiny model here
+
+
+def random_bn_stats(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+def make_task(folder: Path, kind: str, name: str, method: str, num_classes: int, seed: int = 0):
+    """Write base.safetensors (random weights, random BN statistics) and task.safetensors (adapters and head of
+    `method`, every trained tensor random) as train_cls.py / train_seg.py do; return (base, task, adapted model)."""
+    torch.manual_seed(seed)
+    base = build_model(name, kind="sam" if kind == "sam" else "cls", img_size=S,
+                       num_classes=num_classes if kind == "sam" else 1000)
+    random_bn_stats(base)
+    base_file = folder / f"{kind}_base.safetensors"
+    save_file(base.state_dict(), str(base_file))
+    if kind == "cls":
+        model = build_model(name, kind="cls", num_classes=num_classes, img_size=S, weights=str(base_file))
+        apply_method(model, name, method, r=4, rc=2, learn_interp=True)
+    elif kind == "fpn":  # train_seg.py: backbone from the checkpoint, adapted, then the new Semantic FPN head
+        model = build_model(name, kind="cls", num_classes=0, img_size=S, weights=str(base_file))
+        apply_method(model, name, method, r=4, rc=2, head_names=())
+        model = ef_semantic_fpn(model, num_classes=num_classes, channels=32, head_channels=16)
+    else:
+        model = build_model(name, kind="sam", num_classes=num_classes, img_size=S, weights=str(base_file))
+        apply_sam_method(model, method, num_classes=num_classes, r=4, learn_interp=method == "lora")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1) if n.endswith(("lora_B", "ia3_l")) else p.add_(0.1 * torch.randn_like(p))
+    random_bn_stats(model.decode_head if kind == "fpn" else nn.Identity())  # the new head's BNs train
+    task_file = folder / f"{kind}_task.safetensors"
+    save_task(model, task_file, meta=dict(kind="cls" if kind == "cls" else "seg", model=name, method=method,
+                                          num_classes=num_classes, img_size=S, model_cfg={}))
+    return base_file, task_file, model.eval()
+
+
+def run_export(argv: list[str], capsys) -> dict:
+    """export.py in this process; returns its final JSON line."""
+    old = sys.argv
+    sys.argv = [SCRIPT, *argv, "--repeats", "0"]  # no timing
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr().out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def reference(model, kind, x):
+    with torch.no_grad():
+        return exportable(model, kind)(x)
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tasks")
+    return {"cls": make_task(folder, "cls", "ef_tiny", "petah", 10),
+            "fpn": make_task(folder, "fpn", "ef_tiny", "petah", 5, seed=1),  # another base than cls's
+            "sam": make_task(folder, "sam", "sam_tiny", "ia3", 4)}
+
+
+def test_onnx_task_equals_adapted_model_and_has_the_base_graph(tasks, tmp_path, capsys):
+    import onnxruntime as ort
+    base, task, adapted = tasks["cls"]
+    out = tmp_path / "task.onnx"
+    res = run_export(["--weights", str(base), "--task", str(task), "--fold-bn", "--format", "onnx",
+                      "--out", str(out)], capsys)
+    assert res["max_abs_diff"] <= 1e-4 and res["kind"] == "cls"
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for B in (1, 3):  # 3: a batch size the export never saw (dynamic batch dimension)
+        x = torch.randn(B, 3, S, S)
+        y = torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+        assert y.shape == (B, 10)
+        # merged + BN-folded + onnxruntime vs the unmerged adapted model: fp32 reassociation only
+        assert (y - reference(adapted, "cls", x)).abs().max().item() <= 1e-4
+    # the exported task IS the base graph: the same ONNX op types and counts as the base model alone
+    base_out = tmp_path / "base.onnx"
+    run_export(["--model", "ef_tiny", "--weights", str(base), "--num-classes", "10", "--img-size", str(S),
+                "--fold-bn", "--format", "onnx", "--out", str(base_out)], capsys)
+    assert onnx_op_counts(out) == onnx_op_counts(base_out)
+    assert "BatchNormalization" not in onnx_op_counts(out)
+    assert sorted(os.listdir(tmp_path)) == ["base.onnx", "task.onnx"]  # no temporary file left behind
+
+
+def test_pt2_sam_task_equals_adapted_model(tasks, tmp_path, capsys):
+    kind = "sam"  # (EF + FPN: test_merged_model_exports_from_its_metadata)
+    base, task, adapted = tasks[kind]
+    out = tmp_path / f"{kind}.pt2"
+    res = run_export(["--weights", str(base), "--task", str(task), "--format", "pt2", "--out", str(out)], capsys)
+    assert res["max_abs_diff"] <= 1e-5 and res["kind"] == kind
+    program = torch.export.load(str(out)).module()
+    x = torch.randn(3, 3, S, S)
+    with torch.no_grad():
+        y = program(x)
+    expected = reference(adapted, kind, x)
+    assert y.shape == expected.shape == (3, 4, S, S)  # 4 classes: one logit map each
+    assert (y - expected).abs().max().item() <= 1e-5
+
+
+def test_merged_model_exports_from_its_metadata(tasks, tmp_path, capsys):
+    """--weights merged.safetensors alone: model, classes and size come from the metadata (models/interop.py)."""
+    from lora import merge_and_unload
+    from models.interop import merged_metadata
+    import copy
+    _, _, adapted = tasks["fpn"]
+    merged = merge_and_unload(copy.deepcopy(adapted))
+    path = tmp_path / "merged.safetensors"
+    save_file(merged.state_dict(), str(path), metadata=merged_metadata(merged, model_name="ef_tiny", num_classes=5,
+                                                                       img_size=S))
+    out = tmp_path / "m.pt2"
+    res = run_export(["--weights", str(path), "--fold-bn", "--format", "pt2", "--out", str(out)], capsys)
+    assert res["model"] == "ef_tiny" and res["kind"] == "fpn" and res["img_size"] == S and res["max_abs_diff"] <= 1e-5
+    x = torch.randn(1, 3, S, S)
+    with torch.no_grad():  # merged, BN-folded, exported vs the unmerged adapted model: fp32 reassociation only
+        assert (torch.export.load(str(out)).module()(x) - reference(adapted, "fpn", x)).abs().max().item() <= 1e-4
+
+
+def test_failed_export_leaves_nothing(tasks, tmp_path, capsys, monkeypatch):
+    base, task, _ = tasks["cls"]
+
+    def broken_save(program, f, **kw):  # a partial file, then a crash
+        Path(f).write_bytes(b"partial")
+        raise RuntimeError("disk gone")
+    monkeypatch.setattr(torch.export, "save", broken_save)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        run_export(["--weights", str(base), "--task", str(task), "--format", "pt2", "--out", str(tmp_path / "t.pt2")],
+                   capsys)
+    assert os.listdir(tmp_path) == []
+
+
+def cli(*argv, env=None):
+    return subprocess.run([sys.executable, SCRIPT, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env or ENV)
+
+
+def test_bad_input_as_a_process(tasks, tmp_path):
+    """The real command line: exit status 2, the message, no traceback, nothing written."""
+    base, task, _ = tasks["cls"]
+    fpn_base, _, _ = tasks["fpn"]
+    shim = tmp_path / "shim" / "onnxruntime"  # an environment without onnxruntime
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named onnxruntime')\n")
+    out = str(tmp_path / "x.onnx")
+    for argv, env, phrase in [
+            (["--weights", str(fpn_base), "--task", str(task), "--format", "pt2", "--out", out], None,
+             "trained on another base"),
+            (["--weights", str(base), "--task", str(task), "--format", "onnx", "--out", out],
+             dict(ENV, PYTHONPATH=str(shim.parent)), "pip install onnx onnxruntime onnxscript")]:
+        r = cli(*argv, env=env)
+        assert r.returncode == 2 and phrase in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr[-2000:])
+    assert sorted(os.listdir(tmp_path)) == ["shim"]
+
+
+def test_bad_input(tasks, tmp_path, capsys):
+    """The other mistakes, in this process: parser.error (SystemExit 2) with a message naming the fix."""
+    base, task, _ = tasks["cls"]
+    ef_task = ["--weights", str(base), "--task", str(task)]
+    out = str(tmp_path / "x.onnx")
+    for argv, phrase in [
+            ([*ef_task, "--format", "tflite", "--out", out], "use --format onnx"),
+            ([*ef_task, "--format", "onnx", "--img-size", "100", "--out", out], "multiples of 32"),
+            ([*ef_task, "--format", "onnx", "--out", str(tmp_path / "no" / "x.onnx")], "does not exist"),
+            ([*ef_task, "--format", "onnx", "--out", str(tmp_path)], "is a directory"),
+            (["--weights", str(task), "--format", "onnx", "--out", out], "pass it as --task"),
+            ([*ef_task, "--model", "vit_tiny", "--format", "onnx", "--out", out], "was made with --model ef_tiny")]:
+        with pytest.raises(SystemExit) as e:
+            run_export(argv, capsys)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and phrase in err, (argv, err[-2000:])
+    assert os.listdir(tmp_path) == []
