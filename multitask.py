@@ -204,11 +204,15 @@ def read_task(path) -> Task:
 #
 #   select(name)   every switch of the task computes with a merged copy of its variant (adapter.to_base(): W0 + dW
 #                  in one plain layer, as fast as the base); the other layers are untouched.
-#   mixed batch    the bank sorts the batch by task, and every switch runs each task's contiguous slice of the
-#                  batch through that task's (unmerged) variant and the other slices through the base layer:
-#                  y[s:e] = variant_t(x[s:e]). That is exact per sample because every adapted layer of these
-#                  models keeps the batch as dimension 0 and treats samples independently (BatchNorm in eval mode
-#                  included). Heads of different widths are zero-padded to the widest, then cut back per sample.
+#   mixed batch    the bank sorts the batch by task, and every switch computes each task's contiguous slice of
+#                  the batch as that task's (unmerged) variant would: y[s:e] = variant_t(x[s:e]). Slices whose
+#                  task only adds a low-rank update (LoRA, conv-LoRA) or scales outputs ((IA)^3 "out") share one
+#                  base forward W0 x + b over their span and get B_t A_t x[s:e] added (or s_t multiplied) in place;
+#                  the rest (heads, norms, interpolated or input-scaled adapters, own biases) run their variant on
+#                  their slice. That is exact per sample because every adapted layer of these models keeps the
+#                  batch as dimension 0 and treats samples independently (BatchNorm in eval mode included); a
+#                  layer that sees another batch size (windowed attention) raises. Heads of different widths are
+#                  zero-padded to the widest, then cut back per sample.
 
 _END = object()  # marks the end of the runs in _Switch.forward
 
@@ -245,6 +249,10 @@ class _Switch:
             if m is not _END and (m is None or self._shares_base(m)):
                 span.append((m, s, e))
                 continue
+            if len(span) == 1:  # one task alone: its variant's own forward (conv-LoRA may pick its kernel path)
+                v, s2, e2 = span[0]
+                outs.append(super(_Switch, self).forward(x[s2:e2]) if v is None else v(x[s2:e2]))
+                span = []
             if span:
                 a, b = span[0][1], span[-1][2]
                 y = super(_Switch, self).forward(x[a:b])                    # W0 x + b over the span
@@ -407,7 +415,8 @@ class TaskBank:
 
     Args:
         model: the plain base model (no adapters), on its device, with the base weights loaded. The bank puts it
-            in eval mode; it serves inference (BatchNorms use running statistics).
+            in eval mode; it serves inference (BatchNorms use running statistics). Tasks are put on the model's
+            device when loaded: move the model before creating the bank, not after.
 
     bank.add(name, path) / bank.remove(name) / bank.select(name or None) / bank(x) (the selected task, or the base)
     / bank(x, tasks=[name per sample]) (a mixed batch: a list of per-sample outputs) / bank.unload() (the plain
