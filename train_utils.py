@@ -48,6 +48,7 @@ import re
 import socket
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -421,6 +422,23 @@ def _epoch_files(ckpt_dir: str) -> dict[int, list[str]]:
     return found
 
 
+def _looks_complete(ckpt_dir: str, adapters: str, state: str) -> bool:
+    """A cheap check that an epoch's two files are whole: the safetensors header parses and its tensors end where
+    the file ends; the torch.save zip archive's central directory (at its very end) is there."""
+    try:
+        path = os.path.join(ckpt_dir, adapters)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= os.path.getsize(path) - 8 else None
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"] if header else None
+        if ends is None or 8 + n + max(ends, default=0) != os.path.getsize(path):
+            return False
+        with zipfile.ZipFile(os.path.join(ckpt_dir, state)):
+            return True
+    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile):
+        return False
+
+
 def prepare_out_dir(out: str, *, resume: bool, ckpt_dir: str | None = None) -> list[str]:
     """Make `out` ready for a run and return notes for the log. Call on the master rank, before writing there.
 
@@ -433,7 +451,8 @@ def prepare_out_dir(out: str, *, resume: bool, ckpt_dir: str | None = None) -> l
       --resume and another --out. An unfinished one (a checkpoint in ckpt_dir) gets a note: it is replaced.
     - Leftovers of killed runs are removed and counted: temporaries `*.tmp.<pid>` of processes that are gone
       (in `out` and its sub-directories), and in ckpt_dir the epoch files other than those last.json names
-      (when last.json is readable and its files exist; otherwise load_checkpoint decides).
+      (when last.json is readable and its two files look whole; otherwise load_checkpoint decides, and an
+      older epoch's files may still be what can be resumed).
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is an existing file, not a directory; choose another --out")
@@ -457,8 +476,7 @@ def prepare_out_dir(out: str, *, resume: bool, ckpt_dir: str | None = None) -> l
                 removed.append(os.path.relpath(os.path.join(d, name), out))
     if ckpt_dir is not None:
         last = _read_json(os.path.join(ckpt_dir, "last.json"))
-        if isinstance(last, dict) and all(os.path.isfile(os.path.join(ckpt_dir, str(last.get(k))))
-                                          for k in ("adapters", "state")):
+        if isinstance(last, dict) and _looks_complete(ckpt_dir, str(last.get("adapters")), str(last.get("state"))):
             for n, names in _epoch_files(ckpt_dir).items():
                 for name in names:
                     if name not in (last["adapters"], last["state"]):
@@ -584,9 +602,9 @@ def load_checkpoint(ckpt_dir: str, model: torch.nn.Module, *, settings: dict | N
             except ValueError as e:
                 older = sorted((n for n, names in epochs.items() if n < last["epoch"] and len(names) == 2),
                                reverse=True)
-                hint = (f"epoch {older[0]}'s files are still there: to resume from it, delete last.json and the "
+                hint = (f"Epoch {older[0]}'s files are still there: to resume from it, delete last.json and the "
                         f"files of epoch {last['epoch']}, then rerun with --resume; or {start_over}" if older else
-                        f"no earlier epoch is kept (each checkpoint replaces the previous one): {start_over}")
+                        f"No earlier epoch is kept (each checkpoint replaces the previous one): {start_over}")
                 raise ValueError(f"cannot resume: {e}. {hint}") from None
         what = f"{pointer} is damaged (not the JSON the run writes)"
     elif not epochs:

@@ -231,11 +231,28 @@ def test_resume_from_a_damaged_checkpoint(finished, tmp_path, damage, expect, ph
     code, o, e = run(*TINY, "--epochs", "2", "--out", out, "--resume")
     check(code, o, e, expect, phrase)
     if expect == 2:
-        assert "no earlier epoch is kept" in e and f"delete {out / 'ckpt'}" in e
+        assert "No earlier epoch is kept" in e and f"delete {out / 'ckpt'}" in e
     else:  # resumed: the same result as the uninterrupted run
         ours = [json.loads(line) for line in open(out / "log.jsonl")][-1]
         ref = [json.loads(line) for line in open(finished / "done" / "log.jsonl")][-1]
         assert ours == ref
+
+
+def test_damaged_last_epoch_with_an_older_one_still_there(finished, tmp_path):
+    """The newest epoch damaged, the previous one's files still there (a kill right after the pointer moved, then
+    damage): they are kept, the message names them and how to resume from them, and doing so gives the same run."""
+    out = copy_run(finished / "done", tmp_path / "d")
+    for f in ("epoch_0001.safetensors", "epoch_0001.pt"):
+        shutil.copy(finished / "stopped" / "ckpt" / f, out / "ckpt" / f)
+    truncate(out / "ckpt" / "epoch_0002.safetensors")
+    check(*run(*TINY, "--epochs", "2", "--out", out, "--resume"), 2, "Epoch 1's files are still there: to resume "
+                                                                     "from it, delete last.json and the files of epoch 2")
+    assert (out / "ckpt" / "epoch_0001.pt").exists()
+    for f in ("last.json", "epoch_0002.safetensors", "epoch_0002.pt"):
+        (out / "ckpt" / f).unlink()
+    check(*run(*TINY, "--epochs", "2", "--out", out, "--resume"), 0, "resuming from epoch 1")
+    ours, ref = ([json.loads(line) for line in open(d / "log.jsonl")][-1] for d in (out, finished / "done"))
+    assert ours == ref
 
 
 # -----------------------------------------------------------------------------
