@@ -205,11 +205,12 @@ def read_task(path) -> Task:
 #   select(name)   every switch of the task computes with a merged copy of its variant (adapter.to_base(): W0 + dW
 #                  in one plain layer, as fast as the base); the other layers are untouched.
 #   mixed batch    the bank sorts the batch by task, and every switch computes each task's contiguous slice of
-#                  the batch as that task's (unmerged) variant would: y[s:e] = variant_t(x[s:e]). Slices whose
-#                  task only adds a low-rank update (LoRA, conv-LoRA) or scales outputs ((IA)^3 "out") share one
-#                  base forward W0 x + b over their span and get B_t A_t x[s:e] added (or s_t multiplied) in place;
-#                  the rest (heads, norms, interpolated or input-scaled adapters, own biases) run their variant on
-#                  their slice. That is exact per sample because every adapted layer of these models keeps the
+#                  the batch as that task's (unmerged) variant would: y[s:e] = variant_t(x[s:e]). On a linear
+#                  layer, slices whose task only adds a low-rank update (LoRA) or scales outputs ((IA)^3 "out")
+#                  share one base forward W0 x + b over their span and get B_t A_t x[s:e] added (or s_t
+#                  multiplied) in place; a conv-LoRA slice runs one conv with W0 + dW_t (the kernel path: the
+#                  frozen conv's cost); the rest (heads, norms, interpolated or input-scaled adapters, own biases)
+#                  run their variant on their slice. That is exact per sample because every adapted layer of these models keeps the
 #                  batch as dimension 0 and treats samples independently (BatchNorm in eval mode included); a
 #                  layer that sees another batch size (windowed attention) raises. Heads of different widths are
 #                  zero-padded to the widest, then cut back per sample.
@@ -277,22 +278,19 @@ class _Switch:
         """Can slice outputs of variant v be made from the base layer's output (same weight and bias)?"""
         if v.weight is not self.weight or getattr(v, "bias", None) is not self.bias:
             return False
-        if hasattr(v, "lora_A"):
-            return not v.learn_interp  # y_t = W0 x + b + delta_t
+        if hasattr(v, "lora_A"):  # y_t = W0 x + b + B_t A_t x; conv-LoRA: its own conv with W0 + dW_t is cheaper
+            return not v.learn_interp and not isinstance(v, nn.Conv2d)
         return getattr(v, "mode", None) == "out"  # (IA)^3 on outputs: y_t = s_t * (W0 x + b)
 
     @staticmethod
     def _update_(v, y, x) -> None:
         """In place: y (the base output of x) becomes variant v's output."""
-        if hasattr(v, "lora_A"):
-            if isinstance(v, nn.Conv2d):
-                y += v.lora_path(x)                                              # (b, c_out, H', W')
+        if hasattr(v, "lora_A"):  # LoRALinear
+            delta = F.linear(F.linear(x, v.lora_A) * v.scaling, v.lora_B)       # (b, ..., out or len(rows))
+            if v.lora_rows is None:
+                y += delta
             else:
-                delta = F.linear(F.linear(x, v.lora_A) * v.scaling, v.lora_B)   # (b, ..., out or len(rows))
-                if v.lora_rows is None:
-                    y += delta
-                else:
-                    y.index_add_(-1, v.lora_rows, delta)
+                y.index_add_(-1, v.lora_rows, delta)
         else:
             s = v._out_scale()                                                   # (out,)
             y *= s if isinstance(v, nn.Linear) else s.view(-1, 1, 1)
@@ -373,7 +371,10 @@ def _build_adapter(base: nn.Module, cfg: dict) -> nn.Module:
         want = [cfg["in_channels"], cfg["out_channels"], list(cfg["kernel_size"]), cfg["groups"]]
         if have != want:
             raise ValueError(f"conv adapter made for (c_in, c_out, kernel, groups) = {want}, the model's conv is {have}")
-        cls, kw = LoRAConv2d, dict(r=cfg["r"], alpha=cfg["alpha"], learn_interp=cfg.get("learn_interp", False))
+        # path="kernel": at inference one conv with W0 + dW_t (a tiny matmul per forward) costs what the frozen conv
+        # costs, less than the frozen conv plus the two low-rank convs of the factored path
+        cls, kw = LoRAConv2d, dict(r=cfg["r"], alpha=cfg["alpha"], learn_interp=cfg.get("learn_interp", False),
+                                   path="kernel")
     elif kind == "ia3":
         cls = {"IA3Linear": IA3Linear, "IA3Conv2d": IA3Conv2d}.get(cfg.get("layer"))
         want = {IA3Linear: nn.Linear, IA3Conv2d: nn.Conv2d}.get(cls)
