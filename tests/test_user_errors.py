@@ -480,3 +480,12 @@ def test_progress_off_a_terminal_prints_plain_lines(capsys):
         bar.set_postfix(loss="0.5")
     err = capsys.readouterr().err
     assert "\r" not in err and err.splitlines()[-1].startswith("epoch 1/2: step 3/3, ") and "loss 0.5" in err
+
+
+def test_check_common_args_skips_what_a_script_does_not_have(capsys):
+    import argparse
+    parser = argparse.ArgumentParser(prog="train_x.py")
+    train_utils.check_common_args(parser, argparse.Namespace(top_k=3, alpha=None, other=-5))  # nothing to refuse
+    with pytest.raises(SystemExit) as e:
+        train_utils.check_common_args(parser, argparse.Namespace(top_k=0))
+    assert e.value.code == 2 and "train_x.py: error: --top-k 0 must be >= 1" in capsys.readouterr().err
