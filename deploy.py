@@ -4,6 +4,7 @@
     describe(weights_meta, task_meta, state_keys)                 what a --weights / --task pair holds
     add_task_adapters(model, adapters)                            the task file's adapters, rebuilt from their configs
     fold_all_bn(model)                                            every conv -> BatchNorm pair folded into the conv
+    export_onnx(net, x, path), export_pt2(net, x, path)           the two exporters, batch dimension dynamic
     Segment(model)                                                forward(x) = model.segment(x) (SAM's prompt-free path)
     onnx_op_counts(path), median_time(fn, x)                      the structural check and the latency numbers
 
@@ -12,14 +13,18 @@ Three kinds of network come out of the training scripts:
     fpn   EfficientFormer + Semantic FPN (train_seg.py --model efl*)    (B, 3, S, S) -> (B, K, S, S) logits
     sam   SAM ViT-B, prompt-free (train_seg.py --model sam_vitb)        (B, 3, S, S) -> (B, K, S, S) logits
 """
+import contextlib
+import io
 import json
 import re
 import statistics
+import sys
 import time
 from collections import Counter
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conv_lora import LoRAConv2d, fold_bn
 from ia3 import add_ia3
@@ -153,6 +158,32 @@ class Segment(nn.Module):
 def exportable(model: nn.Module, kind: str) -> nn.Module:
     """The module whose forward(x) the exporters trace: the model, or Segment(model) for SAM."""
     return Segment(model).eval() if kind == "sam" else model.eval()
+
+
+def export_onnx(net: nn.Module, example: torch.Tensor, path, *, opset: int | None = None) -> None:
+    """torch.onnx's exporter (dynamo) on `net`, batch dimension dynamic, input "image", output "logits", one file.
+
+    `example` should have batch >= 2: torch.export specialises a dimension it sees at size 1. The exporter's
+    progress lines are kept out of stdout (shown if it fails)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    chatter = io.StringIO()
+    try:
+        # SDPA's math form while tracing: the CPU flash kernel's output strides differ from the decomposed graph's,
+        # which breaks a later reshape of the attention output (SAM's image encoder) in the ONNX lowering
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), contextlib.redirect_stdout(chatter):
+            torch.onnx.export(net, (example,), str(path), dynamo=True, external_data=False,
+                              dynamic_shapes=({0: batch},), input_names=["image"], output_names=["logits"],
+                              opset_version=opset)
+    except Exception:
+        sys.stdout.write(chatter.getvalue())
+        raise
+
+
+def export_pt2(net: nn.Module, example: torch.Tensor, path) -> None:
+    """torch.export.export with a dynamic batch dimension, saved with torch.export.save (`path` ends in .pt2)."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: batch},)), str(path))
 
 
 def onnx_op_counts(path) -> Counter:

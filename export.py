@@ -30,19 +30,15 @@ last, one JSON line with the same numbers.
 """
 
 import argparse
-import contextlib
 import copy
-import io
 import json
 import os
-import sys
 import warnings
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from deploy import (add_task_adapters, build_model, builder_of, exportable, fold_all_bn, fpn_widths, kind_of,
-                    median_time, onnx_op_counts, parse_json_meta)
+from deploy import (add_task_adapters, build_model, builder_of, export_onnx, export_pt2, exportable, fold_all_bn,
+                    fpn_widths, kind_of, median_time, onnx_op_counts, parse_json_meta)
 from lora import load_adapters, merge_and_unload
 from models import MODEL_NAMES, PRESETS
 from models.flops import count_flops
@@ -249,24 +245,9 @@ except ValueError as e:  # an input size the model cannot take
 # export to a temporary file beside --out, reload, check, then move into place
 
 tmp = f"{out}.tmp.{os.getpid()}.{args.format}"  # torch.export.load wants the .pt2 suffix
-batch = torch.export.Dim("batch", min=1, max=4096)  # traced at batch 2: torch.export specialises a size-1 dim
 try:
-    chatter = io.StringIO()  # the ONNX exporter's progress lines: shown only if it fails
-    try:
-        with torch.no_grad(), contextlib.redirect_stdout(chatter):
-            if args.format == "onnx":
-                # SDPA's math form while tracing: the CPU flash kernel's output strides differ from the decomposed
-                # graph's, which breaks a later reshape of the attention output (SAM) in the ONNX lowering
-                with sdpa_kernel(SDPBackend.MATH):
-                    torch.onnx.export(net, (inputs[2],), tmp, dynamo=True, external_data=False,
-                                      dynamic_shapes=({0: batch},), input_names=["image"], output_names=["logits"],
-                                      opset_version=args.opset)
-            else:
-                torch.export.save(torch.export.export(net, (inputs[2],), dynamic_shapes=({0: batch},)), tmp)
-    except Exception:
-        sys.stdout.write(chatter.getvalue())
-        raise
-    if args.format == "onnx":
+    if args.format == "onnx":  # traced at batch 2: torch.export specialises a dimension it sees at size 1
+        export_onnx(net, inputs[2], tmp, opset=args.opset)
         onnx.checker.check_model(tmp)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch, for the timings
@@ -275,6 +256,7 @@ try:
         def run(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
     else:
+        export_pt2(net, inputs[2], tmp)
         program = torch.export.load(tmp).module()
 
         def run(x: torch.Tensor) -> torch.Tensor:

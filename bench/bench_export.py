@@ -1,0 +1,153 @@
+r"""
+Deployment numbers (BENCHMARKS.md, "Deployment"): onnxruntime latency at batch 1 and throughput at batch 16 of
+an exported task next to the exported base model, with and without BatchNorm folding, and the unmerged PyTorch
+model next to the merged ONNX one, for EF-L1/L3/L7 and ViT-S/B.
+
+    OMP_NUM_THREADS=1 python bench/bench_export.py                       # every model, ~10 min on 1 core
+    OMP_NUM_THREADS=1 python bench/bench_export.py --models efl1 --repeats 5
+
+Per model (random weights with random BatchNorm statistics: timing and structure do not depend on the values):
+    base          the base model with a 100-class head, exported (deploy.export_onnx, as export.py does)
+    task          a PETAH-2 task (LoRA r 8 + conv-LoRA rc 2; ViT: LoRA r 8) with random adapters, merged and exported
+    base / task folded   the same with every BatchNorm folded into its conv (EfficientFormer only)
+    PyTorch unmerged     the adapted model as trained, eager, adapters active
+The claim under test: the exported task IS the base graph. Structurally (same ONNX op types and counts) and in
+time: task / base latency within the A/A band, the spread of base / base ratios of two sessions on one file.
+All variants of a model are timed round-robin (one call each per round), so a load change on the shared machine
+hits them alike; each number is the median over rounds. onnxruntime and PyTorch use the same thread count.
+"""
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from deploy import export_onnx, fold_all_bn, onnx_op_counts  # noqa: E402
+from lora import merge_and_unload  # noqa: E402
+from methods import apply_method  # noqa: E402
+from models import create_model  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--models", default="efl1,efl3,efl7,vits,vitb", help="comma-separated; default all five")
+parser.add_argument("--img-size", type=int, default=224)
+parser.add_argument("--repeats", type=int, default=9, help="rounds at batch 1 (median); default 9")
+parser.add_argument("--repeats16", type=int, default=2, help="rounds at batch 16 (median); default 2")
+parser.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads() (OMP_NUM_THREADS)")
+parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_export.json"))
+args = parser.parse_args()
+
+import onnxruntime as ort  # noqa: E402  (after argparse: --help works without it)
+
+threads = args.threads or torch.get_num_threads()
+torch.set_num_threads(threads)
+S = args.img_size
+
+
+def random_model(name):
+    torch.manual_seed(0)
+    m = create_model(name, num_classes=100, img_size=S)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def session(path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return lambda x: s.run(None, {"image": x})[0]
+
+
+def round_robin(fns: dict, x, rounds: int) -> dict:
+    """Median seconds per call of each fn, timed one call each per round (after one warm-up round)."""
+    times = {k: [] for k in fns}
+    for r in range(rounds + 1):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn(x)
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+results = dict(threads=threads, img_size=S, cpu_count=os.cpu_count(), torch=torch.__version__,
+               onnxruntime=ort.__version__, started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), models={})
+t_start = time.time()
+with tempfile.TemporaryDirectory() as tmp:
+    for name in args.models.split(","):
+        t_model = time.time()
+        ef = name.startswith("ef")
+        base = random_model(name)
+        adapted = copy.deepcopy(base)
+        apply_method(adapted, name, "petah" if ef else "lora", r=8, rc=2)
+        with torch.no_grad():
+            for n, p in adapted.named_parameters():
+                if n.endswith("lora_B"):
+                    p.normal_(0, 0.02)
+        adapted.eval().requires_grad_(False)
+        task = merge_and_unload(copy.deepcopy(adapted))
+        nets = {"base": base, "task": task}
+        if ef:
+            nets["base_folded"] = copy.deepcopy(base)
+            nets["task_folded"] = copy.deepcopy(task)
+            fold_all_bn(nets["base_folded"])
+            fold_all_bn(nets["task_folded"])
+        x2 = torch.randn(2, 3, S, S)
+        files = {}
+        for k, net in nets.items():
+            files[k] = os.path.join(tmp, f"{name}_{k}.onnx")
+            t0 = time.time()
+            export_onnx(net, x2, files[k])
+            print(f"{name} {k}: exported in {time.time() - t0:.0f} s", flush=True)
+        ops = {k: onnx_op_counts(f) for k, f in files.items()}
+        same = {"task == base": ops["task"] == ops["base"]}
+        if ef:
+            same["task_folded == base_folded"] = ops["task_folded"] == ops["base_folded"]
+        sess = {k: session(f) for k, f in files.items()}
+        sess["base_again"] = session(files["base"])  # A/A: a second session on the same file
+        row = dict(onnx_nodes={k: sum(v.values()) for k, v in ops.items()}, same_graph=same,
+                   bn_nodes={k: v.get("BatchNormalization", 0) for k, v in ops.items()},
+                   size_mb={k: round(os.path.getsize(f) / 2**20, 2) for k, f in files.items()})
+
+        def pytorch(net):
+            def fn(x):
+                with torch.no_grad():
+                    return net(torch.from_numpy(x))
+            return fn
+
+        for B, rounds in ((1, args.repeats), (16, args.repeats16)):
+            x = torch.randn(B, 3, S, S).numpy()
+            fns = {**sess, "pytorch_unmerged": pytorch(adapted), "pytorch_merged": pytorch(task)}
+            if B > 1:  # the slow batch: what the table needs (task vs base, A/A, folded, unmerged PyTorch) only
+                fns = {k: v for k, v in fns.items() if k not in ("task_folded", "pytorch_merged")}
+            med, raw = round_robin(fns, x, rounds)
+            aa = [a / b for a, b in zip(raw["base_again"], raw["base"])]  # per-round A/A ratios
+            tb = [a / b for a, b in zip(raw["task"], raw["base"])]
+            row[f"b{B}"] = dict(ms={k: round(1e3 * v, 2) for k, v in med.items()},
+                                img_per_s={k: round(B / v, 1) for k, v in med.items()},
+                                aa_ratio=round(med["base_again"] / med["base"], 3),
+                                aa_band=[round(min(aa), 3), round(max(aa), 3)],
+                                task_over_base=round(med["task"] / med["base"], 3),
+                                task_over_base_rounds=[round(min(tb), 3), round(max(tb), 3)],
+                                folded_over_unfolded=round(med["base_folded"] / med["base"], 3) if ef else None,
+                                pytorch_unmerged_over_onnx_task=round(med["pytorch_unmerged"] / med["task"], 3))
+            print(f"{name} batch {B}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items())
+                  + f"; task/base {row[f'b{B}']['task_over_base']}, A/A {row[f'b{B}']['aa_ratio']} "
+                  f"(rounds {row[f'b{B}']['aa_band']})", flush=True)
+        row["seconds"] = round(time.time() - t_model)
+        results["models"][name] = row
+        print(json.dumps({name: row}), flush=True)
+results["seconds"] = round(time.time() - t_start)
+with open(args.out, "w") as f:
+    json.dump(results, f, indent=1)
+print(f"wrote {args.out} ({results['seconds']} s)")
