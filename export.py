@@ -211,6 +211,9 @@ if task is not None:
         if "fingerprint" in msg:
             msg = (f"--task {args.task} was trained on another base than --weights {args.weights} (fingerprint "
                    f"mismatch): pass the base checkpoint the task was trained on (same file, same --model-cfg)")
+            if trained_size is None:  # an epoch checkpoint records no input size; tables resized for another one
+                msg += (f". The task file does not record its input size and the model was built for {build_size}: "
+                        f"pass the training --img-size")
         parser.error(msg)
     print(f"task {args.task}: {len(task.adapters)} adapted layers, {len(task.trainable)} other trained tensors, "
           f"{task.nbytes() / 2**20:.2f} MB", flush=True)
