@@ -455,7 +455,7 @@ def adapter_worker(spec: dict) -> dict:
             model = copy.deepcopy(base)
             info = apply_method(model, key, method, r=R, rc=rc)
             path = Path(tmp) / f"{key}_{label}.safetensors"
-            save_adapters(model, path)
+            save_adapters(model, path, allow_no_adapters=True)  # "full": nothing frozen, no adapters
             tensors = adapter_state_dict(model)
             head = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(HEADS))
             body = sum(t.numel() * t.element_size() for k, t in tensors.items() if not k.startswith(HEADS))
