@@ -25,6 +25,7 @@ def test_paper_params_equal_the_counts(no_init, model_name, method, r, rc):
     assert info["adapter_params"] == methods.PAPER_PARAMS[model_name, method, r, rc]
     heads = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("head.", "head_dist.")))
     assert info["head_params"] == heads and info["trainable_params"] == info["adapter_params"] + heads
+    assert info["total_params"] == sum(p.numel() for p in model.parameters())
 
 
 def test_readme_table_is_rendered_from_paper_params():
