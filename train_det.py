@@ -176,9 +176,9 @@ if not args.weights and not args.count_only and master:
 def build_detector(num_classes: int) -> tuple[nn.Module, dict, set]:
     """The detector of --model / --method for `num_classes` object classes: (model, counts, base state_dict keys)."""
     torch.manual_seed(args.seed)  # identical initialisation on every rank and in a resumed run
-    # the bias tables live on the (S/32, S/32) grid of a square S = --img-size rounded up to 32; other batch grids
-    # (ratio kept, padded to 32) resample the table
-    body = create_model(builder, num_classes=0, img_size=32 * math.ceil(img_size / 32), **model_cfg)
+    # built for 224 x 224, the size of the released checkpoints: the attention-bias tables keep their trained 7 x 7
+    # grid (and key layout), and every batch's token grid (H/32 x W/32 of the padded batch) resamples them
+    body = create_model(builder, num_classes=0, img_size=224, **model_cfg)
     if args.weights:
         with user_errors(parser):  # a damaged file, a layout that does not fit --model
             load_pretrained(body, args.weights, strict=True, verbose=master and not args.count_only)

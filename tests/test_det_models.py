@@ -222,3 +222,19 @@ def test_detector_end_to_end_shapes_and_fpn_levels():
     out = det([torch.rand(3, 128, 128)], original_sizes=[(256, 256)])[0]
     assert out["masks"].shape[1:] == (1, 256, 256) and len(out["boxes"]) <= 100
     assert copy.deepcopy(det) is not None  # no closures / lambdas stored on modules
+
+
+def test_detector_takes_any_batch_size_and_ratio():
+    """EfficientFormer built for 128 x 128 inside a detector fed two images of other sizes and ratios: the batch is
+    padded to (128, 192) (multiples of 32), the attention runs on the (4, 6) token grid, results come back at the
+    images' original sizes; the image in a batch gives the boxes it gives alone when no padding differs."""
+    torch.manual_seed(0)
+    body = create_model("ef_tiny", num_classes=0, img_size=128)
+    det = build_cascade_mask_rcnn(body, num_classes=4, fpn_channels=16, fc_dim=32, mask_channels=8).eval()
+    imgs = [torch.rand(3, 100, 170), torch.rand(3, 128, 64)]
+    with torch.no_grad():
+        out = det(imgs, original_sizes=[(200, 340), (128, 64)])
+        alone = det([imgs[0], torch.zeros(3, 1, 1)], original_sizes=[(200, 340), (1, 1)])[0]  # same padded batch
+    assert out[0]["masks"].shape[-2:] == (200, 340) and out[1]["masks"].shape[-2:] == (128, 64)
+    assert len(out[0]["boxes"]) > 10
+    torch.testing.assert_close(out[0]["boxes"], alone["boxes"], rtol=0, atol=1e-4)

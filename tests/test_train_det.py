@@ -87,7 +87,7 @@ def test_merged_detector_scores_as_the_adapted_one(petah_runs):
     a, _ = petah_runs
     s = summary(a)
     assert s["adapter_params"] > 0 and s["merged_max_abs_diff"] == 0.0
-    body = create_model("ef_tiny", num_classes=0, img_size=96)
+    body = create_model("ef_tiny", num_classes=0, img_size=224)  # as train_det builds it: the 224 bias grid
     det = build_cascade_mask_rcnn(body, num_classes=4, fpn_channels=32, fc_dim=128, mask_channels=32).eval()
     det.load_state_dict(load_file(str(a / "merged.safetensors")), strict=True)
     val = SyntheticInstances(n=4, img_size=96, train=False, seed=1)
