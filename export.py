@@ -165,6 +165,9 @@ kind = kind_of(name, keys)
 if tmeta.get("kind") == "seg" and kind == "cls":
     kind = "fpn"  # an EfficientFormer segmentation task that trained no decode_head tensor (none in practice)
 num_classes = stored.get("num_classes") or args.num_classes
+if args.num_classes is not None and int(num_classes) != args.num_classes:
+    parser.error(f"--num-classes {args.num_classes}, but {args.task or args.weights} has {num_classes} classes; drop "
+                 f"--num-classes")
 fpn = dict(fpn_channels=stored.get("fpn_channels") or 256, fpn_head_channels=stored.get("fpn_head_channels") or 128)
 if kind == "fpn" and "decode_head.conv_seg.weight" in keys:  # the head's sizes from its tensors
     state = task.tensors if task is not None else merged_state
@@ -208,7 +211,7 @@ if task is not None:
         load_adapters(model, args.task)  # checks every adapter config, every shape and the base fingerprint
     except ValueError as e:
         msg = str(e)
-        if "fingerprint" in msg:
+        if "fingerprint" in msg and msg.count("\n  - ") == 1:  # the base is the only problem
             msg = (f"--task {args.task} was trained on another base than --weights {args.weights} (fingerprint "
                    f"mismatch): pass the base checkpoint the task was trained on (same file, same --model-cfg)")
             if trained_size is None:  # an epoch checkpoint records no input size; tables resized for another one

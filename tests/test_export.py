@@ -41,24 +41,24 @@ def random_bn_stats(model):
                 m.running_var.uniform_(0.5, 2.0)
 
 
-def make_task(folder: Path, kind: str, name: str, method: str, num_classes: int, seed: int = 0):
+def make_task(folder: Path, kind: str, name: str, method: str, num_classes: int, seed: int = 0, size: int = S):
     """Write base.safetensors (random weights, random BN statistics) and task.safetensors (adapters and head of
     `method`, every trained tensor random) as train_cls.py / train_seg.py do; return (base, task, adapted model)."""
     torch.manual_seed(seed)
-    base = build_model(name, kind="sam" if kind == "sam" else "cls", img_size=S,
+    base = build_model(name, kind="sam" if kind == "sam" else "cls", img_size=size,
                        num_classes=num_classes if kind == "sam" else 1000)
     random_bn_stats(base)
     base_file = folder / f"{kind}_base.safetensors"
     save_file(base.state_dict(), str(base_file))
     if kind == "cls":
-        model = build_model(name, kind="cls", num_classes=num_classes, img_size=S, weights=str(base_file))
+        model = build_model(name, kind="cls", num_classes=num_classes, img_size=size, weights=str(base_file))
         apply_method(model, name, method, r=4, rc=2, learn_interp=True)
     elif kind == "fpn":  # train_seg.py: backbone from the checkpoint, adapted, then the new Semantic FPN head
-        model = build_model(name, kind="cls", num_classes=0, img_size=S, weights=str(base_file))
+        model = build_model(name, kind="cls", num_classes=0, img_size=size, weights=str(base_file))
         apply_method(model, name, method, r=4, rc=2, head_names=())
         model = ef_semantic_fpn(model, num_classes=num_classes, channels=32, head_channels=16)
     else:
-        model = build_model(name, kind="sam", num_classes=num_classes, img_size=S, weights=str(base_file))
+        model = build_model(name, kind="sam", num_classes=num_classes, img_size=size, weights=str(base_file))
         apply_sam_method(model, method, num_classes=num_classes, r=4, learn_interp=method == "lora")
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -67,7 +67,7 @@ def make_task(folder: Path, kind: str, name: str, method: str, num_classes: int,
     random_bn_stats(model.decode_head if kind == "fpn" else nn.Identity())  # the new head's BNs train
     task_file = folder / f"{kind}_task.safetensors"
     save_task(model, task_file, meta=dict(kind="cls" if kind == "cls" else "seg", model=name, method=method,
-                                          num_classes=num_classes, img_size=S, model_cfg={}))
+                                          num_classes=num_classes, img_size=size, model_cfg={}))
     return base_file, task_file, model.eval()
 
 
@@ -93,7 +93,8 @@ def tasks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tasks")
     return {"cls": make_task(folder, "cls", "ef_tiny", "petah", 10),
             "fpn": make_task(folder, "fpn", "ef_tiny", "petah", 5, seed=1),  # another base than cls's
-            "sam": make_task(folder, "sam", "sam_tiny", "ia3", 4)}
+            # SAM at 80: 10 x 10 tokens in windows of 4, so the padded-window path is in the graph
+            "sam": make_task(folder, "sam", "sam_tiny", "ia3", 4, size=80)}
 
 
 def test_onnx_task_equals_adapted_model_and_has_the_base_graph(tasks, tmp_path, capsys):
@@ -126,11 +127,11 @@ def test_pt2_sam_task_equals_adapted_model(tasks, tmp_path, capsys):
     res = run_export(["--weights", str(base), "--task", str(task), "--format", "pt2", "--out", str(out)], capsys)
     assert res["max_abs_diff"] <= 1e-5 and res["kind"] == kind
     program = torch.export.load(str(out)).module()
-    x = torch.randn(3, 3, S, S)
+    x = torch.randn(3, 3, 80, 80)
     with torch.no_grad():
         y = program(x)
     expected = reference(adapted, kind, x)
-    assert y.shape == expected.shape == (3, 4, S, S)  # 4 classes: one logit map each
+    assert y.shape == expected.shape == (3, 4, 80, 80)  # 4 classes: one logit map each
     assert (y - expected).abs().max().item() <= 1e-5
 
 
