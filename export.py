@@ -66,7 +66,8 @@ parser.add_argument("--img-size", type=int, default=None,
                     help="input side of the exported graph; default: the trained size from the metadata, else 224 "
                          "(SAM 1024). EfficientFormer takes any multiple of 32; ViT and SAM their trained size")
 parser.add_argument("--fold-bn", action="store_true",
-                    help="fold every BatchNorm into the conv before it (the deployed form; EfficientFormer, FPN)")
+                    help="fold every BatchNorm into the conv before it (EfficientFormer, FPN): the .pt2 program then has "
+                         "no batch_norm op. The ONNX exporter folds eval-mode BatchNorms itself (same graph either way)")
 parser.add_argument("--format", required=True, metavar="{onnx,pt2}",
                     help="onnx (checked with onnxruntime) or pt2 (torch.export.save, checked after torch.export.load)")
 parser.add_argument("--out", required=True, metavar="PATH", help="the file to write (e.g. cub.onnx, cub.pt2)")

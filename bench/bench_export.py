@@ -13,8 +13,9 @@ Per model (random weights with random BatchNorm statistics: timing and structure
     PyTorch unmerged     the adapted model as trained, eager, adapters active
 The claim under test: the exported task IS the base graph. Structurally (same ONNX op types and counts) and in
 time: task / base latency within the A/A band, the spread of base / base ratios of two sessions on one file.
-All variants of a model are timed round-robin (one call each per round), so a load change on the shared machine
-hits them alike; each number is the median over rounds. onnxruntime and PyTorch use the same thread count.
+All variants of a model are timed round-robin (one call each per round, the order rotated between rounds), so a
+load change on the shared machine hits them alike; times are medians over rounds, ratios medians of the per-round
+ratios. onnxruntime and PyTorch use the same thread count.
 """
 
 import argparse
@@ -38,7 +39,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--models", default="efl1,efl3,efl7,vits,vitb", help="comma-separated; default all five")
 parser.add_argument("--img-size", type=int, default=224)
 parser.add_argument("--repeats", type=int, default=9, help="rounds at batch 1 (median); default 9")
-parser.add_argument("--repeats16", type=int, default=2, help="rounds at batch 16 (median); default 2")
+parser.add_argument("--repeats16", type=int, default=3, help="rounds at batch 16 (median); default 3")
 parser.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads() (OMP_NUM_THREADS)")
 parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_export.json"))
 args = parser.parse_args()
@@ -68,16 +69,23 @@ def session(path):
     return lambda x: s.run(None, {"image": x})[0]
 
 
-def round_robin(fns: dict, x, rounds: int) -> dict:
-    """Median seconds per call of each fn, timed one call each per round (after one warm-up round)."""
-    times = {k: [] for k in fns}
+def round_robin(fns: dict, x, rounds: int) -> tuple[dict, dict]:
+    """Median seconds per call of each fn, and every round's times: one call each per round, the order rotated
+    from round to round (the first call of a round is often slower), after one warm-up round."""
+    times, keys = {k: [] for k in fns}, list(fns)
     for r in range(rounds + 1):
-        for k, fn in fns.items():
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.perf_counter()
-            fn(x)
+            fns[k](x)
             if r:
                 times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}, times
+
+
+def paired(times: dict, a: str, b: str) -> tuple[float, list[float]]:
+    """Median and range of the per-round ratios a / b (both timed in the same round)."""
+    ratios = [x / y for x, y in zip(times[a], times[b])]
+    return round(statistics.median(ratios), 3), [round(min(ratios), 3), round(max(ratios), 3)]
 
 
 results = dict(threads=threads, img_size=S, cpu_count=os.cpu_count(), torch=torch.__version__,
@@ -131,16 +139,13 @@ with tempfile.TemporaryDirectory() as tmp:
             if B > 1:  # the slow batch: what the table needs (task vs base, A/A, folded, unmerged PyTorch) only
                 fns = {k: v for k, v in fns.items() if k not in ("task_folded", "pytorch_merged")}
             med, raw = round_robin(fns, x, rounds)
-            aa = [a / b for a, b in zip(raw["base_again"], raw["base"])]  # per-round A/A ratios
-            tb = [a / b for a, b in zip(raw["task"], raw["base"])]
+            aa, aa_band = paired(raw, "base_again", "base")  # A/A: two sessions on one file
+            tb, tb_band = paired(raw, "task", "base")
             row[f"b{B}"] = dict(ms={k: round(1e3 * v, 2) for k, v in med.items()},
                                 img_per_s={k: round(B / v, 1) for k, v in med.items()},
-                                aa_ratio=round(med["base_again"] / med["base"], 3),
-                                aa_band=[round(min(aa), 3), round(max(aa), 3)],
-                                task_over_base=round(med["task"] / med["base"], 3),
-                                task_over_base_rounds=[round(min(tb), 3), round(max(tb), 3)],
-                                folded_over_unfolded=round(med["base_folded"] / med["base"], 3) if ef else None,
-                                pytorch_unmerged_over_onnx_task=round(med["pytorch_unmerged"] / med["task"], 3))
+                                aa_ratio=aa, aa_band=aa_band, task_over_base=tb, task_over_base_rounds=tb_band,
+                                folded_over_unfolded=paired(raw, "base_folded", "base")[0] if ef else None,
+                                pytorch_unmerged_over_onnx_task=paired(raw, "pytorch_unmerged", "task")[0])
             print(f"{name} batch {B}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in med.items())
                   + f"; task/base {row[f'b{B}']['task_over_base']}, A/A {row[f'b{B}']['aa_ratio']} "
                   f"(rounds {row[f'b{B}']['aa_band']})", flush=True)
