@@ -165,3 +165,25 @@ def test_import_refuses_grouped_conv(tmp_path):
     with pytest.raises(ValueError, match="groups=4"):
         task_from_peft(tmp_path / "peft", base, tmp_path / "t.safetensors", meta=META)
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_timm_efficientformer_both_ways(tmp_path):
+    """A peft LoRA trained on timm's EfficientFormer-L1 -> a task on our EF-L1 with the same weights (the bank's
+    outputs == the peft model's), and that task back to peft on the timm model."""
+    torch.manual_seed(0)
+    ref = timm.create_model("efficientformer_l1", pretrained=False, num_classes=6).eval()
+    ours = create_model("efl1", num_classes=6).eval()
+    ours.load_state_dict(ref.state_dict())
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["stem.conv1", "stages.2.downsample.conv", "qkv", "proj"],
+                          rank_pattern={"stem.conv1": 2}, modules_to_save=["head", "head_dist"])
+    pm = peft_trained(ref, cfg, tmp_path / "peft")
+    task_from_peft(tmp_path / "peft", ours, tmp_path / "t.safetensors", meta=META)
+    bank = TaskBank(ours)
+    bank.add("t", tmp_path / "t.safetensors")
+    bank.select("t")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        want = pm(x)
+        assert rel_err(bank(x), want) <= 1e-5
+    export_peft(tmp_path / "t.safetensors", ref, tmp_path / "again")
+    assert rel_err(peft_out(ref, None, tmp_path / "again", x), want) <= 1e-5
