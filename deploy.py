@@ -1,11 +1,12 @@
 """Building a trained task for deployment: the pieces export.py and bench/bench_export.py share.
 
     build_model(name, kind=..., num_classes=..., img_size=...)   the network as the training script built it
-    describe(weights_meta, task_meta, state_keys)                 what a --weights / --task pair holds
+    kind_of(name, keys), fpn_widths(state)                        what a task / merged file holds, from its tensors
     add_task_adapters(model, adapters)                            the task file's adapters, rebuilt from their configs
     fold_all_bn(model)                                            every conv -> BatchNorm pair folded into the conv
     export_onnx(net, x, path), export_pt2(net, x, path)           the two exporters, batch dimension dynamic
-    Segment(model)                                                forward(x) = model.segment(x) (SAM's prompt-free path)
+    exportable(model, kind)                                       what the exporters trace: the model, or for SAM
+    Segment(model=sam)                                            forward(x) = sam.segment(x) (the prompt-free path)
     onnx_op_counts(path), median_time(fn, x)                      the structural check and the latency numbers
 
 Three kinds of network come out of the training scripts:
@@ -147,7 +148,7 @@ class Segment(nn.Module):
         model: a models.sam.Sam.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, *, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -157,7 +158,7 @@ class Segment(nn.Module):
 
 def exportable(model: nn.Module, kind: str) -> nn.Module:
     """The module whose forward(x) the exporters trace: the model, or Segment(model) for SAM."""
-    return Segment(model).eval() if kind == "sam" else model.eval()
+    return Segment(model=model).eval() if kind == "sam" else model.eval()
 
 
 def export_onnx(net: nn.Module, example: torch.Tensor, path, *, opset: int | None = None) -> None:

@@ -42,7 +42,38 @@ parser.add_argument("--repeats", type=int, default=9, help="rounds at batch 1 (m
 parser.add_argument("--repeats16", type=int, default=3, help="rounds at batch 16 (median); default 3")
 parser.add_argument("--threads", type=int, default=None, help="default: torch.get_num_threads() (OMP_NUM_THREADS)")
 parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_export.json"))
+parser.add_argument("--table", action="store_true", help="print BENCHMARKS.md's tables from --out and exit")
 args = parser.parse_args()
+
+
+def tables(res: dict) -> str:
+    """The markdown tables of BENCHMARKS.md, "Deployment", from a results file."""
+    lines = ["| model | ONNX nodes (base = task) | file MB | b1 base ms | b1 task / base | b1 A/A (rounds) | "
+             "b16 base img/s | b16 task / base | b16 A/A (rounds) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res["models"].items():
+        b1, b16 = r["b1"], r["b16"]
+        same = "yes" if all(r["same_graph"].values()) else "NO"
+        lines.append(f"| {name} | {r['onnx_nodes']['base']} ({same}) | {r['size_mb']['base']} | {b1['ms']['base']} | "
+                     f"{b1['task_over_base']} ({b1['task_over_base_rounds'][0]}-{b1['task_over_base_rounds'][1]}) | "
+                     f"{b1['aa_ratio']} ({b1['aa_band'][0]}-{b1['aa_band'][1]}) | {b16['img_per_s']['base']} | "
+                     f"{b16['task_over_base']} ({b16['task_over_base_rounds'][0]}-{b16['task_over_base_rounds'][1]}) "
+                     f"| {b16['aa_ratio']} ({b16['aa_band'][0]}-{b16['aa_band'][1]}) |")
+    lines += ["", "| model | BN-folded / not, b1 | b16 | PyTorch unmerged b1 ms | PyTorch merged b1 ms | ONNX task b1 ms | "
+              "unmerged PyTorch / ONNX task, b1 | b16 |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in res["models"].items():
+        b1, b16 = r["b1"], r["b16"]
+        fold1 = b1["folded_over_unfolded"] if b1["folded_over_unfolded"] is not None else "-"
+        fold16 = b16["folded_over_unfolded"] if b16["folded_over_unfolded"] is not None else "-"
+        lines.append(f"| {name} | {fold1} | {fold16} | {b1['ms']['pytorch_unmerged']} | {b1['ms']['pytorch_merged']} | "
+                     f"{b1['ms']['task']} | {b1['pytorch_unmerged_over_onnx_task']} | "
+                     f"{b16['pytorch_unmerged_over_onnx_task']} |")
+    return "\n".join(lines)
+
+
+if args.table:
+    with open(args.out) as f:
+        print(tables(json.load(f)))
+    sys.exit(0)
 
 import onnxruntime as ort  # noqa: E402  (after argparse: --help works without it)
 
@@ -155,4 +186,5 @@ with tempfile.TemporaryDirectory() as tmp:
 results["seconds"] = round(time.time() - t_start)
 with open(args.out, "w") as f:
     json.dump(results, f, indent=1)
+print(tables(results))
 print(f"wrote {args.out} ({results['seconds']} s)")
