@@ -210,10 +210,10 @@ def read_task(path) -> Task:
 #                  share one base forward W0 x + b over their span and get B_t A_t x[s:e] added (or s_t
 #                  multiplied) in place; a conv-LoRA slice runs one conv with W0 + dW_t (the kernel path: the
 #                  frozen conv's cost); the rest (heads, norms, interpolated or input-scaled adapters, own biases)
-#                  run their variant on their slice. That is exact per sample because every adapted layer of these models keeps the
-#                  batch as dimension 0 and treats samples independently (BatchNorm in eval mode included); a
-#                  layer that sees another batch size (windowed attention) raises. Heads of different widths are
-#                  zero-padded to the widest, then cut back per sample.
+#                  run their variant on their slice. That is exact per sample because every adapted layer of these
+#                  models keeps the batch as dimension 0 and treats samples independently (BatchNorm in eval mode
+#                  included); a layer that sees another batch size (windowed attention) raises. Heads of different
+#                  widths are zero-padded to the widest, then cut back per sample.
 
 _END = object()  # marks the end of the runs in _Switch.forward
 
@@ -242,15 +242,15 @@ class _Switch:
                 runs[-1][2] = e
             else:
                 runs.append([m, s, e])
-        # Slices whose task adds a low-rank update or scales outputs share ONE base forward over their span of the
-        # batch (the frozen layer's work at full batch size), then get their update in place; other slices (heads,
-        # norms, interpolated or input-scaled adapters, own biases) run through their variant alone.
+        # Linear slices whose task adds a low-rank update or scales outputs share ONE base forward over their span
+        # of the batch (the frozen layer's work at full batch size), then get their update in place; other slices
+        # (conv-LoRA, heads, norms, interpolated or input-scaled adapters, own biases) run their variant alone.
         outs, span = [], []
         for m, s, e in runs + [[_END, 0, 0]]:
             if m is not _END and (m is None or self._shares_base(m)):
                 span.append((m, s, e))
                 continue
-            if len(span) == 1:  # one task alone: its variant's own forward (conv-LoRA may pick its kernel path)
+            if len(span) == 1:  # one task alone: its variant's own forward, nothing to share
                 v, s2, e2 = span[0]
                 outs.append(super(_Switch, self).forward(x[s2:e2]) if v is None else v(x[s2:e2]))
                 span = []
@@ -370,7 +370,8 @@ def _build_adapter(base: nn.Module, cfg: dict) -> nn.Module:
         have = [base.in_channels, base.out_channels, list(base.kernel_size), base.groups]
         want = [cfg["in_channels"], cfg["out_channels"], list(cfg["kernel_size"]), cfg["groups"]]
         if have != want:
-            raise ValueError(f"conv adapter made for (c_in, c_out, kernel, groups) = {want}, the model's conv is {have}")
+            raise ValueError(f"conv adapter made for (c_in, c_out, kernel, groups) = {want}, the model's conv is "
+                             f"{have}")
         # path="kernel": at inference one conv with W0 + dW_t (a tiny matmul per forward) costs what the frozen conv
         # costs, less than the frozen conv plus the two low-rank convs of the factored path
         cls, kw = LoRAConv2d, dict(r=cfg["r"], alpha=cfg["alpha"], learn_interp=cfg.get("learn_interp", False),

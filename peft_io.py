@@ -7,11 +7,12 @@
 `model` is the base: a timm model or one of this project's (whose module names ARE timm's), without adapters.
 
 The peft format (peft 0.21), as this file writes and reads it:
-    adapter_model.safetensors   base_model.model.<module>.lora_A.weight   Linear: (r, d_in)        Conv2d: (r, c_in, kh, kw)
-                                base_model.model.<module>.lora_B.weight   Linear: (d_out, r)       Conv2d: (c_out, r, 1, 1)
+    adapter_model.safetensors   base_model.model.<module>.lora_A.weight   Linear (r, d_in), Conv2d (r, c_in, kh, kw)
+                                base_model.model.<module>.lora_B.weight   Linear (d_out, r), Conv2d (c_out, r, 1, 1)
                                 base_model.model.<module>.<tensor>        every tensor of a module in modules_to_save
-    adapter_config.json         peft_type "LORA", r / lora_alpha (the most common rank; alpha = scale * r) with per-layer
-                                rank_pattern / alpha_pattern, target_modules (full module names), modules_to_save
+    adapter_config.json         peft_type "LORA", r / lora_alpha (the most common rank; alpha = scale * r) with
+                                per-layer rank_pattern / alpha_pattern, target_modules (full module names),
+                                modules_to_save
 peft's update is scaling * B(A(x)), scaling = lora_alpha / r (use_rslora: lora_alpha / sqrt(r)); its conv update is a
 conv with A (the base conv's kernel, stride and padding) followed by a 1x1 conv with B, i.e. ours (conv_lora.py)
 with A viewed as r kernels (r, c_in, kh, kw), when the conv has one group.
@@ -130,7 +131,8 @@ def export_peft(task, model: nn.Module, out_dir) -> dict:
         if not isinstance(base, (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
             problems.append(f"'{mname}': trained tensors of a {type(base).__name__} (not a head or a norm)")
             continue
-        if isinstance(base, (nn.Linear, nn.Conv2d)) and {f"{mname}.{a}" for a in dict(base.named_parameters())} - set(keys):
+        params = {f"{mname}.{a}" for a, _ in base.named_parameters()}
+        if isinstance(base, (nn.Linear, nn.Conv2d)) and params - set(keys):
             problems.append(f"'{mname}': trained biases of a layer that is not a head (--train-biases) have no peft "
                             f"LoRA equivalent")
             continue
@@ -139,7 +141,8 @@ def export_peft(task, model: nn.Module, out_dir) -> dict:
     if problems:
         raise ValueError(f"task {task.path} cannot be written as a peft LoRA adapter:\n  - " + "\n  - ".join(problems))
     if not ranks:
-        raise ValueError(f"task {task.path} has no LoRA adapter (method {task.meta.get('method')!r}): nothing to export")
+        raise ValueError(f"task {task.path} has no LoRA adapter (method {task.meta.get('method')!r}): nothing to "
+                         f"export")
     r0 = Counter(ranks.values()).most_common(1)[0][0]
     a0 = Counter(alphas[n] for n in ranks if ranks[n] == r0).most_common(1)[0][0]
     cfg = peft.LoraConfig(r=r0, lora_alpha=a0, lora_dropout=0.0, bias="none", target_modules=sorted(ranks),
@@ -196,7 +199,8 @@ def task_from_peft(adapter_dir, model: nn.Module, path, *, meta: dict) -> Task:
     for name, ab in lora.items():
         base = modules.get(name)
         if base is None or set(ab) != {"A", "B"}:
-            problems.append(f"'{name}': {'no such module in the model' if base is None else 'lora_A or lora_B missing'}")
+            why = "no such module in the model" if base is None else "lora_A or lora_B missing"
+            problems.append(f"'{name}': {why}")
             continue
         A, B = ab["A"], ab["B"]
         r = A.shape[0]

@@ -90,7 +90,8 @@ for name, path in task_files.items():
                      f"tasks (train_cls.py); use predict_seg.py for segmentation")
     missing = [k for k in ("model", "num_classes", "img_size") if meta.get(k) is None]
     if missing:
-        parser.error(f"--tasks {name}={path}: the task's metadata lacks {missing}; write it with a current train_cls.py")
+        parser.error(f"--tasks {name}={path}: the task's metadata lacks {missing}; write it with a current "
+                     f"train_cls.py")
 
 
 def base_of(meta):  # what a task says about its base model

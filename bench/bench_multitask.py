@@ -167,7 +167,8 @@ def cmd_storage(args, tmp):
             merged += model_bytes(merge_and_unload(m))
             del m
         base_b = model_bytes(base)
-        rows.append(dict(model=model_name, method=method + ("-2" if method == "petah" else " ATTN r8"), tasks=len(CLASSES),
+        label = "petah-2" if method == "petah" else "lora ATTN r8"
+        rows.append(dict(model=model_name, method=label, tasks=len(CLASSES),
                          base_bytes=base_b, task_files_bytes=files, merged_models_bytes=merged,
                          ratio=round(merged / (base_b + files), 2)))
         del base

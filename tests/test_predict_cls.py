@@ -1,4 +1,4 @@
-"""predict_cls.py on a folder of images: the top-1 of each task's merged model, mixed batches and --task; user errors."""
+"""predict_cls.py on a folder of images: each task's merged-model top-1, mixed batches and --task; user errors."""
 import copy
 import json
 import os
