@@ -215,6 +215,11 @@ def test_select_switch_and_base_restore(ef):
     sw = model.get_submodule("stem.conv1")
     assert isinstance(sw, _Switch)
     assert sw.variants["petah"].weight.data_ptr() == originals["stem.conv1"].weight.data_ptr()
+    bank.remove("petah")
+    assert isinstance(model.stem.conv1, _Switch)  # "interp" trained the stem's biases
+    bank.remove("interp")  # the last task changing the stem: its original modules come back
+    assert model.stem.conv1 is originals["stem.conv1"] and model.stem.norm1 is originals["stem.norm1"]
+    assert bank.names == ["ia3", "mlp"]
     out = bank.unload()
     assert out is model and same_state(model, snap) and not bank.names
     assert not any(isinstance(m, _Switch) for m in model.modules())
@@ -346,3 +351,34 @@ def test_train_cls_writes_the_task(tmp_path):
     with torch.no_grad():
         assert rel_err(bank(x), merged(x)) <= 1e-5
         assert json.loads(json.dumps(task.meta))["method"] == "petah"
+
+
+class Folding(nn.Module):
+    """Folds its batch before a layer (as windowed attention does): per-sample routing cannot work there."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # (B, 8)
+        y = self.fc(x.reshape(-1, 4))  # (2B, 4)
+        return self.head(y.reshape(-1, 8))
+
+
+def test_mixed_refuses_a_folded_batch(tmp_path):
+    torch.manual_seed(0)
+    base = Folding().eval()
+    m = copy.deepcopy(base)
+    add_lora(m, {"fc": 2})
+    mark_trainable(m, modules=("head",))
+    perturb(m)
+    save_task(m, tmp_path / "t.safetensors", meta=dict(kind="cls", model="folding", method="lora"))
+    bank = TaskBank(base)
+    bank.add("t", tmp_path / "t.safetensors")
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="layer 'fc' received 6 samples but the batch has 3"):
+        bank(x, ["t", None, "t"])
+    bank.select("t")  # one task at a time still works
+    with torch.no_grad():
+        assert rel_err(bank(x), merge_and_unload(m).eval()(x)) <= 1e-5
