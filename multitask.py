@@ -320,10 +320,19 @@ SWITCHES = {nn.Linear: SwitchLinear, nn.Conv2d: SwitchConv2d, nn.LayerNorm: Swit
             nn.BatchNorm2d: SwitchBatchNorm2d, nn.GroupNorm: SwitchGroupNorm}
 
 
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy sharing every tensor, with its own parameter / buffer / submodule / hook tables (changing one of
+    them, e.g. registering a hook or replacing a parameter on the copy, leaves the original alone)."""
+    new = copy.copy(module)
+    for k, v in module.__dict__.items():
+        if isinstance(v, (dict, set)):  # _parameters, _buffers, _modules, hook tables, _non_persistent_buffers_set
+            new.__dict__[k] = type(v)(v)
+    return new
+
+
 def _make_switch(module: nn.Module, qualname: str) -> nn.Module:
     """The switch of a layer: a shallow copy (every tensor shared) whose class is the Switch subclass of its type."""
-    sw = copy.copy(module)
-    sw._parameters, sw._buffers, sw._modules = dict(module._parameters), dict(module._buffers), dict(module._modules)
+    sw = _shallow_copy(module)
     sw.__class__ = SWITCHES[type(module)]
     sw.__dict__.update(base_module=module, variants={}, active_module=None, route=None, qualname=qualname)
     return sw
@@ -331,8 +340,7 @@ def _make_switch(module: nn.Module, qualname: str) -> nn.Module:
 
 def _clone_with(module: nn.Module, tensors: dict) -> nn.Module:
     """A shallow copy of `module` whose tensors named in `tensors` are replaced (the others stay shared)."""
-    new = copy.copy(module)
-    new._parameters, new._buffers = dict(module._parameters), dict(module._buffers)
+    new = _shallow_copy(module)
     for n, t in tensors.items():
         if n in new._parameters:
             new._parameters[n] = nn.Parameter(t, requires_grad=False)
