@@ -68,7 +68,7 @@ def export_peft(task, model: nn.Module, out_dir) -> dict:
     """Write `task` (a task file path or a Task) as a peft LoRA adapter directory for `model` (the base).
     Returns the adapter config dict. Raises ValueError naming what cannot map (see the module docstring)."""
     import peft
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
     task = task if isinstance(task, Task) else read_task(task)
     modules = dict(model.named_modules())
     problems, tensors, ranks, alphas = [], {}, {}, {}
@@ -150,8 +150,17 @@ def export_peft(task, model: nn.Module, out_dir) -> dict:
                           alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0},
                           modules_to_save=sorted(to_save) or None)
     os.makedirs(out_dir, exist_ok=True)
-    cfg.save_pretrained(out_dir)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(out_dir)  # adapter_config.json
+    path = os.path.join(out_dir, "adapter_model.safetensors")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:  # atomically, with the mode the umask gives (safetensors' save_file would make it 0600)
+        with open(tmp, "wb") as f:
+            f.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return cfg.to_dict()
 
 
