@@ -662,7 +662,7 @@ class TaskBank:
         result = [None] * len(tasks)
         for j, i in enumerate(order.tolist()):
             t = tasks[i]
-            w = base_w if t is None else self.tasks[t].width
+            w = base_w if t is None else (self.tasks[t].width or base_w)  # no head of its own: the base's
             o = out[j]
             result[i] = o if w is None or o.dim() == 0 else o[:w]
         return result

@@ -174,18 +174,24 @@ def test_grouped_and_depthwise_convs(tmp_path):
     mark_trainable(m2, biases=True, modules=("head",))
     perturb(m2)
     save_task(m2, tmp_path / "ia3.safetensors", meta=dict(kind="cls", model="grouped", method="ia3"))
-    refs = [merge_and_unload(m1).eval(), merge_and_unload(m2).eval()]
+    m3 = copy.deepcopy(base)  # no head of its own: the base's 4-class head
+    add_lora(m3, {"depthwise": 3}, layers={nn.Conv2d: LoRAConv2d})
+    mark_trainable(m3)
+    perturb(m3)
+    save_task(m3, tmp_path / "nohead.safetensors", meta=dict(kind="cls", model="grouped", method="lora"))
+    refs = {"lora": merge_and_unload(m1).eval(), "ia3": merge_and_unload(m2).eval(),
+            "nohead": merge_and_unload(m3).eval()}
     bank = TaskBank(copy.deepcopy(base))
-    bank.add("lora", tmp_path / "lora.safetensors")
-    bank.add("ia3", tmp_path / "ia3.safetensors")
-    x = torch.randn(6, 3, 16, 16)
-    tasks = ["ia3", "lora", "lora", "ia3", "ia3", "lora"]
+    for n in refs:
+        bank.add(n, tmp_path / f"{n}.safetensors")
+    x = torch.randn(7, 3, 16, 16)
+    tasks = ["ia3", "lora", "lora", "nohead", "ia3", "ia3", "lora"]
     with torch.no_grad():
         out = bank(x, tasks)
-        r = [m(x) for m in refs]
+        r = {n: m(x) for n, m in refs.items()}
     for i, t in enumerate(tasks):
-        assert rel_err(out[i], r[tasks[i] == "ia3"][i]) <= 1e-5
-    assert out[1].shape == (9,) and out[0].shape == (4,)
+        assert out[i].shape == r[t][i].shape and rel_err(out[i], r[t][i]) <= 1e-5
+    assert out[1].shape == (9,) and out[0].shape == (4,) and out[3].shape == (4,)
 
 
 def test_select_switch_and_base_restore(ef):
