@@ -1,7 +1,8 @@
-"""Tasks of this project <-> peft LoRA adapter directories (Hugging Face peft), for timm-named models.
+"""Tasks of this project <-> peft adapter directories (Hugging Face peft), for timm-named models.
 
     export_peft(task, model, out_dir)          a task file -> adapter_model.safetensors + adapter_config.json that
-                                               peft.PeftModel.from_pretrained(model, out_dir) loads
+                                               peft.PeftModel.from_pretrained(model, out_dir) loads (LoRA; IA3 for
+                                               (IA)^3 tasks)
     task_from_peft(adapter_dir, model, path, meta=...)   a peft LoRA directory trained on `model` -> a task file
 
 `model` is the base: a timm model or one of this project's (whose module names ARE timm's), without adapters.
@@ -27,11 +28,14 @@ What maps, and how:
                                             r rows hold A on group i's channels, zeros elsewhere): exact, g times the
                                             rank (export only)
     head, trained norms (BatchNorm statistics included)   modules_to_save (the whole module)
+    (IA)^3, output scaling ("out")          a peft IA3 target; output rows we leave alone (k and v only of a
+                                            fused qkv) get a scale of exactly 1
+    (IA)^3, input scaling ("in")            a peft IA3 feedforward module
 What does not map, and is refused with a ValueError naming the layer:
-    learn_interp (peft has no a W0 + (1 - a) dW), (IA)^3 tasks (a peft IA3 adapter, not LoRA), trained biases of
-    other layers, dilated or non-zero-padded convs (peft's A conv has neither), on import: DoRA, lora_bias,
-    rank-stabilised scaling is converted (alpha = scaling * r), a grouped conv adapted by peft (its update is not a
-    grouped kernel), fan_in_fan_out.
+    learn_interp (peft has no a W0 + (1 - a) dW), trained biases of layers other than heads (--train-biases),
+    LoRA and (IA)^3 in one task, dilated or non-zero-padded convs (peft's A conv has neither); on import (LoRA
+    only): DoRA, lora_bias, bias != "none", fan_in_fan_out, a grouped conv adapted by peft (its update spans
+    every input channel: not a grouped kernel). Rank-stabilised scaling is converted (alpha = scaling * r).
 """
 
 import json
@@ -65,12 +69,15 @@ def _owner(key: str) -> tuple[str, str]:
 # ours -> peft
 
 def export_peft(task, model: nn.Module, out_dir) -> dict:
-    """Write `task` (a task file path or a Task) as a peft LoRA adapter directory for `model` (the base).
-    Returns the adapter config dict. Raises ValueError naming what cannot map (see the module docstring)."""
+    """Write `task` (a task file path or a Task) as a peft adapter directory for `model` (the base): a LoRA
+    adapter for lora / lora_mlp / petah tasks, an IA3 adapter for (IA)^3 tasks. Returns the adapter config dict.
+    Raises ValueError naming what cannot map (see the module docstring)."""
     import peft
-    from safetensors.torch import save as safetensors_bytes
     task = task if isinstance(task, Task) else read_task(task)
     modules = dict(model.named_modules())
+    kinds = {cfg.get("type") for cfg in task.adapters.values()}
+    if kinds == {"ia3"}:
+        return _export_ia3(task, modules, out_dir)
     problems, tensors, ranks, alphas = [], {}, {}, {}
     for name, cfg in task.adapters.items():
         base = modules.get(name)
@@ -78,7 +85,7 @@ def export_peft(task, model: nn.Module, out_dir) -> dict:
             problems.append(f"'{name}': no such module in the model")
             continue
         if cfg.get("type") not in ("lora", "conv_lora"):
-            problems.append(f"'{name}': a {cfg.get('type')} adapter; peft LoRA export covers lora / lora_mlp / petah")
+            problems.append(f"'{name}': a {cfg.get('type')} adapter beside LoRA ones; a peft adapter is LoRA or IA3")
             continue
         if cfg.get("learn_interp"):
             problems.append(f"'{name}': learn_interp (y = a W0 x + (1 - a) dW x) has no peft LoRA equivalent")
@@ -113,7 +120,25 @@ def export_peft(task, model: nn.Module, out_dir) -> dict:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = a_w.contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b_w.contiguous()
         ranks[name], alphas[name] = r, scaling * r
-    # every other trained tensor: whole modules in modules_to_save (heads, norms with their BN statistics)
+    to_save = _modules_to_save(task, modules, tensors, problems)
+    if problems:
+        raise ValueError(f"task {task.path} cannot be written as a peft LoRA adapter:\n  - " + "\n  - ".join(problems))
+    if not ranks:
+        raise ValueError(f"task {task.path} has no LoRA adapter (method {task.meta.get('method')!r}): nothing to "
+                         f"export")
+    r0 = Counter(ranks.values()).most_common(1)[0][0]
+    a0 = Counter(alphas[n] for n in ranks if ranks[n] == r0).most_common(1)[0][0]
+    cfg = peft.LoraConfig(r=r0, lora_alpha=a0, lora_dropout=0.0, bias="none", target_modules=sorted(ranks),
+                          rank_pattern={re.escape(n): r for n, r in ranks.items() if r != r0},
+                          alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0},
+                          modules_to_save=sorted(to_save) or None)
+    _write_peft(cfg, tensors, out_dir)
+    return cfg.to_dict()
+
+
+def _modules_to_save(task: Task, modules: dict, tensors: dict, problems: list) -> list:
+    """Every trained tensor that is not an adapter's: whole modules in modules_to_save (heads, norms with their
+    BatchNorm statistics), their tensors added to `tensors`; what cannot go there is appended to `problems`."""
     to_save = {}
     for key in task.trainable:
         mname, _ = _owner(key)
@@ -121,7 +146,7 @@ def export_peft(task, model: nn.Module, out_dir) -> dict:
     for mname, keys in to_save.items():
         if mname in task.adapters:
             problems.append(f"'{mname}': trained {[_owner(k)[1] for k in keys]} of an adapted layer (e.g. "
-                            f"--train-biases) cannot be both a LoRA target and a module to save in peft")
+                            f"--train-biases) cannot be both an adapter target and a module to save in peft")
             continue
         base = modules.get(mname)
         if base is None or not mname:
@@ -134,21 +159,47 @@ def export_peft(task, model: nn.Module, out_dir) -> dict:
         params = {f"{mname}.{a}" for a, _ in base.named_parameters()}
         if isinstance(base, (nn.Linear, nn.Conv2d)) and params - set(keys):
             problems.append(f"'{mname}': trained biases of a layer that is not a head (--train-biases) have no peft "
-                            f"LoRA equivalent")
+                            f"equivalent")
             continue
         for a, t in state.items():
             tensors[f"{PREFIX}{mname}.{a}"] = task.tensors.get(f"{mname}.{a}", t).contiguous()
+    return sorted(to_save)
+
+
+def _export_ia3(task: Task, modules: dict, out_dir) -> dict:
+    """(IA)^3 as a peft IA3 adapter: mode "out" = peft's scaling of the output (its ia3_l (d_out, 1) for a linear,
+    (1, c_out, 1, 1) for a conv; output rows we leave alone get a scale of exactly 1), mode "in" = a peft
+    feedforward module (ia3_l (1, d_in) / (1, c_in, 1, 1)). Both are the same functions as ours."""
+    import peft
+    problems, tensors, targets, feedforward = [], {}, [], []
+    for name, cfg in task.adapters.items():
+        base = modules.get(name)
+        if base is None or type(base) not in (nn.Linear, nn.Conv2d):
+            problems.append(f"'{name}': {'no such module' if base is None else type(base).__name__} in the model")
+            continue
+        l = task.tensors[f"{name}.ia3_l"]
+        if cfg["mode"] == "out" and cfg.get("rows"):  # ones on the rows we do not scale
+            rows = torch.tensor([i for a, b in cfg["rows"] for i in range(a, b)])
+            l = torch.ones(cfg["out_dim"], dtype=l.dtype).index_copy(0, rows, l)
+        if isinstance(base, nn.Linear):
+            l = l.view(-1, 1) if cfg["mode"] == "out" else l.view(1, -1)
+        else:
+            l = l.view(1, -1, 1, 1)
+        tensors[f"{PREFIX}{name}.ia3_l"] = l.contiguous()
+        targets.append(name)
+        if cfg["mode"] == "in":
+            feedforward.append(name)
+    to_save = _modules_to_save(task, modules, tensors, problems)
     if problems:
-        raise ValueError(f"task {task.path} cannot be written as a peft LoRA adapter:\n  - " + "\n  - ".join(problems))
-    if not ranks:
-        raise ValueError(f"task {task.path} has no LoRA adapter (method {task.meta.get('method')!r}): nothing to "
-                         f"export")
-    r0 = Counter(ranks.values()).most_common(1)[0][0]
-    a0 = Counter(alphas[n] for n in ranks if ranks[n] == r0).most_common(1)[0][0]
-    cfg = peft.LoraConfig(r=r0, lora_alpha=a0, lora_dropout=0.0, bias="none", target_modules=sorted(ranks),
-                          rank_pattern={re.escape(n): r for n, r in ranks.items() if r != r0},
-                          alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0},
-                          modules_to_save=sorted(to_save) or None)
+        raise ValueError(f"task {task.path} cannot be written as a peft IA3 adapter:\n  - " + "\n  - ".join(problems))
+    cfg = peft.IA3Config(target_modules=sorted(targets), feedforward_modules=sorted(feedforward),
+                         modules_to_save=to_save or None)
+    _write_peft(cfg, tensors, out_dir)
+    return cfg.to_dict()
+
+
+def _write_peft(cfg, tensors: dict, out_dir) -> None:
+    from safetensors.torch import save as safetensors_bytes
     os.makedirs(out_dir, exist_ok=True)
     cfg.save_pretrained(out_dir)  # adapter_config.json
     path = os.path.join(out_dir, "adapter_model.safetensors")
@@ -161,7 +212,6 @@ def export_peft(task, model: nn.Module, out_dir) -> dict:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return cfg.to_dict()
 
 
 # -----------------------------------------------------------------------------

@@ -94,9 +94,27 @@ def test_export_grouped_convs(tmp_path):
     assert rel_err(peft_out(base, None, tmp_path / "peft", x), want) <= 1e-5
 
 
+def test_export_ia3(tmp_path):
+    """(IA)^3 (k and v rows of the fused qkv scaled at the output, every fc2 at its input, Meta3D linear and Meta4D
+    conv alike) + trained norms + a head, as a peft IA3 adapter: peft computes our merged model's outputs."""
+    torch.manual_seed(0)
+    base = create_model("ef_tiny", num_classes=3, img_size=64).eval()
+    m = copy.deepcopy(base)
+    m.reset_classifier(5)
+    apply_method(m, "ef_tiny", "ia3", train_norms=True)
+    perturb(m, 0.3)
+    save_task(m, tmp_path / "t.safetensors", meta=META)
+    cfg = export_peft(tmp_path / "t.safetensors", base, tmp_path / "peft")
+    assert cfg["peft_type"] == "IA3" and "stages.0.blocks.0.mlp.fc2" in cfg["feedforward_modules"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = merge_and_unload(m).eval()(x)
+    assert rel_err(peft_out(base, 5, tmp_path / "peft", x), want) <= 1e-5
+
+
 @pytest.mark.parametrize("method,kw,phrase", [("lora", dict(learn_interp=True), "learn_interp"),
-                                              ("ia3", {}, "ia3 adapter"),
-                                              ("lora", dict(train_biases=True), "biases")])
+                                              ("lora", dict(train_biases=True), "biases"),
+                                              ("ia3", dict(train_biases=True), "biases")])
 def test_export_refuses_what_cannot_map(tmp_path, method, kw, phrase):
     torch.manual_seed(0)
     base = create_model("ef_tiny", num_classes=3, img_size=64).eval()
