@@ -47,15 +47,16 @@ def summary(out) -> dict:
 
 def test_learns_far_above_a_trivial_predictor(tmp_path):
     out = tmp_path / "learn"
-    assert run(*TINY, "--method", "full", "--synthetic-train", "48", "--synthetic-val", "16", "--epochs", "2",
+    assert run(*TINY, "--method", "full", "--synthetic-train", "64", "--synthetic-val", "16", "--epochs", "2",
                "--out", out) == 0
     s = summary(out)
     val = SyntheticInstances(n=16, img_size=96, train=False, seed=1)  # the script's val set (seed + 1)
     trivial = coco_evaluate(val.coco, trivial_results(val.coco))
     assert trivial["bbox_AP50"] < 0.01 and trivial["segm_AP50"] < 0.01
-    # 24 steps from a random tiny backbone: measured box / mask AP50 0.40 / 0.41 (AP 0.12 / 0.15); README: longer run
-    assert s["bbox_AP50"] > 0.2 and s["segm_AP50"] > 0.2, s
-    assert s["bbox_AP"] > 0.05 and s["segm_AP"] > 0.05, s
+    # 32 steps from a random tiny backbone, measured box / mask AP50: seed 0 (this test) 0.475 / 0.520 (AP 0.165 /
+    # 0.236), seeds 1 and 2 0.277 / 0.229 and 0.495 / 0.512; the bounds leave room for other BLAS / CPUs
+    assert s["bbox_AP50"] > 0.15 and s["segm_AP50"] > 0.15, s
+    assert s["bbox_AP"] > 0.03 and s["segm_AP"] > 0.03, s
 
 
 @pytest.fixture(scope="module")
