@@ -144,3 +144,13 @@ def test_resume_with_other_settings_is_refused(petah_runs, capsys):
     assert run(*args, "--epochs", "3", "--out", b, "--resume") == 2
     err = capsys.readouterr().err
     assert "--epochs 2 -> 3" in err and "Traceback" not in err
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "nan"
+    assert run(*TINY, "--method", "lora", "--synthetic-train", "8", "--synthetic-val", "2", "--epochs", "2",
+               "--inject-nan-step", "3", "--out", out) == 1  # step 3 = the second step of epoch 2
+    text = capsys.readouterr().out
+    assert "loss is nan at step 3 (epoch 2)" in text and "Last good checkpoint: epoch 1" in text
+    assert json.loads((out / "ckpt" / "last.json").read_text())["epoch"] == 1
+    assert not (out / "merged.safetensors").exists()
