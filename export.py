@@ -61,7 +61,8 @@ parser.add_argument("--weights", default=None, metavar="PATH",
 parser.add_argument("--task", default=None, metavar="FILE",
                     help="task file (OUT/adapters.safetensors, or an OUT/ckpt/epoch_*.safetensors) to merge in")
 parser.add_argument("--num-classes", type=int, default=None,
-                    help="classes, when no metadata says (a base checkpoint alone); default: its head's, else 1000")
+                    help="classes, when no metadata says (a base checkpoint alone); default: its head's, else 1000 "
+                         "(SAM: 2, the binary single-mask output)")
 parser.add_argument("--img-size", type=int, default=None,
                     help="input side of the exported graph; default: the trained size from the metadata, else 224 "
                          "(SAM 1024). EfficientFormer takes any multiple of 32; ViT and SAM their trained size")
@@ -173,7 +174,9 @@ fpn = dict(fpn_channels=stored.get("fpn_channels") or 256, fpn_head_channels=sto
 if kind == "fpn" and "decode_head.conv_seg.weight" in keys:  # the head's sizes from its tensors
     state = task.tensors if task is not None else merged_state
     num_classes, fpn["fpn_channels"], fpn["fpn_head_channels"] = fpn_widths(state)
-if num_classes is None:  # a base checkpoint alone: its head's size
+if num_classes is None and kind == "sam":  # a base SAM (Meta's checkpoint): the binary, single-mask output
+    num_classes = 2
+if num_classes is None:  # a base classifier checkpoint alone: its head's size
     num_classes = 1000
     if args.weights:
         from models import read_checkpoint
@@ -316,7 +319,8 @@ if args.repeats:
     t_export = median_time(run, x1, repeats=args.repeats)
     result.update(ms_unmerged=round(1e3 * t_unmerged, 3), ms_merged=round(1e3 * t_merged, 3),
                   ms_exported=round(1e3 * t_export, 3))
-    print(f"latency, batch 1, {torch.get_num_threads()} thread(s), median of {args.repeats}: unmerged PyTorch "
-          f"{1e3 * t_unmerged:.2f} ms, merged PyTorch {1e3 * t_merged:.2f} ms, exported ({args.format}) "
-          f"{1e3 * t_export:.2f} ms", flush=True)
+    ref_name = "unmerged PyTorch (adapters active)" if task is not None else "PyTorch as loaded"
+    print(f"latency, batch 1, {torch.get_num_threads()} thread(s), median of {args.repeats}: {ref_name} "
+          f"{1e3 * t_unmerged:.2f} ms, merged{' + BN-folded' if args.fold_bn else ''} PyTorch {1e3 * t_merged:.2f} ms, "
+          f"exported ({args.format}) {1e3 * t_export:.2f} ms", flush=True)
 print(json.dumps(result), flush=True)
