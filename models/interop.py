@@ -91,11 +91,11 @@ def reference_arch(model: nn.Module) -> tuple[str, dict, str]:
         return arch, kwargs, note
     if all(hasattr(model, n) for n in ("image_encoder", "prompt_encoder", "mask_decoder")):  # SAM
         enc, dec = model.image_encoder, model.mask_decoder
-        notes = []
+        notes, grid = [], model.img_size // enc.patch_embed.proj.kernel_size[0]  # tokens per side
         if model.img_size != 1024:
             notes.append(f"trained at {model.img_size}: sam_model_registry['vit_b'] builds a 1024 input, whose "
                          f"pos_embed (1, 64, 64, 768) and global-attention rel_pos tables (127, 64) are sized for "
-                         f"64x64 tokens, this model's for {model.img_size // 16}x{model.img_size // 16}")
+                         f"64x64 tokens, this model's for {grid}x{grid}")
         if dec.num_mask_tokens != 4:
             notes.append(f"{model.num_classes} classes give {dec.num_mask_tokens} mask tokens; Meta's decoder has 4 "
                          f"(1 + 3 multimask outputs), so only 1, 2 or 3 classes fit it")
