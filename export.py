@@ -288,6 +288,13 @@ try:
     if max(diffs.values()) > tol:
         raise SystemExit(f"export.py: error: the exported model differs from the PyTorch model by "
                          f"{max(diffs.values()):.2e} > {tol:.0e}; nothing written to {args.out}")
+    # merging only reorders fp32 sums (W0 x + B A x -> (W0 + B A) x): relative differences ~1e-6, where a wrong merge
+    # gives O(1); 1e-3 of the output's scale separates the two
+    scale = max(adapted[B].abs().max().item() for B in inputs)
+    if max(diffs_adapted.values()) > 1e-3 * max(scale, 1.0):
+        raise SystemExit(f"export.py: error: the merged model differs from the unmerged adapted one by "
+                         f"{max(diffs_adapted.values()):.2e} (outputs up to {scale:.3g}): a merge bug; nothing "
+                         f"written to {args.out}")
     os.replace(tmp, out)
 except OSError as e:  # the disk, not the model: full, read-only, permissions
     raise SystemExit(f"export.py: error: cannot write {args.out} ({e}); choose a writable --out") from None

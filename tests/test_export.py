@@ -166,6 +166,20 @@ def test_failed_export_leaves_nothing(tasks, tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_wrong_merge_is_caught(tasks, tmp_path, capsys, monkeypatch):
+    """The exported file is checked against the unmerged adapted model too: a merge that drops the update (here
+    forced) exits with an error and writes nothing."""
+    from conv_lora import LoRAConv2d
+    from lora import LoRALinear
+    base, task, _ = tasks["cls"]
+    for cls in (LoRALinear, LoRAConv2d):
+        monkeypatch.setattr(cls, "merged_weight", lambda self, mask=None: self.weight.detach().clone())
+    with pytest.raises(SystemExit, match="merge bug"):
+        run_export(["--weights", str(base), "--task", str(task), "--format", "pt2", "--out", str(tmp_path / "t.pt2")],
+                   capsys)
+    assert os.listdir(tmp_path) == []
+
+
 def cli(*argv, env=None):
     return subprocess.run([sys.executable, SCRIPT, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=env or ENV)
