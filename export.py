@@ -5,8 +5,9 @@ PETAH's deployment claim: a task adapted with LoRA / conv-LoRA costs exactly the
 because the adapters merge into the weights. This script merges the task into the base, optionally folds
 every BatchNorm into the conv before it, exports the network, reloads the exported file, runs it on random
 inputs (batch 1 and 2) and compares with the PyTorch model it was exported from (the tolerances below) and with
-the unmerged adapted model (1e-3 of the output scale: merging reorders fp32 sums, a wrong merge changes outputs). Nothing is written to --out unless that check
-passes (the file is written to a temporary name beside it, then moved into place).
+the unmerged adapted model (1e-3 of the output scale: merging reorders fp32 sums, a wrong merge changes outputs).
+Nothing is written to --out unless both checks pass (the file is written to a temporary name beside it, then moved
+into place).
 
     # a task file (train_cls.py: OUT/adapters.safetensors) on the base checkpoint it was trained on
     python export.py --weights efficientformer_l7.pth --task runs/cub/adapters.safetensors --fold-bn \
