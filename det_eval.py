@@ -50,7 +50,6 @@ def coco_evaluate(coco_gt, results: list[dict], *, iou_types=("bbox", "segm"), i
 
     image_ids: the images to score (default: all of coco_gt's). No detections at all gives 0 everywhere
     (COCO.loadRes refuses an empty list)."""
-    from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     metrics = {}
     for iou_type in iou_types:

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data import IMG_EXTENSIONS, CorruptImageError, build_transform, read_image
-from models import PRESETS, create_model, load_pretrained
+from models import create_model, load_pretrained
 from multitask import TaskBank, read_task
 from train_utils import progress
 

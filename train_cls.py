@@ -35,7 +35,6 @@ model, see multitask.py), merged.safetensors (adapters folded into the weights, 
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -47,7 +46,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader
 from data import DATASETS, CorruptImageError, build_datasets
 from lora import freeze_bn_stats, merge_and_unload
 from methods import METHODS, apply_method
@@ -56,9 +55,10 @@ from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
 from models.interop import merged_metadata
 from sparse import MaskKeeper, apply_masks, count_nonzero, load_masks, magnitude_prune
 from train_utils import (all_reduce_sum, atomic_save_safetensors, atomic_write_text, check_common_args,
-                         cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, open_tensorboard,
-                         plot_curves, prepare_out_dir, progress, release_out_dir, save_checkpoint, seed_everything,
-                         setup_distributed, strip_leading_dashdash, user_errors, write_csv, write_jsonl)
+                         cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, open_run,
+                         open_tensorboard, parse_model_cfg, plot_curves, progress, release_out_dir, save_checkpoint,
+                         seed_everything, setup_distributed, shard_loader, stop_after, stop_if_not_finite,
+                         strip_leading_dashdash, train_loader_for, user_errors, write_csv, write_jsonl)
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: classification backbones only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0] != "sam_vitb"}
@@ -171,20 +171,10 @@ if args.sparsity is not None and args.mask is not None:
     parser.error("--sparsity and --mask exclude each other: prune by magnitude OR load a mask")
 if args.batch_size % dist.world_size:
     parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
-try:
-    model_cfg = {**preset_cfg, **json.loads(args.model_cfg)}
-except (json.JSONDecodeError, TypeError):
-    parser.error(f"--model-cfg must be a JSON object such as '{{\"depths\": [1, 1, 1, 2]}}', got {args.model_cfg!r}")
-if master and not args.count_only:
-    # --out: a writable directory, locked for this run; a finished run there is refused without --resume;
-    # leftovers of a killed run (temporaries, stale epoch files) are removed and counted
-    with user_errors(parser):
-        for note in prepare_out_dir(args.out, resume=args.resume, ckpt_dir=os.path.join(args.out, "ckpt")):
-            log("note: " + note)
-if not args.weights and not args.count_only and master:
-    print("\n" + "!" * 100 + "\n!!! WARNING: no --weights: the backbone is RANDOMLY initialised. Adapting a random "
-          "backbone is only a\n!!! smoke test; pass --weights PATH (e.g. timm's efficientformer_l7.snap_dist_in1k) "
-          "for real fine-tuning.\n" + "!" * 100 + "\n", file=sys.stderr, flush=True)
+model_cfg = parse_model_cfg(parser, preset_cfg, args.model_cfg)
+# --out: a writable directory, locked for this run; a finished run there is refused without --resume; leftovers
+# of a killed run (temporaries, stale epoch files) are removed and counted. And a loud warning without --weights.
+open_run(parser, args, dist, log)
 
 # -----------------------------------------------------------------------------
 # model and data. The head is sized once the dataset has told the number of classes.
@@ -282,15 +272,12 @@ keeper = MaskKeeper(model, train_masks, optimizer=optimizer) if train_masks is n
 # len(train) // batch-size steps per epoch whatever the number of processes.
 
 per_rank_batch = args.batch_size // dist.world_size
-train_sampler = DistributedSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                   seed=args.seed, drop_last=True)
-loader_kw = dict(num_workers=args.workers, pin_memory=dist.device.type == "cuda", persistent_workers=args.workers > 0)
-train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler, drop_last=True, **loader_kw)
+train_loader = train_loader_for(train_ds, batch_size=per_rank_batch, dist=dist, seed=args.seed, workers=args.workers)
+train_sampler = train_loader.sampler
 
 
 def eval_loader_for(ds):  # every rank evaluates every world_size-th image: each image exactly once
-    return DataLoader(Subset(ds, range(dist.rank, len(ds), dist.world_size)), batch_size=2 * per_rank_batch,
-                      **loader_kw)
+    return shard_loader(ds, batch_size=2 * per_rank_batch, dist=dist, workers=args.workers)
 
 
 eval_loader = eval_loader_for(val_ds)
@@ -412,12 +399,8 @@ for epoch in range(start_epoch, args.epochs):
         if step == args.inject_nan_step:
             loss = loss * float("nan")
         # a NaN/inf loss on any rank stops every rank before the update; the last checkpoint stays as it is
-        if all_reduce_sum([0.0 if math.isfinite(loss.item()) else 1.0], dist)[0]:
-            last = f"epoch {history[-1]['epoch']}" if history else "none yet"
-            log(f"\nERROR: loss is {loss.item()} at step {step} (epoch {epoch + 1}); stopping. Last good checkpoint: "
-                f"{last}, in {ckpt_dir}. Lower --lr or the LR factors, then rerun (with --resume to keep it).")
-            cleanup_distributed(dist)
-            sys.exit(1)
+        stop_if_not_finite(loss, step=step, epoch=epoch, history=history, ckpt_dir=ckpt_dir, dist=dist, log=log,
+                           fix="Lower --lr or the LR factors")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over the ranks here (masked ones: see MaskKeeper above)
         optimizer.step()
@@ -459,9 +442,7 @@ for epoch in range(start_epoch, args.epochs):
                     tb.add_scalar(k, v, epoch + 1)
             tb.flush()
     if args.stop_after_epoch is not None and epoch + 1 == args.stop_after_epoch and epoch + 1 < args.epochs:
-        log(f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
-        cleanup_distributed(dist)
-        sys.exit(0)
+        stop_after(epoch + 1, dist, log)
 
 # -----------------------------------------------------------------------------
 # merge the adapters into the weights, check the merged model predicts as the adapted one, export

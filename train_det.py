@@ -31,7 +31,6 @@ weights: the plain detector's state_dict).
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -41,7 +40,6 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from data_det import DET_DATASETS, build_det_datasets, det_collate
 from det_eval import coco_evaluate, to_coco_results
@@ -51,8 +49,9 @@ from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
 from models.detector import build_cascade_mask_rcnn
 from multitask import save_task
 from train_utils import (all_reduce_sum, atomic_save_safetensors, atomic_write_text, check_common_args,
-                         cleanup_distributed, epoch_seed, load_checkpoint, prepare_out_dir, progress, release_out_dir,
-                         save_checkpoint, seed_everything, setup_distributed, strip_leading_dashdash, user_errors,
+                         cleanup_distributed, epoch_seed, load_checkpoint, open_run, parse_model_cfg, progress,
+                         release_out_dir, save_checkpoint, seed_everything, setup_distributed, shard_loader,
+                         stop_after, stop_if_not_finite, strip_leading_dashdash, train_loader_for, user_errors,
                          write_jsonl)
 
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0].startswith("ef")}  # EfficientFormer backbones only
@@ -155,20 +154,10 @@ for flag in ("fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch"
         parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= {0 if flag == 'warmup_iters' else 1}")
 if args.batch_size % dist.world_size:
     parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
-try:
-    model_cfg = {**preset_cfg, **json.loads(args.model_cfg)}
-except (json.JSONDecodeError, TypeError):
-    parser.error(f"--model-cfg must be a JSON object such as '{{\"depths\": [1, 1, 1, 2]}}', got {args.model_cfg!r}")
-if master and not args.count_only:
-    # --out: a writable directory, locked for this run; a finished run there is refused without --resume;
-    # leftovers of a killed run (temporaries, stale epoch files) are removed and counted
-    with user_errors(parser):
-        for note in prepare_out_dir(args.out, resume=args.resume, ckpt_dir=os.path.join(args.out, "ckpt")):
-            log("note: " + note)
-if not args.weights and not args.count_only and master:
-    print("\n" + "!" * 100 + "\n!!! WARNING: no --weights: the backbone is RANDOMLY initialised. Only a smoke test; "
-          "pass --weights PATH\n!!! (e.g. timm's efficientformer_l7.snap_dist_in1k) for real fine-tuning.\n"
-          + "!" * 100 + "\n", file=sys.stderr, flush=True)
+model_cfg = parse_model_cfg(parser, preset_cfg, args.model_cfg)
+# --out: a writable directory, locked for this run; a finished run there is refused without --resume; leftovers
+# of a killed run (temporaries, stale epoch files) are removed and counted. And a loud warning without --weights.
+open_run(parser, args, dist, log)
 
 # -----------------------------------------------------------------------------
 # model: EfficientFormer (+ adapters of --method) -> GroupNorm + FPN -> RPN -> 3-stage cascade with mask heads
@@ -256,12 +245,11 @@ optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay
 # number of processes
 
 per_rank_batch = args.batch_size // dist.world_size
-train_sampler = DistributedSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                   seed=args.seed, drop_last=True)
-loader_kw = dict(num_workers=args.workers, collate_fn=det_collate, persistent_workers=args.workers > 0)
-train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler, drop_last=True, **loader_kw)
-eval_loader = DataLoader(Subset(val_ds, range(dist.rank, len(val_ds), dist.world_size)), batch_size=per_rank_batch,
-                         **loader_kw)  # every rank a disjoint share, each image once
+train_loader = train_loader_for(train_ds, batch_size=per_rank_batch, dist=dist, seed=args.seed, workers=args.workers,
+                                collate_fn=det_collate)
+train_sampler = train_loader.sampler
+eval_loader = shard_loader(val_ds, batch_size=per_rank_batch, dist=dist, workers=args.workers,
+                           collate_fn=det_collate)  # every rank a disjoint share, each image once
 steps_per_epoch = len(train_loader)
 if steps_per_epoch == 0:
     parser.error(f"the training set ({len(train_ds)} images) is smaller than one --batch-size ({args.batch_size})")
@@ -355,12 +343,8 @@ for epoch in range(start_epoch, args.epochs):
         loss = sum(losses.values())  # RPN + the three stages' weighted box, class and mask losses
         if step == args.inject_nan_step:
             loss = loss * float("nan")
-        if all_reduce_sum([0.0 if math.isfinite(loss.item()) else 1.0], dist)[0]:
-            last = f"epoch {history[-1]['epoch']}" if history else "none yet"
-            log(f"\nERROR: loss is {loss.item()} at step {step} (epoch {epoch + 1}); stopping. Last good checkpoint: "
-                f"{last}, in {ckpt_dir}. Lower --lr, then rerun (with --resume to keep it).")
-            cleanup_distributed(dist)
-            sys.exit(1)
+        # a NaN/inf loss on any rank stops every rank before the update; the last checkpoint stays as it is
+        stop_if_not_finite(loss, step=step, epoch=epoch, history=history, ckpt_dir=ckpt_dir, dist=dist, log=log)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over the ranks here
         optimizer.step()
@@ -396,9 +380,7 @@ for epoch in range(start_epoch, args.epochs):
                             metadata=dict(model=args.model, method=args.method, num_classes=len(classes)))
             write_jsonl(history, os.path.join(args.out, "log.jsonl"))
     if args.stop_after_epoch is not None and epoch + 1 == args.stop_after_epoch and epoch + 1 < args.epochs:
-        log(f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
-        cleanup_distributed(dist)
-        sys.exit(0)
+        stop_after(epoch + 1, dist, log)
 
 # -----------------------------------------------------------------------------
 # task file, then merge the adapters into the weights, check the merged detector scores as the adapted one, export

@@ -59,7 +59,6 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 
 import data_seg
@@ -72,8 +71,9 @@ from multitask import save_task
 from seg_metrics import evaluate, metrics, seg_loss
 from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write,
                          atomic_write_text, check_common_args, cleanup_distributed, cosine_lr_factor, epoch_seed,
-                         load_checkpoint, open_tensorboard, plot_curves, prepare_out_dir, progress, release_out_dir,
-                         save_checkpoint, seed_everything, setup_distributed, strip_leading_dashdash, user_errors,
+                         load_checkpoint, open_run, open_tensorboard, parse_model_cfg, plot_curves, progress,
+                         release_out_dir, save_checkpoint, seed_everything, setup_distributed, shard_loader,
+                         stop_after, stop_if_not_finite, strip_leading_dashdash, train_loader_for, user_errors,
                          write_csv, write_jsonl)
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: segmentation models only
@@ -250,23 +250,13 @@ if args.num_classes is not None and args.num_classes < 2:
     parser.error(f"--num-classes {args.num_classes}: count the background too (2 = binary)")
 if args.batch_size % dist.world_size:
     parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
-try:
-    model_cfg = {**preset_cfg, **json.loads(args.model_cfg)}
-except (json.JSONDecodeError, TypeError):
-    parser.error(f"--model-cfg must be a JSON object such as '{{\"encoder_depth\": 4}}', got {args.model_cfg!r}")
+model_cfg = parse_model_cfg(parser, preset_cfg, args.model_cfg, example='{"encoder_depth": 4}')
 stride = model_cfg.get("patch_size", 16) if is_sam else 32
 if args.img_size % stride:
     parser.error(f"--img-size {args.img_size} must be a multiple of {stride} for {args.model} (e.g. 512)")
-if master and not args.count_only:
-    # --out: a writable directory, locked for this run; a finished run there is refused without --resume;
-    # leftovers of a killed run (temporaries, stale epoch files) are removed and counted
-    with user_errors(parser):
-        for note in prepare_out_dir(args.out, resume=args.resume, ckpt_dir=os.path.join(args.out, "ckpt")):
-            log("note: " + note)
-if not args.weights and not args.count_only and master:
-    print("\n" + "!" * 100 + "\n!!! WARNING: no --weights given: the model is RANDOMLY initialised. Adapting a "
-          "random model is\n!!! only a smoke test; pass --weights PATH to fine-tune a pretrained model.\n"
-          + "!" * 100 + "\n", file=sys.stderr, flush=True)
+# --out: a writable directory, locked for this run; a finished run there is refused without --resume; leftovers
+# of a killed run (temporaries, stale epoch files) are removed and counted. And a loud warning without --weights.
+open_run(parser, args, dist, log, what="model")
 
 # -----------------------------------------------------------------------------
 # data (the number of classes sizes the head). Both recipes normalise with ImageNet's mean / std (SAM's pixel
@@ -357,15 +347,12 @@ log(f"AdamW over {sum(p.numel() for pg in param_groups for p in pg['params']):,}
 # every world_size-th image, lists of (image, mask) pairs (ADE20K's images differ in size).
 
 per_rank_batch = args.batch_size // dist.world_size
-train_sampler = DistributedSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                   seed=args.seed, drop_last=True)
-loader_kw = dict(num_workers=args.workers, pin_memory=dist.device.type == "cuda", persistent_workers=args.workers > 0)
-train_loader = DataLoader(train_ds, batch_size=per_rank_batch, sampler=train_sampler, drop_last=True, **loader_kw)
+train_loader = train_loader_for(train_ds, batch_size=per_rank_batch, dist=dist, seed=args.seed, workers=args.workers)
+train_sampler = train_loader.sampler
 
 
 def eval_loader_for(ds):
-    return DataLoader(Subset(ds, range(dist.rank, len(ds), dist.world_size)), batch_size=per_rank_batch,
-                      collate_fn=list, **loader_kw)
+    return shard_loader(ds, batch_size=per_rank_batch, dist=dist, workers=args.workers, collate_fn=list)
 
 
 eval_loader = eval_loader_for(val_ds)
@@ -520,12 +507,7 @@ for epoch in range(start_epoch, epochs):
         if step == args.inject_nan_step:
             loss = loss * float("nan")
         # a NaN/inf loss on any rank stops every rank before the update; the last checkpoint stays as it is
-        if all_reduce_sum([0.0 if math.isfinite(loss.item()) else 1.0], dist)[0]:
-            last = f"epoch {history[-1]['epoch']}" if history else "none yet"
-            log(f"\nERROR: loss is {loss.item()} at step {step} (epoch {epoch + 1}); stopping. Last good checkpoint: "
-                f"{last}, in {ckpt_dir}. Lower --lr, then rerun (with --resume to keep it).")
-            cleanup_distributed(dist)
-            sys.exit(1)
+        stop_if_not_finite(loss, step=step, epoch=epoch, history=history, ckpt_dir=ckpt_dir, dist=dist, log=log)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over the ranks here
         optimizer.step()
@@ -571,9 +553,7 @@ for epoch in range(start_epoch, epochs):
     if dist.ddp:
         torch_dist.barrier()
     if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and not last_epoch:
-        log(f"stopping after epoch {epoch + 1} (--stop-after-epoch); continue with --resume")
-        cleanup_distributed(dist)
-        sys.exit(0)
+        stop_after(epoch + 1, dist, log)
 
 # -----------------------------------------------------------------------------
 # the final model: the last step's adapters, or the average of the top-k evaluations' (top-1: the best one)

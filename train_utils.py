@@ -34,6 +34,12 @@ what a run leaves for people
                                            every 30 s instead of carriage-return frames
     plot_curves(rows, path, ...)           training curves as PNG when matplotlib is installed (optional)
     open_tensorboard(parser, logdir)       a SummaryWriter, or parser.error naming `pip install tensorboard`
+the same in every script
+    parse_model_cfg(parser, preset_cfg, text)   --model-cfg JSON over a preset's builder kwargs
+    open_run(parser, args, dist, log)      master: prepare_out_dir + the loud warning without --weights
+    train_loader_for(ds, ...), shard_loader(ds, ...)   DistributedSampler + drop_last; each eval sample once
+    stop_if_not_finite(loss, ...)          a NaN / inf loss on any rank stops every rank (exit 1)
+    stop_after(epoch, dist, log)           --stop-after-epoch: exit 0 as if killed
 """
 
 import atexit
@@ -711,3 +717,68 @@ def open_tensorboard(parser, logdir: str):
     except ImportError:
         parser.error("--tensorboard needs the tensorboard package: pip install tensorboard (or drop --tensorboard)")
     return SummaryWriter(logdir)
+
+
+# -----------------------------------------------------------------------------
+# what every script does the same way at the start of a run, around its loaders and at a bad step
+
+def parse_model_cfg(parser, preset_cfg: dict, text: str, *, example: str = '{"depths": [1, 1, 1, 2]}') -> dict:
+    """--model-cfg (a JSON object of builder keyword arguments) over a preset's values; anything else is a
+    usage error showing `example`."""
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError:
+        extra = None
+    if not isinstance(extra, dict):
+        parser.error(f"--model-cfg must be a JSON object such as '{example}', got {text!r}")
+    return {**preset_cfg, **extra}
+
+
+def open_run(parser, args, dist: Dist, log, *, what: str = "backbone") -> None:
+    """Master rank, real runs only: prepare --out (prepare_out_dir: writable, locked, a finished run refused
+    without --resume, leftovers of a killed run removed and counted) and warn loudly without --weights."""
+    if not dist.master or args.count_only:
+        return
+    with user_errors(parser):
+        for note in prepare_out_dir(args.out, resume=args.resume, ckpt_dir=os.path.join(args.out, "ckpt")):
+            log("note: " + note)
+    if not args.weights:
+        bar = "!" * 100
+        print(f"\n{bar}\n!!! WARNING: no --weights: the {what} is RANDOMLY initialised. Adapting a random {what} is "
+              f"only a smoke test;\n!!! pass --weights PATH (a pretrained checkpoint, see the README) for real "
+              f"fine-tuning.\n{bar}\n", file=sys.stderr, flush=True)
+
+
+def train_loader_for(ds, *, batch_size: int, dist: Dist, seed: int, workers: int, **kw):
+    """A DistributedSampler also on one process (the same shuffle) and drop_last on both sampler and loader:
+    len(ds) // (batch_size * world_size) steps per epoch whatever the number of processes. batch_size: per rank."""
+    from torch.utils.data import DataLoader, DistributedSampler
+    sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0, **kw)
+
+
+def shard_loader(ds, *, batch_size: int, dist: Dist, workers: int, **kw):
+    """Evaluation: every rank takes every world_size-th sample, so each sample is scored exactly once."""
+    from torch.utils.data import DataLoader, Subset
+    return DataLoader(Subset(ds, range(dist.rank, len(ds), dist.world_size)), batch_size=batch_size,
+                      num_workers=workers, pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0, **kw)
+
+
+def stop_if_not_finite(loss: torch.Tensor, *, step: int, epoch: int, history: list, ckpt_dir: str, dist: Dist,
+                       log, fix: str = "Lower --lr") -> None:
+    """A NaN / inf loss on any rank stops every rank before the update (exit 1); the last checkpoint stays."""
+    if all_reduce_sum([0.0 if math.isfinite(loss.item()) else 1.0], dist)[0]:
+        last = f"epoch {history[-1]['epoch']}" if history else "none yet"
+        log(f"\nERROR: loss is {loss.item()} at step {step} (epoch {epoch + 1}); stopping. Last good checkpoint: "
+            f"{last}, in {ckpt_dir}. {fix}, then rerun (with --resume to keep it).")
+        cleanup_distributed(dist)
+        sys.exit(1)
+
+
+def stop_after(epoch: int, dist: Dist, log) -> None:
+    """--stop-after-epoch (testing): exit 0 once this epoch's checkpoint is written, as if the run were killed."""
+    log(f"stopping after epoch {epoch} (--stop-after-epoch); continue with --resume")
+    cleanup_distributed(dist)
+    sys.exit(0)

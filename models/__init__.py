@@ -65,5 +65,5 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = ["create_model", "load_pretrained", "read_checkpoint", "MODEL_NAMES", "PRESETS", "EfficientFormer", "VisionTransformer",
-           "SemanticFPN", "EFSemanticFPN", "ef_semantic_fpn", "efficientformer_l1", "efficientformer_l3", "efficientformer_l7", "vit_small", "vit_base",
+           "SemanticFPN", "EFSemanticFPN", "ef_semantic_fpn", "stage_widths", "efficientformer_l1", "efficientformer_l3", "efficientformer_l7", "vit_small", "vit_base",
            "deit3_small", "deit3_base", "snap_to_timm", "deit3_fb_to_timm"]

@@ -2,7 +2,6 @@
 the annotation repairs, and COCOeval numbers that follow from the geometry (not from this code's own output)."""
 import json
 
-import numpy as np
 import pytest
 import torch
 from torchvision.io import write_png

@@ -6,7 +6,6 @@ pass), saved in the official layout, loaded through `load_pretrained` with stric
 in eval mode in fp32. Full-size models are used for counts and key layouts (on the meta device, no memory) and
 for one parity check per layout; tiny configs cover the remaining code paths.
 """
-import math
 
 import pytest
 import torch

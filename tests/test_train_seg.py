@@ -456,6 +456,13 @@ def test_stray_leading_double_dash_is_accepted(one_thread, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == "ef_tiny"
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_torchrun_two_processes_score_as_one(tmp_path, capsys):
     """The docstring's torchrun form (`-- --flags`, --r included) on 2 CPU processes: the run's final mIoU, summed over
     both ranks' halves of the val set, equals predict_seg's single-process evaluation of its final.safetensors."""
@@ -468,7 +475,8 @@ def test_torchrun_two_processes_score_as_one(tmp_path, capsys):
                         "--synthetic-val", "3", "--fpn-channels", "16", "--fpn-head-channels", "16", "--epochs", "2",
                         "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", out],
                        capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                            "PET_MASTER_PORT": str(free_port())})  # not 29500: other runs may hold it
     assert p.returncode == 0, p.stderr[-3000:]
     _, summary = read_log(out)
     assert summary["steps"] == 4 and summary["merged_pixels_differ"] == 0
