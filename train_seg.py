@@ -605,10 +605,13 @@ if set(export) != base_keys:
     raise RuntimeError(f"merged model keys differ from the base model's: {sorted(set(export) ^ base_keys)[:5]}")
 if master:
     # what the file loads into (models/interop.py), and this project's settings to rebuild it (model_args)
+    meta = merged_metadata(merged, model_name=args.model, model_cfg=json.loads(args.model_cfg),
+                           num_classes=num_classes, img_size=args.img_size, mean=list(mean), std=list(std),
+                           model_args=json.dumps(model_args))
     with user_errors(parser):
-        atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=merged_metadata(
-            merged, model_name=args.model, model_cfg=json.loads(args.model_cfg), num_classes=num_classes,
-            img_size=args.img_size, mean=list(mean), std=list(std), model_args=json.dumps(model_args)))
+        atomic_save_safetensors(export, os.path.join(args.out, "merged.safetensors"), metadata=meta)
+    if meta["arch_loads"] != "true":
+        log(f"note: merged.safetensors: {meta['arch_note']}")
 if test_ds is not None:
     test_cm, _, _ = evaluate(raw_model, eval_loader_for(test_ds), **eval_kw)
     summary.update({f"test_{k}": v for k, v in metrics(test_cm).items()})
