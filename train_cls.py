@@ -55,10 +55,10 @@ from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
 from models.interop import merged_metadata
 from sparse import MaskKeeper, apply_masks, count_nonzero, load_masks, magnitude_prune
 from train_utils import (all_reduce_sum, atomic_save_safetensors, atomic_write_text, check_common_args,
-                         cleanup_distributed, cosine_lr_factor, epoch_seed, load_checkpoint, open_run,
-                         open_tensorboard, parse_model_cfg, plot_curves, progress, release_out_dir, save_checkpoint,
-                         seed_everything, setup_distributed, shard_loader, stop_after, stop_if_not_finite,
-                         strip_leading_dashdash, train_loader_for, user_errors, write_csv, write_jsonl)
+                         cleanup_distributed, cosine_lr_factor, epoch_seed, open_run, open_tensorboard, parse_model_cfg,
+                         plot_curves, progress, release_out_dir, resume_run, save_checkpoint, seed_everything,
+                         setup_distributed, shard_loader, stop_after, stop_if_not_finite, strip_leading_dashdash,
+                         train_loader_for, user_errors, write_csv, write_jsonl)
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: classification backbones only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0] != "sam_vitb"}
@@ -299,14 +299,10 @@ if args.resume:
             "train_norms", "dropout", "sparsity", "mask", "data", "data_root", "skip_corrupt", "synthetic_classes",
             "synthetic_train", "synthetic_val", "img_size", "randaug", "epochs", "warmup_epochs", "batch_size", "lr",
             "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed")
-    with user_errors(parser, quiet=not master):
-        state = load_checkpoint(ckpt_dir, model, settings={k: getattr(args, k) for k in same}, log=log)
-    if state is None:
-        log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from scratch")
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+    state = resume_run(parser, ckpt_dir, model, optimizer, settings={k: getattr(args, k) for k in same},
+                       master=master, log=log)
+    if state is not None:
         start_epoch, history = state["epoch"], json.loads(state["history"])
-        log(f"resumed from {ckpt_dir} after epoch {start_epoch}")
 
 # -----------------------------------------------------------------------------
 # wrap: torch.compile, then DDP (which registers only the parameters with requires_grad)

@@ -49,10 +49,9 @@ from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
 from models.detector import build_cascade_mask_rcnn
 from multitask import save_task
 from train_utils import (all_reduce_sum, atomic_save_safetensors, atomic_write_text, check_common_args,
-                         cleanup_distributed, epoch_seed, load_checkpoint, open_run, parse_model_cfg, progress,
-                         release_out_dir, save_checkpoint, seed_everything, setup_distributed, shard_loader,
-                         stop_after, stop_if_not_finite, strip_leading_dashdash, train_loader_for, user_errors,
-                         write_jsonl)
+                         cleanup_distributed, epoch_seed, open_run, parse_model_cfg, progress, release_out_dir,
+                         resume_run, save_checkpoint, seed_everything, setup_distributed, shard_loader, stop_after,
+                         stop_if_not_finite, strip_leading_dashdash, train_loader_for, user_errors, write_jsonl)
 
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0].startswith("ef")}  # EfficientFormer backbones only
 MODELS = ("efl1", "efl3", "efl7", *PRESETS)
@@ -275,14 +274,10 @@ if args.resume:
             "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "data", "data_root", "img_size",
             "max_size", "synthetic_train", "synthetic_val", "epochs", "lr_steps", "warmup_iters", "batch_size", "lr",
             "weight_decay", "seed")
-    with user_errors(parser, quiet=not master):
-        state = load_checkpoint(ckpt_dir, model, settings={k: getattr(args, k) for k in same}, log=log)
-    if state is None:
-        log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from scratch")
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+    state = resume_run(parser, ckpt_dir, model, optimizer, settings={k: getattr(args, k) for k in same},
+                       master=master, log=log)
+    if state is not None:
         start_epoch, history = state["epoch"], json.loads(state["history"])
-        log(f"resumed from {ckpt_dir} after epoch {start_epoch}")
 
 raw_model = model  # adapters, checkpoints and the merge work on the plain module
 if dist.ddp:

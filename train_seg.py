@@ -69,12 +69,12 @@ from models import PRESETS as ALL_PRESETS, create_model, ef_semantic_fpn, load_p
 from models.interop import merged_metadata
 from multitask import save_task
 from seg_metrics import evaluate, metrics, seg_loss
-from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write,
-                         atomic_write_text, check_common_args, cleanup_distributed, cosine_lr_factor, epoch_seed,
-                         load_checkpoint, open_run, open_tensorboard, parse_model_cfg, plot_curves, progress,
-                         release_out_dir, save_checkpoint, seed_everything, setup_distributed, shard_loader,
-                         stop_after, stop_if_not_finite, strip_leading_dashdash, train_loader_for, user_errors,
-                         write_csv, write_jsonl)
+from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write, atomic_write_text,
+                         check_common_args, cleanup_distributed, cosine_lr_factor, epoch_seed, open_run,
+                         open_tensorboard, parse_model_cfg, plot_curves, progress, release_out_dir, resume_run,
+                         save_checkpoint, seed_everything, setup_distributed, shard_loader, stop_after,
+                         stop_if_not_finite, strip_leading_dashdash, train_loader_for, user_errors, write_csv,
+                         write_jsonl)
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: segmentation models only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if k in ("sam_tiny", "ef_tiny")}
@@ -386,14 +386,10 @@ start_epoch, history, topk = 0, [], []  # topk: [dict(epoch, score, file)], best
 if args.resume:
     # the settings that decide the result must be the checkpoint's (checked before its adapters are loaded);
     # a damaged file is named, with the epoch that can still be resumed
-    with user_errors(parser, quiet=not master):
-        state = load_checkpoint(ckpt_dir, model, settings={k: getattr(args, k) for k in RESUME_KEYS}, log=log)
-    if state is None:
-        log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from scratch")
-    else:
-        optimizer.load_state_dict(state["optimizer"])
+    state = resume_run(parser, ckpt_dir, model, optimizer, settings={k: getattr(args, k) for k in RESUME_KEYS},
+                       master=master, log=log)
+    if state is not None:
         start_epoch, history, topk = state["epoch"], json.loads(state["history"]), json.loads(state["topk"])
-        log(f"resumed from {ckpt_dir} after epoch {start_epoch}")
 
 # -----------------------------------------------------------------------------
 # wrap: DDP registers only the parameters with requires_grad; Segment routes its forward to model.segment (SAM's

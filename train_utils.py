@@ -40,6 +40,7 @@ the same in every script
     train_loader_for(ds, ...), shard_loader(ds, ...)   DistributedSampler + drop_last; each eval sample once
     stop_if_not_finite(loss, ...)          a NaN / inf loss on any rank stops every rank (exit 1)
     stop_after(epoch, dist, log)           --stop-after-epoch: exit 0 as if killed
+    resume_run(parser, ckpt_dir, model, optimizer, settings=...)   --resume: settings checked, state loaded
 """
 
 import atexit
@@ -782,3 +783,18 @@ def stop_after(epoch: int, dist: Dist, log) -> None:
     log(f"stopping after epoch {epoch} (--stop-after-epoch); continue with --resume")
     cleanup_distributed(dist)
     sys.exit(0)
+
+
+def resume_run(parser, ckpt_dir: str, model: torch.nn.Module, optimizer, *, settings: dict, master: bool,
+               log) -> dict | None:
+    """--resume: load the last completed epoch's trainable tensors into `model` and its optimizer state, after
+    checking that the settings that decide the result are the checkpoint's (a damaged file is named, with the epoch
+    that can still be resumed: argparse-style). Returns the training state, or None when there is no checkpoint."""
+    with user_errors(parser, quiet=not master):
+        state = load_checkpoint(ckpt_dir, model, settings=settings, log=log)
+    if state is None:
+        log(f"--resume: no checkpoint in {ckpt_dir} yet, starting from scratch")
+        return None
+    optimizer.load_state_dict(state["optimizer"])
+    log(f"resumed from {ckpt_dir} after epoch {state['epoch']}")
+    return state
