@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: models, lora, methods, ...
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/: bench_models
 from bench_models import build_pair, time_pair  # noqa: E402
-from conv_lora import fold_bn  # noqa: E402
+from deploy import fold_all_bn  # noqa: E402  (every conv -> BatchNorm pair folded)
 from lora import (adapter_state_dict, freeze_bn_stats, merge_adapters, merge_and_unload,  # noqa: E402
                   save_adapters)
 from methods import PAPER_PARAMS, apply_method, plan_method  # noqa: E402
@@ -336,20 +336,6 @@ def memory_worker(spec: dict) -> dict:
 
 
 # ---- Q4: inference -------------------------------------------------------------------------------------------
-
-def fold_all_bn(model: nn.Module) -> int:
-    """Fold every conv -> BatchNorm pair of an EfficientFormer into the conv (deploy form); BN -> Identity."""
-    pairs = (("conv1", "norm1"), ("conv2", "norm2"), ("conv", "norm"), ("fc1", "norm1"), ("fc2", "norm2"))
-    n = 0
-    for parent in list(model.modules()):
-        for c, b in pairs:
-            conv, bn = getattr(parent, c, None), getattr(parent, b, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(parent, c, fold_bn(conv, bn))
-                setattr(parent, b, nn.Identity())
-                n += 1
-    return n
-
 
 @torch.no_grad()
 def infer_worker(spec: dict) -> dict:
