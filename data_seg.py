@@ -113,19 +113,42 @@ def rand_augment_pair(image, mask, *, num_ops=2, magnitude=9, num_bins=31, ignor
     return image, mask
 
 
+def scale_saturation(image, a):
+    """Multiply the HSV saturation of a (3, H, W) image in [0, 1] by `a` (clipped to [0, 1]), hue and value kept.
+    With V = max(r, g, b) and S = (V - min) / V, a channel c at distance V - c from the top moves to V - (V - c) k,
+    k = S' / S: the max stays (V), the min lands at V (1 - S'), the middle one keeps its place between (the hue)."""
+    v = image.amax(dim=0, keepdim=True)  # (1, H, W)
+    s = (v - image.amin(dim=0, keepdim=True)) / v.clamp_min(1e-12)
+    k = torch.where(s > 0, (a * s).clamp(0, 1) / s.clamp_min(1e-12), torch.zeros_like(s))
+    return v - (v - image) * k
+
+
+def photometric(image, *, brightness=None, contrast=None, saturation=None, hue=None, contrast_last=False):
+    """The steps of mmsegmentation's PhotoMetricDistortion on a (3, H, W) image in [0, 1]; None skips a step.
+    brightness: added (in 0-255 units / 255); contrast: multiplies every value (mmseg's `img * alpha`, not a blend
+    with the mean); saturation: multiplies HSV S; hue: added to HSV H in OpenCV's uint8 units (180 per turn, so one
+    unit is 2 degrees); contrast comes second, or last with contrast_last. Clipped to [0, 1] after every step."""
+    if brightness is not None:
+        image = (image + brightness / 255).clamp(0, 1)
+    if contrast is not None and not contrast_last:
+        image = (image * contrast).clamp(0, 1)
+    if saturation is not None:
+        image = scale_saturation(image, saturation).clamp(0, 1)
+    if hue is not None:
+        image = TF.adjust_hue(image, hue / 180).clamp(0, 1)  # hue / 180 of a turn
+    if contrast is not None and contrast_last:
+        image = (image * contrast).clamp(0, 1)
+    return image
+
+
 def photometric_distortion(image):
-    """mmseg-style PhotoMetricDistortion on a float image (3, H, W) in [0, 1]: each of brightness (+-32/255),
-    contrast (x0.5-1.5), saturation (x0.5-1.5) and hue (+-18 degrees) with probability 1/2."""
-    r = torch.rand(8).tolist()
-    if r[0] < 0.5:
-        image = image + (2 * r[1] - 1) * 32 / 255
-    if r[2] < 0.5:
-        image = TF.adjust_contrast(image.clamp(0, 1), 0.5 + r[3])
-    if r[4] < 0.5:
-        image = TF.adjust_saturation(image.clamp(0, 1), 0.5 + r[5])
-    if r[6] < 0.5:
-        image = TF.adjust_hue(image.clamp(0, 1), (2 * r[7] - 1) * 18 / 360)
-    return image.clamp(0, 1)
+    """mmsegmentation's PhotoMetricDistortion (the ADE20K training recipe) on a (3, H, W) image in [0, 1]: each
+    step with probability 1/2: brightness + U(-32, 32), contrast x U(0.5, 1.5), saturation x U(0.5, 1.5), hue +
+    randint(-18, 18) OpenCV units (+-36 degrees); contrast second or last (p 1/2). See `photometric`."""
+    r = torch.rand(9).tolist()
+    pick = lambda i, v: v if r[i] < 0.5 else None  # noqa: E731
+    return photometric(image, brightness=pick(0, (2 * r[1] - 1) * 32), contrast=pick(2, 0.5 + r[3]),
+                       saturation=pick(4, 0.5 + r[5]), hue=pick(6, int(r[7] * 37) - 18), contrast_last=r[8] < 0.5)
 
 
 def _resize_pair(image, mask, h, w):

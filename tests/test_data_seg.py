@@ -408,3 +408,31 @@ def test_build_synthetic_seg_datasets_and_loader():
     tr, va, _, k = build_seg_datasets("synthetic", img_size=32, mean=MEAN, std=STD, num_classes=3,
                                       train_on_val=True, synthetic_cfg=cfg)
     assert k == 3 and len(tr) == 3 * 3 + 3 * 2 and tr.classes == va.classes and len(tr.classes) == 3
+
+
+def test_photometric_steps_equal_the_hsv_formulas():
+    """mmseg's PhotoMetricDistortion steps, checked per pixel against colorsys (the standard library's HSV): saturation
+    scales S only, hue adds 2 degrees per OpenCV unit, contrast multiplies, brightness adds /255; order matters."""
+    import colorsys
+
+    from data_seg import photometric, scale_saturation
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(3, 4, 5, generator=g, dtype=torch.float64)
+    px = [tuple(img[:, i, j].tolist()) for i in range(4) for j in range(5)]
+    for a in (0.5, 1.3):
+        out = scale_saturation(img, a)
+        for (i, j), rgb in zip([(i, j) for i in range(4) for j in range(5)], px):
+            h, s, v = colorsys.rgb_to_hsv(*rgb)
+            want = colorsys.hsv_to_rgb(h, min(1.0, a * s), v)
+            assert max(abs(x - y) for x, y in zip(out[:, i, j].tolist(), want)) < 1e-12
+    out = photometric(img.float(), hue=9)  # +18 degrees
+    for (i, j), rgb in zip([(i, j) for i in range(4) for j in range(5)], px):
+        h, s, v = colorsys.rgb_to_hsv(*rgb)
+        want = colorsys.hsv_to_rgb((h + 18 / 360) % 1, s, v)
+        assert max(abs(x - y) for x, y in zip(out[:, i, j].tolist(), want)) < 1e-5  # fp32 rounding of values <= 1
+    assert torch.equal(photometric(img, contrast=1.5), (img * 1.5).clamp(0, 1))
+    assert torch.equal(photometric(img, brightness=-32), (img - 32 / 255).clamp(0, 1))
+    # contrast second vs last: different images once saturation sits between them
+    first = photometric(img, contrast=1.5, saturation=0.5)
+    last = photometric(img, contrast=1.5, saturation=0.5, contrast_last=True)
+    assert (first - last).abs().max() > 1e-3
