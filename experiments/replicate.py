@@ -337,7 +337,9 @@ def _parse_setting(argv: list[str]) -> tuple[float, float]:
 def run_jobs(jobs: list[Job], workers: int) -> dict:
     """Run the job graph on a pool of `workers` processes, a job as soon as its dependencies are done."""
     results, pending, running = {}, list(jobs), {}
-    pbar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True)
+    # a bar on a terminal; in a log file one plain line per finished run (tqdm's carriage-return frames would fill it)
+    tty = sys.stderr.isatty()
+    pbar = tqdm(total=len(jobs), desc="runs", dynamic_ncols=True, disable=not tty)
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
         while pending or running:
             for job in [j for j in pending if all(d in results for d in j.deps)]:
@@ -364,6 +366,9 @@ def run_jobs(jobs: list[Job], workers: int) -> dict:
                                         seconds=json.load(open(os.path.join(job.out, "time.json")))["seconds"]
                                         if os.path.exists(os.path.join(job.out, "time.json")) else None)
                 pbar.update(1)
+                if not tty:
+                    print(f"runs: {len(results)}/{len(jobs)} done ({job.key}{', cached' if job.cached else ''})",
+                          file=sys.stderr, flush=True)
             # long pretraining runs: show their epoch in the bar
             status = [f"{j.desc}: epoch {_epochs_done(j.out)}" for j, _ in running.values() if j.key.startswith("pretrain")]
             pbar.set_postfix_str("; ".join(status))
