@@ -188,7 +188,11 @@ def setup_distributed(device: str | None = None) -> Dist:
 
 
 def cleanup_distributed(dist: Dist) -> None:
+    """Leave together: a barrier, then destroy the process group. Every rank calls this at the same point of the
+    script (the end, --stop-after-epoch, the NaN stop that all ranks agreed on); without the barrier a rank that
+    finishes first tears its gloo / NCCL connections down while rank 0 still writes files, which can abort it."""
     if dist.ddp and torch_dist.is_initialized():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
