@@ -9,31 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conv_lora import LoRAConv2d, fold_bn
+from rounding import assert_rounding, rel_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-# fp32 tolerances come from the arithmetic, not from what one torch build happened to give. A sum of n products
-# computed in floating point, in any order, is off by at most gamma_n = n eps / (1 - n eps) ~ n eps times the sum
-# of the products' absolute values (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5); nested
-# reductions add their lengths. So every fp32 result is checked element by element against
-# n * eps * |terms|, where |terms| is the same equation evaluated in float64 on the absolute values of every
-# input (conv(|x|, |W|) + |b|): no cancellation can make that bound too tight, and a wrong result is off by
-# about |terms| itself, 1 / (n eps) times more.
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def assert_rounding(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor, n: int, what: str = "") -> None:
-    """|got - want| <= n * eps32 * terms, element-wise (terms: float64 sum of |products| of every element)."""
-    err = (got.double() - want.double()).abs()
-    bound = n * EPS32 * terms.double()
-    worst = (err / bound.clamp_min(1e-300)).max().item()
-    assert bool((err <= bound).all()), f"{what}: fp32 error up to {worst:.2f} x the bound {n} eps |terms|"
 
 
 def conv_like(layer: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:

@@ -11,35 +11,10 @@ import torch.nn.functional as F
 
 import lora
 from ia3 import IA3Conv2d, IA3Linear, add_ia3
+from rounding import abs_terms, assert_rounding, rel_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-# fp32 tolerances from the arithmetic: a sum of n products computed in floating point, in any order, is off by at
-# most ~ n eps times the sum of the products' absolute values (Higham, Accuracy and Stability of Numerical
-# Algorithms, eq. 3.5). |terms| of a layer's outputs = the same layer, in float64, with every parameter and the
-# input replaced by its absolute value ((IA)^3 only multiplies). Whole models (norms, softmax, GELU) have no such
-# bound: their merge check runs in float64, where 1e-10 is far above rounding and far below any real difference.
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def abs_terms(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    absolute = copy.deepcopy(layer).double()
-    with torch.no_grad():
-        for p in absolute.parameters():
-            p.abs_()
-        return absolute(x.double().abs())
-
-
-def assert_rounding(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor, n: int, what: str = "") -> None:
-    """|got - want| <= n * eps32 * terms, element-wise."""
-    err, bound = (got.double() - want.double()).abs(), n * EPS32 * terms.double()
-    assert bool((err <= bound).all()), f"{what}: fp32 error up to {(err / bound).max().item():.2f} x {n} eps |terms|"
 
 
 def randomise(model: nn.Module, seed: int = 1) -> None:
@@ -184,7 +159,7 @@ def test_petras_setup_trains_saves_loads_and_unloads(tmp_path):
     add_ia3(fresh, {"qkv": dict(mode="out", rows=list(range(8, 24))), "fc2": "in"})
     lora.load_adapters(fresh, path)
     assert torch.equal(fresh(x), model(x))
-    model.double()  # the merge check in float64 (see EPS32 above)
+    model.double()  # the merge check in float64 (see tests/rounding.py)
     x = x.double()
     y = model(x)
     lora.merge_and_unload(model)

@@ -11,36 +11,10 @@ import torch.nn.functional as F
 import lora
 from conv_lora import LoRAConv2d
 from lora import LoRALinear, add_lora, mark_trainable, qkv_rows
+from rounding import abs_terms, assert_rounding, rel_err
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-# fp32 tolerances from the arithmetic: a sum of n products computed in floating point, in any order, is off by at
-# most ~ n eps times the sum of the products' absolute values (Higham, Accuracy and Stability of Numerical
-# Algorithms, eq. 3.5). |terms| of a layer's outputs = the same layer, in float64, with every parameter and the
-# input replaced by its absolute value (the LoRA equation has no subtraction; a and 1 - a are both positive).
-# Whole models (norms, softmax, GELU) have no such bound: their merge checks run in float64, where rounding is
-# ~1e-16 and 1e-10 is far above it and far below any real difference.
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def abs_terms(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    absolute = copy.deepcopy(layer).double()
-    with torch.no_grad():
-        for p in absolute.parameters():
-            p.abs_()
-        return absolute(x.double().abs())
-
-
-def assert_rounding(got: torch.Tensor, want: torch.Tensor, terms: torch.Tensor, n: int) -> None:
-    """|got - want| <= n * eps32 * terms, element-wise."""
-    err, bound = (got.double() - want.double()).abs(), n * EPS32 * terms.double()
-    assert bool((err <= bound).all()), f"fp32 error up to {(err / bound).max().item():.2f} x the bound {n} eps |terms|"
 
 
 def randomise_adapters(model: nn.Module, std: float = 0.5) -> None:
@@ -204,7 +178,7 @@ def test_state_dict_never_applies_update_twice():
     twin = TinyAttn().double()
     add_lora(twin, {"qkv": dict(r=4, rows=qkv_rows(16, 16, 16, 2)), "proj|fc1|fc2": 4})
     twin.load_state_dict(sd)
-    assert rel_err(twin(x), y) <= 1e-10  # float64 (see EPS32 above)
+    assert rel_err(twin(x), y) <= 1e-10  # float64 (see tests/rounding.py)
     # into the merged model itself (load while merged): still once
     model.load_state_dict(sd)
     assert model.qkv.merged and rel_err(model(x), y) <= 1e-10
@@ -383,7 +357,7 @@ def test_torchvision_resnet18_adapt_train_merge_unload():
         F.cross_entropy(model(x), torch.tensor([1, 2])).backward()
         opt.step()
     assert all(torch.count_nonzero(m.lora_B) > 0 for m in model.modules() if hasattr(m, "lora_B"))
-    model.eval().double()  # the merge check in float64 (see EPS32 above)
+    model.eval().double()  # the merge check in float64 (see tests/rounding.py)
     x = x.double()
     with torch.no_grad():
         y = model(x)

@@ -15,9 +15,9 @@ from lora import add_lora, load_adapters, mark_trainable, merge_and_unload
 from methods import apply_method
 from models import create_model
 from multitask import TaskBank, _Switch, read_task, save_task
+from rounding import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPS32 = torch.finfo(torch.float32).eps
 
 
 def perturb(m: nn.Module, scale: float = 0.1) -> None:
@@ -51,10 +51,6 @@ def snapshot(model):
 def same_state(model, snap) -> bool:
     sd = model.state_dict()
     return set(sd) == set(snap) and all(torch.equal(sd[k], snap[k]) and sd[k].dtype == snap[k].dtype for k in sd)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
