@@ -531,9 +531,6 @@ def write_safetensors(tensors: dict, path, metadata: dict[str, str] | None = Non
             f.write(chunk)
 
 
-_write_safetensors = write_safetensors  # the earlier private name
-
-
 def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read any safetensors file into (CPU tensors, metadata) with torch alone.
 

@@ -85,14 +85,14 @@ if not os.path.isfile(args.checkpoint):
     parser.error(f"--checkpoint {args.checkpoint} does not exist; pass the final.safetensors (or a topk/ or ckpt/ "
                  f"file) of a finished train_seg.py run")
 try:
-    stored = json.loads(json.loads(read_safetensors(args.checkpoint)[1].get("user", "{}")).get("model_args", "{}"))
+    user = json.loads(read_safetensors(args.checkpoint)[1].get("user", "{}"))  # the run's seed, dataset, eval size
+    stored = json.loads(user.get("model_args", "{}"))  # and the settings that rebuild its model
 except Exception as e:  # not a safetensors file, or metadata of another program
     parser.error(f"--checkpoint {args.checkpoint}: cannot read its metadata ({type(e).__name__}: {e}); pass an "
                  f"adapter file written by train_seg.py (final.safetensors, topk/ or ckpt/ files)")
 if not stored:
     parser.error(f"--checkpoint {args.checkpoint} has no model settings in its metadata; was it written by "
                  f"train_seg.py?")
-user = json.loads(read_safetensors(args.checkpoint)[1]["user"])  # the run's seed, dataset and evaluation size
 cfg = argparse.Namespace(**stored)
 log(f"model settings from {args.checkpoint}: {stored}")
 
