@@ -46,7 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import adapter_state_dict, base_fingerprint
+from lora import adapter_state_dict, base_fingerprint, write_safetensors
+from train_utils import atomic_write
 
 TASK_FORMAT = "1"
 REQUIRED_META = ("kind", "model", "method")
@@ -84,17 +85,6 @@ def save_task(model: nn.Module, path, *, meta: dict) -> str:
             then os.replace), with the mode the umask gives, and no partial file if anything fails.
         meta: the task description, see the module docstring (kind, model, method required).
     """
-    if not isinstance(meta, dict):
-        raise TypeError(f"save_task: meta must be a dict, got {type(meta).__name__}")
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"save_task: meta lacks {missing}; it needs at least {list(REQUIRED_META)}")
-    if meta["kind"] not in KINDS:
-        raise ValueError(f"save_task: meta['kind'] must be one of {KINDS}, got {meta['kind']!r}")
-    try:
-        json.dumps(_jsonable(meta))
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"save_task: meta must be JSON-serialisable: {e}") from None
     tensors = adapter_state_dict(model)  # adapters, trained params, BN statistics of trained BNs
     if not tensors:
         raise ValueError("save_task: the model has no adapters and no trainable parameter: nothing was trained")
@@ -105,10 +95,16 @@ def save_task(model: nn.Module, path, *, meta: dict) -> str:
 
 
 def _write_task(path, tensors: dict, *, adapters: dict, trainable: list, fingerprint: str, meta: dict) -> str:
-    """The task file itself (save_task, and peft_io for adapters made elsewhere): atomic, umask mode."""
+    """The task file itself (save_task, and peft_io for adapters made elsewhere), after checking `meta`:
+    lora.write_safetensors through train_utils.atomic_write (a temporary, then os.replace; the umask's mode; no
+    partial file if anything fails; a full disk or a read-only folder is a WriteError naming the file)."""
+    if not isinstance(meta, dict):
+        raise TypeError(f"save_task: meta must be a dict, got {type(meta).__name__}")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"save_task: meta lacks {missing}; it needs at least {list(REQUIRED_META)}")
+    if meta["kind"] not in KINDS:
+        raise ValueError(f"save_task: meta['kind'] must be one of {KINDS}, got {meta['kind']!r}")
     try:
         user = json.dumps(_jsonable(meta))
     except (TypeError, ValueError) as e:
@@ -121,20 +117,9 @@ def _write_task(path, tensors: dict, *, adapters: dict, trainable: list, fingerp
         "user": user,
         "task_format": TASK_FORMAT,
     }
-    from safetensors.torch import save as safetensors_bytes
-    blob = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:  # open() creates the file with mode 0666 & ~umask, as any file the user writes (save_file: 0600)
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: write_safetensors(tensors, f, metadata))
     return path
 
 
