@@ -46,8 +46,9 @@ from collections import Counter
 import torch
 import torch.nn as nn
 
-from lora import base_fingerprint
+from lora import base_fingerprint, write_safetensors
 from multitask import Task, _write_task, read_task
+from train_utils import atomic_write
 
 PREFIX = "base_model.model."
 
@@ -199,19 +200,11 @@ def _export_ia3(task: Task, modules: dict, out_dir) -> dict:
 
 
 def _write_peft(cfg, tensors: dict, out_dir) -> None:
-    from safetensors.torch import save as safetensors_bytes
     os.makedirs(out_dir, exist_ok=True)
     cfg.save_pretrained(out_dir)  # adapter_config.json
-    path = os.path.join(out_dir, "adapter_model.safetensors")
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:  # atomically, with the mode the umask gives (safetensors' save_file would make it 0600)
-        with open(tmp, "wb") as f:
-            f.write(safetensors_bytes(tensors, metadata={"format": "pt"}))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # atomically, with the mode the umask gives (safetensors' save_file would make it 0600)
+    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
+                 lambda f: write_safetensors(tensors, f, {"format": "pt"}))
 
 
 # -----------------------------------------------------------------------------
