@@ -446,13 +446,14 @@ for epoch in range(start_epoch, args.epochs):
 correct, count, preds, _ = final_eval if final_eval is not None else evaluate(eval_model, eval_loader)
 if master:  # the task itself: adapters + head + trained norms / biases / BN statistics + how to use them
     class_names = getattr(train_ds, "classes", None)
-    save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
-        kind="cls", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=rc, alpha=args.alpha,
-        learn_interp=args.learn_interp, train_norms=args.train_norms, train_biases=args.train_biases,
-        num_classes=num_classes, class_names=list(class_names) if class_names is not None else None,
-        img_size=args.img_size, mean=list(data_cfg["mean"]), std=list(data_cfg["std"]),
-        interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"], data=args.data,
-        sparsity=args.sparsity, mask=args.mask, eval_acc=correct / count))
+    with user_errors(parser):  # disk full, read-only file system: as train_seg.py / train_det.py
+        save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
+            kind="cls", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=rc, alpha=args.alpha,
+            learn_interp=args.learn_interp, train_norms=args.train_norms, train_biases=args.train_biases,
+            num_classes=num_classes, class_names=list(class_names) if class_names is not None else None,
+            img_size=args.img_size, mean=list(data_cfg["mean"]), std=list(data_cfg["std"]),
+            interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"], data=args.data,
+            sparsity=args.sparsity, mask=args.mask, eval_acc=correct / count))
 masked_model = copy.deepcopy(raw_model) if masks is not None else None
 merged = merge_and_unload(raw_model)  # dense merge: W0 + dW in every adapted layer, plain nn.Linear / nn.Conv2d
 merged_correct, _, merged_preds, _ = evaluate(merged, eval_loader)
