@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conv_lora import LoRAConv2d, fold_bn
 from ia3 import add_ia3
-from lora import LoRALinear, add_lora
+from lora import LoRALinear, add_lora, runs_to_rows
 from models import PRESETS, create_model, ef_semantic_fpn, load_pretrained
 
 KINDS = ("cls", "fpn", "sam")
@@ -86,13 +86,6 @@ def fpn_widths(state: dict) -> tuple[int, int, int]:
             state["decode_head.conv_seg.weight"].shape[1])
 
 
-def _rows(runs):
-    # adapter_config stores rows as [start, stop) runs (older files: a plain list of rows)
-    if runs is None:
-        return None
-    return [i for a, b in runs for i in range(a, b)] if runs and isinstance(runs[0], list) else list(runs)
-
-
 def add_task_adapters(model: nn.Module, adapters: dict) -> None:
     """Put the adapters a task file describes ({module name: adapter_config()}) on `model`, in place, with fresh
     values: lora.load_adapters then fills them (and checks every config, shape and the base fingerprint).
@@ -104,10 +97,10 @@ def add_task_adapters(model: nn.Module, adapters: dict) -> None:
         if kind not in groups:
             raise ValueError(f"adapter {name}: unknown type {kind!r} (lora, conv_lora or ia3)")
         if kind == "ia3":
-            groups[kind][re.escape(name)] = dict(mode=cfg["mode"], rows=_rows(cfg.get("rows")))
+            groups[kind][re.escape(name)] = dict(mode=cfg["mode"], rows=runs_to_rows(cfg.get("rows")))
         else:
             groups[kind][re.escape(name)] = dict(r=cfg["r"], alpha=cfg["alpha"], learn_interp=cfg["learn_interp"],
-                                                 **({"rows": _rows(cfg.get("rows"))} if kind == "lora" else {}))
+                                                 **({"rows": runs_to_rows(cfg.get("rows"))} if kind == "lora" else {}))
     try:
         if groups["lora"]:
             add_lora(model, groups["lora"], layers={nn.Linear: LoRALinear})

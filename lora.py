@@ -19,6 +19,7 @@ This file imports only torch and the standard library and can be copied alone in
 What is in it:
     LoRALinear          an nn.Linear with lora_A / lora_B beside weight / bias (checkpoint keys unchanged)
     qkv_rows            output rows of q / k / v inside a fused qkv projection (contiguous or per head)
+    runs_to_rows        the rows of an adapter_config() (stored as [start, stop) runs) as a list
     add_lora            put adapters on the modules whose names match patterns
     mark_trainable      adapters (+ biases / norms / named modules) trainable, everything else frozen
     merge_adapters / unmerge_adapters / merge_and_unload / freeze_bn_stats / param_counts
@@ -73,6 +74,14 @@ def _row_runs(rows: list[int]) -> list[list[int]]:
         else:
             runs.append([i, i + 1])
     return runs
+
+
+def runs_to_rows(runs) -> list[int] | None:
+    """The inverse of _row_runs, for the "rows" of an adapter_config(): [[0, 2], [4, 8]] -> [0, 1, 4, 5, 6, 7].
+    Files written before rows were stored as runs hold the plain list of rows: returned as it is. None stays None."""
+    if runs is None:
+        return None
+    return [i for a, b in runs for i in range(a, b)] if runs and isinstance(runs[0], list) else list(runs)
 
 
 def qkv_rows(dim_q: int, dim_k: int, dim_v: int, num_heads: int, parts=("q", "v"),

@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora import adapter_state_dict, base_fingerprint, write_safetensors
+from lora import adapter_state_dict, base_fingerprint, runs_to_rows, write_safetensors
 from train_utils import atomic_write
 
 TASK_FORMAT = "1"
@@ -338,10 +338,6 @@ def _clone_with(module: nn.Module, tensors: dict) -> nn.Module:
     return new
 
 
-def _unruns(runs):
-    return None if runs is None else [i for a, b in runs for i in range(a, b)]
-
-
 def _build_adapter(base: nn.Module, cfg: dict) -> nn.Module:
     """The adapter of lora.py / conv_lora.py / ia3.py that `cfg` (adapter_config()) describes, around `base`
     (its weight and bias shared, not copied). Raises ValueError when the config does not fit the layer."""
@@ -356,7 +352,7 @@ def _build_adapter(base: nn.Module, cfg: dict) -> nn.Module:
             raise ValueError(f"adapter made for a {cfg['in_features']} -> {cfg['out_features']} linear layer, the "
                              f"model's is {base.in_features} -> {base.out_features}")
         cls, kw = LoRALinear, dict(r=cfg["r"], alpha=cfg["alpha"], learn_interp=cfg.get("learn_interp", False),
-                                   rows=_unruns(cfg.get("rows")))
+                                   rows=runs_to_rows(cfg.get("rows")))
     elif kind == "conv_lora":
         if type(base) is not nn.Conv2d:
             raise ValueError(f"a conv-LoRA adapter, but the model's layer is a {type(base).__name__}")
@@ -379,7 +375,7 @@ def _build_adapter(base: nn.Module, cfg: dict) -> nn.Module:
         if (cfg["in_dim"], cfg["out_dim"]) != dims:
             raise ValueError(f"(IA)^3 adapter made for (in, out) = {(cfg['in_dim'], cfg['out_dim'])}, the model's "
                              f"layer has {dims}")
-        kw = dict(mode=cfg["mode"], rows=_unruns(cfg.get("rows")))
+        kw = dict(mode=cfg["mode"], rows=runs_to_rows(cfg.get("rows")))
     else:
         raise ValueError(f"unknown adapter type {kind!r}")
     with torch.random.fork_rng(devices=[]):  # the throw-away random init of A must not move the caller's RNG

@@ -203,6 +203,9 @@ def test_rows_saved_as_runs_roundtrip(tmp_path):
     lora.load_adapters(twin, path)
     x = torch.randn(2, 5, 16)
     assert torch.equal(twin.qkv.lora_rows, model.qkv.lora_rows) and torch.equal(twin(x), model(x))
+    # runs_to_rows reads them back (what multitask / deploy rebuild adapters from), and an older file's plain list
+    assert lora.runs_to_rows([[0, 2], [4, 10], [12, 16]]) == rows.tolist()
+    assert lora.runs_to_rows(rows.tolist()) == rows.tolist() and lora.runs_to_rows(None) is None
 
 
 def test_qkv_rows_layouts():
