@@ -27,10 +27,11 @@ from torch.utils.data import Dataset
 from torchvision.datasets import DTD, FGVCAircraft, Food101, OxfordIIITPet, StanfordCars
 from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
-from synthetic import SyntheticImages  # the procedural set (synthetic.py); `from data import SyntheticImages` works
+from dataio.synthetic import (
+    SyntheticImages,  # the procedural set (synthetic.py); `from data import SyntheticImages` works
+)
 
 DATASETS = ("synthetic", "cub", "cars", "pets", "aircraft", "dtd", "food101", "folder")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # what torchvision.io.decode_image reads

@@ -39,12 +39,24 @@ import warnings
 
 import torch
 
-from deploy import (add_task_adapters, build_model, builder_of, export_onnx, export_pt2, exportable, fold_all_bn,
-                    fpn_widths, kind_of, median_time, onnx_op_counts, parse_json_meta)
 from lora import load_adapters, merge_and_unload
 from models import MODEL_NAMES, PRESETS
-from models.flops import count_flops
-from models.interop import reference_arch
+from tasks.deploy import (
+    add_task_adapters,
+    build_model,
+    builder_of,
+    export_onnx,
+    export_pt2,
+    exportable,
+    fold_all_bn,
+    fpn_widths,
+    kind_of,
+    median_time,
+    onnx_op_counts,
+    parse_json_meta,
+)
+from tasks.flops import count_flops
+from tasks.interop import reference_arch
 
 FORMATS = {"onnx": 1e-4, "pt2": 1e-5}  # format -> max abs difference to the PyTorch model the check allows
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
@@ -137,7 +149,7 @@ if merged_file and args.task:
                  f"pass the base checkpoint the task was trained on as --weights")
 task = None
 if args.task:
-    from multitask import read_task
+    from tasks.task_file import read_task
     try:
         task = read_task(args.task)
     except (FileNotFoundError, ValueError) as e:

@@ -3,7 +3,7 @@ Classify your own images with one or more tasks trained by train_cls.py, on ONE 
 
 Each task is its task file (OUT/adapters.safetensors of a train_cls.py run: adapters + head + metadata). The base
 is built once from the tasks' metadata (model, model_cfg, img_size) and --weights (the checkpoint the runs
-started from); the tasks are loaded into a multitask.TaskBank, which never copies the backbone.
+started from); the tasks are loaded into a tasks.bank.TaskBank, which never copies the backbone.
 
 Every image by every task, in mixed-task batches (one forward pass serves several tasks):
     python predict_cls.py --model efl7 --weights efficientformer_l7.pth \
@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from data import IMG_EXTENSIONS, CorruptImageError, build_transform, read_image
 from models import create_model, load_pretrained
-from multitask import TaskBank, read_task
-from train_utils import progress
+from tasks.bank import TaskBank
+from tasks.task_file import read_task
+from training.report import progress
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default=None,

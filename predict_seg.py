@@ -28,14 +28,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-import data_seg
 from data import read_image
+from dataio import seg as data_seg
 from lora import load_adapters, read_safetensors
 from methods import apply_method, apply_sam_method
 from models import PRESETS, create_model, ef_semantic_fpn, load_pretrained
-from seg_metrics import evaluate, metrics, predict_logits, to_classes
-from train_utils import (atomic_write, atomic_write_text, check_common_args, cleanup_distributed, setup_distributed,
-                         strip_leading_dashdash, user_errors)
+from tasks.atomic import atomic_write, atomic_write_text
+from training.cli import check_common_args, strip_leading_dashdash, user_errors
+from training.distributed import cleanup_distributed, setup_distributed
+from training.seg_metrics import evaluate, metrics, predict_logits, to_classes
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--checkpoint", required=True, metavar="FILE",

@@ -28,7 +28,7 @@ In --out: args.json, log.jsonl (one line per epoch, then a summary line), summar
 eval_loss, eval_top1, eval_top5, lr: timm's columns, top-k in %), curves.png (when matplotlib is installed),
 tb/ (--tensorboard), ckpt/ (adapter-only safetensors and training state of the last completed epoch),
 adapters.safetensors (the task: adapters + head + whatever else trained, with the metadata to use it on the base
-model, see multitask.py), merged.safetensors (adapters folded into the weights, the checkpoint's own key layout;
+model, see tasks/task_file.py), merged.safetensors (adapters folded into the weights, the checkpoint's own key layout;
 + merged_masked.safetensors and masks.safetensors for sparse backbones).
 """
 
@@ -47,18 +47,52 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
+
 from data import DATASETS, CorruptImageError, build_datasets
 from lora import freeze_bn_stats, merge_and_unload
 from methods import METHODS, apply_method
-from multitask import save_task
-from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
-from models.interop import merged_metadata
-from sparse import MaskKeeper, apply_masks, count_nonzero, load_masks, magnitude_prune
-from train_utils import (all_reduce_sum, atomic_save_safetensors, atomic_write_text, check_common_args,
-                         cleanup_distributed, cosine_lr_factor, epoch_seed, open_run, open_tensorboard, parse_model_cfg,
-                         plot_curves, progress, release_out_dir, resume_run, save_checkpoint, seed_everything,
-                         setup_distributed, shard_loader, stop_after, stop_if_not_finite, strip_leading_dashdash,
-                         train_loader_for, user_errors, write_csv, write_jsonl)
+from methods.sparse import (
+    MaskKeeper,
+    apply_masks,
+    count_nonzero,
+    load_masks,
+    magnitude_prune,
+)
+from models import PRESETS as ALL_PRESETS
+from models import create_model, load_pretrained
+from tasks.atomic import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    write_csv,
+    write_jsonl,
+)
+from tasks.interop import merged_metadata
+from tasks.task_file import save_task
+from training.cli import (
+    check_common_args,
+    parse_model_cfg,
+    strip_leading_dashdash,
+    user_errors,
+)
+from training.distributed import (
+    all_reduce_sum,
+    cleanup_distributed,
+    epoch_seed,
+    seed_everything,
+    setup_distributed,
+    shard_loader,
+    train_loader_for,
+)
+from training.report import open_tensorboard, plot_curves, progress
+from training.run_dir import (
+    open_run,
+    release_out_dir,
+    resume_run,
+    save_checkpoint,
+    stop_after,
+    stop_if_not_finite,
+)
+from training.schedule import cosine_lr_factor
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: classification backbones only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0] != "sam_vitb"}

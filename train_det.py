@@ -41,17 +41,39 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data_det import DET_DATASETS, build_det_datasets, det_collate
-from det_eval import coco_evaluate, to_coco_results
+from dataio.det import DET_DATASETS, build_det_datasets, det_collate
 from lora import freeze_bn_stats, merge_and_unload
 from methods import apply_method
-from models import PRESETS as ALL_PRESETS, create_model, load_pretrained
-from models.detector import build_cascade_mask_rcnn
-from multitask import save_task
-from train_utils import (all_reduce_sum, atomic_save_safetensors, atomic_write_text, check_common_args,
-                         cleanup_distributed, epoch_seed, open_run, parse_model_cfg, progress, release_out_dir,
-                         resume_run, save_checkpoint, seed_everything, setup_distributed, shard_loader, stop_after,
-                         stop_if_not_finite, strip_leading_dashdash, train_loader_for, user_errors, write_jsonl)
+from models import PRESETS as ALL_PRESETS
+from models import create_model, load_pretrained
+from models.det.detector import build_cascade_mask_rcnn
+from tasks.atomic import atomic_save_safetensors, atomic_write_text, write_jsonl
+from tasks.task_file import save_task
+from training.cli import (
+    check_common_args,
+    parse_model_cfg,
+    strip_leading_dashdash,
+    user_errors,
+)
+from training.det_eval import coco_evaluate, to_coco_results
+from training.distributed import (
+    all_reduce_sum,
+    cleanup_distributed,
+    epoch_seed,
+    seed_everything,
+    setup_distributed,
+    shard_loader,
+    train_loader_for,
+)
+from training.report import progress
+from training.run_dir import (
+    open_run,
+    release_out_dir,
+    resume_run,
+    save_checkpoint,
+    stop_after,
+    stop_if_not_finite,
+)
 
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0].startswith("ef")}  # EfficientFormer backbones only
 MODELS = ("efl1", "efl3", "efl7", *PRESETS)

@@ -39,7 +39,7 @@ In --out: args.json, log.jsonl (one line per evaluation, then a summary line), s
 train_loss, eval_miou, eval_iou_fg, eval_pixel_acc, lr), curves.png (when matplotlib is installed), tb/
 (--tensorboard), ckpt/ (adapter-only safetensors and training state of the last completed epoch), topk/ (the k
 best evaluations' adapters, --final-model average), vis/ (PNG grids: image | truth | prediction),
-final.safetensors (adapters of the final model), adapters.safetensors (the task file of multitask.py),
+final.safetensors (adapters of the final model), adapters.safetensors (the task file of tasks/task_file.py),
 merged.safetensors (adapters folded into the weights, the checkpoint's own key layout).
 """
 
@@ -61,20 +61,49 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 
-import data_seg
 from data import CorruptImageError
+from dataio import seg as data_seg
 from lora import freeze_bn_stats, merge_and_unload, read_safetensors
-from methods import METHODS as EF_METHODS, SAM_METHODS, apply_method, apply_sam_method, count_parameters
-from models import PRESETS as ALL_PRESETS, create_model, ef_semantic_fpn, load_pretrained
-from models.interop import merged_metadata
-from multitask import save_task
-from seg_metrics import evaluate, metrics, seg_loss
-from train_utils import (all_reduce_sum, atomic_save_adapters, atomic_save_safetensors, atomic_write, atomic_write_text,
-                         check_common_args, cleanup_distributed, cosine_lr_factor, epoch_seed, open_run,
-                         open_tensorboard, parse_model_cfg, plot_curves, progress, release_out_dir, resume_run,
-                         save_checkpoint, seed_everything, setup_distributed, shard_loader, stop_after,
-                         stop_if_not_finite, strip_leading_dashdash, train_loader_for, user_errors, write_csv,
-                         write_jsonl)
+from methods import METHODS as EF_METHODS
+from methods import SAM_METHODS, apply_method, apply_sam_method, count_parameters
+from models import PRESETS as ALL_PRESETS
+from models import create_model, ef_semantic_fpn, load_pretrained
+from tasks.atomic import (
+    atomic_save_adapters,
+    atomic_save_safetensors,
+    atomic_write,
+    atomic_write_text,
+    write_csv,
+    write_jsonl,
+)
+from tasks.interop import merged_metadata
+from tasks.task_file import save_task
+from training.cli import (
+    check_common_args,
+    parse_model_cfg,
+    strip_leading_dashdash,
+    user_errors,
+)
+from training.distributed import (
+    all_reduce_sum,
+    cleanup_distributed,
+    epoch_seed,
+    seed_everything,
+    setup_distributed,
+    shard_loader,
+    train_loader_for,
+)
+from training.report import open_tensorboard, plot_curves, progress
+from training.run_dir import (
+    open_run,
+    release_out_dir,
+    resume_run,
+    save_checkpoint,
+    stop_after,
+    stop_if_not_finite,
+)
+from training.schedule import cosine_lr_factor
+from training.seg_metrics import evaluate, metrics, seg_loss
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: segmentation models only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if k in ("sam_tiny", "ef_tiny")}
@@ -571,7 +600,7 @@ if master:
     with user_errors(parser):  # disk full, read-only file system
         atomic_save_adapters(raw_model, os.path.join(args.out, "final.safetensors"), metadata=dict(
             adapter_meta, final_model=args.final_model, topk=[t["epoch"] for t in topk]))
-        # the task itself (multitask.py): adapters + head + trained norms / biases / BN statistics + how to use them
+        # the task itself (tasks/task_file.py): adapters + head + trained norms / biases / BN statistics + how to use them
         save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
             adapter_meta, kind="seg", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r,
             rc=args.rc, alpha=args.alpha, learn_interp=args.learn_interp, train_norms=args.train_norms,

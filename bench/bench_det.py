@@ -62,7 +62,7 @@ def worker(a) -> dict:
     from lora import freeze_bn_stats
     from methods import apply_method
     from models import create_model
-    from models.detector import build_cascade_mask_rcnn
+    from models.det.detector import build_cascade_mask_rcnn
 
     torch.manual_seed(0)
     device = torch.device(a.device)

@@ -34,10 +34,10 @@ import torch
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deploy import export_onnx, fold_all_bn, onnx_op_counts  # noqa: E402
 from lora import merge_and_unload  # noqa: E402
 from methods import apply_method  # noqa: E402
 from models import create_model  # noqa: E402
+from tasks.deploy import export_onnx, fold_all_bn, onnx_op_counts  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--models", default="efl1,efl3,efl7,vits,vitb", help="comma-separated; default all five")

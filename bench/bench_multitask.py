@@ -1,4 +1,4 @@
-"""One backbone, many tasks: switch time, resident memory, mixed-batch speed and storage of multitask.TaskBank.
+"""One backbone, many tasks: switch time, resident memory, mixed-batch speed and storage of tasks.bank.TaskBank.
 
     .venv/bin/python bench/bench_multitask.py switch  --model efl7 --img-size 224       # select() times, memory
     .venv/bin/python bench/bench_multitask.py mixed   --model efl1 --batch 16 --repeats 3   # images/s ratios
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora import merge_and_unload  # noqa: E402
 from methods import apply_method  # noqa: E402
 from models import create_model  # noqa: E402
-from multitask import TaskBank, save_task  # noqa: E402
+from tasks.bank import TaskBank, save_task  # noqa: E402
 
 CLASSES = dict(cub=200, cars=196, flowers=102, pets=37, aircraft=100, food=101)  # the paper's six sets
 

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import create_model  # noqa: E402
-from models.flops import count_flops  # noqa: E402
+from tasks.flops import count_flops  # noqa: E402
 
 PAPER = {"efl7": "20.3", "efl3": "7.84", "efl1": "about 2.6", "vitb": "35.13", "vits": "9.20"}
 

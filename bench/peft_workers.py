@@ -35,11 +35,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: models, lora, methods, ...
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # bench/: bench_models
 from bench_models import build_pair, time_pair  # noqa: E402
-from deploy import fold_all_bn  # noqa: E402  (every conv -> BatchNorm pair folded)
-from lora import (adapter_state_dict, freeze_bn_stats, merge_adapters, merge_and_unload,  # noqa: E402
-                  save_adapters)
+
+from lora import (  # noqa: E402
+    adapter_state_dict,
+    freeze_bn_stats,
+    merge_adapters,
+    merge_and_unload,
+    save_adapters,
+)
 from methods import PAPER_PARAMS, apply_method, plan_method  # noqa: E402
 from models import create_model, load_pretrained  # noqa: E402
+from tasks.deploy import fold_all_bn  # noqa: E402  (every conv -> BatchNorm pair folded)
 
 # benchmark key -> (our create_model name, timm model name, constructor kwargs given to both)
 MODELS = {

@@ -215,8 +215,8 @@ def read_summary(out: str) -> dict | None:
 
 def prune_backbone(dense: str, masks_path: str) -> dict:
     """Global magnitude pruning of the pretrained EF (heads excluded) -> mask file."""
+    from methods.sparse import magnitude_prune, save_masks, sparsity_report
     from models import create_model, load_pretrained
-    from sparse import magnitude_prune, save_masks, sparsity_report
     spec = BACKBONES["ef"]
     model = create_model(spec["model"], num_classes=SOURCE["classes"], img_size=IMG_SIZE, **spec["cfg"])
     load_pretrained(model, dense, verbose=False)
@@ -390,8 +390,8 @@ def _epochs_done(out: str) -> int:
 def trainable_nonzero(backbone: str, method: str, masks_path: str) -> int:
     """#Params of full / attn FT on the sparse backbone: the trainable non-zero weights (outside the head)."""
     from methods import apply_method
+    from methods.sparse import load_masks
     from models import create_model
-    from sparse import load_masks
     spec = BACKBONES["ef"]
     model = create_model(spec["model"], num_classes=10, img_size=IMG_SIZE, **spec["cfg"])
     apply_method(model, spec["model"], METHODS[method][1][1])

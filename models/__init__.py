@@ -11,10 +11,23 @@
 import torch.nn as nn
 
 from .checkpoint import load_pretrained, read_checkpoint
-from .efficientformer import EfficientFormer, efficientformer_l1, efficientformer_l3, efficientformer_l7, snap_to_timm
-from .fpn import SemanticFPN
 from .ef_fpn import EFSemanticFPN, ef_semantic_fpn, stage_widths
-from .vit import VisionTransformer, deit3_base, deit3_fb_to_timm, deit3_small, vit_base, vit_small
+from .efficientformer import (
+    EfficientFormer,
+    efficientformer_l1,
+    efficientformer_l3,
+    efficientformer_l7,
+    snap_to_timm,
+)
+from .fpn import SemanticFPN
+from .vit import (
+    VisionTransformer,
+    deit3_base,
+    deit3_fb_to_timm,
+    deit3_small,
+    vit_base,
+    vit_small,
+)
 
 MODEL_NAMES = ("efl1", "efl3", "efl7", "vits", "vitb", "sam_vitb")
 

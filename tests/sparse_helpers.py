@@ -7,7 +7,7 @@ merge (W0 + dW) * M of a model with unmerged adapters, and the adapter tensors' 
 import torch
 import torch.nn as nn
 
-from sparse import _prunable
+from methods.sparse import _prunable
 
 
 def masks_from_zeros(model: nn.Module, *, include=None) -> dict:

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from conv_lora import LoRAConv2d, fold_bn
 from rounding import assert_rounding, rel_err
 
+from conv_lora import LoRAConv2d, fold_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 

@@ -4,7 +4,7 @@ the base model's graph (same op types and counts); every model family the traini
 gets (a clear message, exit 2, no traceback, nothing at --out).
 
 The task files are made here as the training scripts make them (methods.apply_method / apply_sam_method on the
-base, multitask.save_task), with every trained tensor randomised: with B = 0 a merge check proves nothing.
+base, tasks.task_file.save_task), with every trained tensor randomised: with B = 0 a merge check proves nothing.
 Successful exports run in this process (runpy, no interpreter start); bad input runs as real processes.
 """
 
@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from deploy import build_model, exportable, onnx_op_counts
 from methods import apply_method, apply_sam_method
 from models import ef_semantic_fpn
-from multitask import save_task
+from tasks.deploy import build_model, exportable, onnx_op_counts
+from tasks.task_file import save_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,9 +137,10 @@ def test_pt2_sam_task_equals_adapted_model(tasks, tmp_path, capsys):
 
 def test_merged_model_exports_from_its_metadata(tasks, tmp_path, capsys):
     """--weights merged.safetensors alone: model, classes and size come from the metadata (models/interop.py)."""
-    from lora import merge_and_unload
-    from models.interop import merged_metadata
     import copy
+
+    from lora import merge_and_unload
+    from tasks.interop import merged_metadata
     _, _, adapted = tasks["fpn"]
     merged = merge_and_unload(copy.deepcopy(adapted))
     path = tmp_path / "merged.safetensors"

@@ -8,11 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from rounding import abs_terms, assert_rounding, rel_err
 
 import lora
 from ia3 import IA3Conv2d, IA3Linear, add_ia3
-from rounding import abs_terms, assert_rounding, rel_err
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 

@@ -7,12 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from rounding import abs_terms, assert_rounding, rel_err
 
 import lora
 from conv_lora import LoRAConv2d
 from lora import LoRALinear, add_lora, mark_trainable, qkv_rows
-from rounding import abs_terms, assert_rounding, rel_err
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 

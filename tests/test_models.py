@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 timm = pytest.importorskip("timm")
+from converters import timm_to_deit3_fb, timm_to_snap  # noqa: E402  (tests/converters.py)
 from timm.layers.pos_embed_rel import resize_rel_pos_bias_table_levit  # noqa: E402
 from timm.models.efficientformer import Attention as TimmEFAttention  # noqa: E402
 from timm.models.efficientformer import EfficientFormer as TimmEF  # noqa: E402
@@ -19,9 +20,12 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT  # noqa:
 from timm.models.vision_transformer import checkpoint_filter_fn as timm_vit_filter  # noqa: E402
 
 from models import create_model, load_pretrained  # noqa: E402
-from models.efficientformer import EfficientFormer, resize_attention_biases, snap_to_timm  # noqa: E402
+from models.efficientformer import (  # noqa: E402
+    EfficientFormer,
+    resize_attention_biases,
+    snap_to_timm,
+)
 from models.vit import VisionTransformer, deit3_fb_to_timm  # noqa: E402
-from converters import timm_to_deit3_fb, timm_to_snap  # noqa: E402  (tests/converters.py)
 
 TOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny ops, busy 2-core machine
@@ -439,6 +443,7 @@ def test_timm_training_checkpoint_pth_tar(tmp_path):
     state_dict, state_dict_ema, optimizer, the run's argparse Namespace, metric, saver state) loads; ema=True
     takes the EMA weights; asking for EMA weights a file does not have says so."""
     import argparse
+
     from timm.utils import CheckpointSaver, ModelEmaV3
     ref = timm_tiny_ef(num_vit=1)
     ema = ModelEmaV3(ref, decay=0.5)

@@ -14,7 +14,7 @@ from data import build_transform, read_image
 from lora import merge_and_unload
 from methods import apply_method
 from models import create_model
-from multitask import save_task
+from tasks.task_file import save_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

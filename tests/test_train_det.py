@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 import methods
-from data_det import SyntheticInstances
-from det_eval import coco_evaluate, to_coco_results, trivial_results
+from dataio.det import SyntheticInstances
 from models import create_model
-from models.detector import build_cascade_mask_rcnn
+from models.det.detector import build_cascade_mask_rcnn
+from training.det_eval import coco_evaluate, to_coco_results, trivial_results
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,11 +15,11 @@ import torch
 from torchvision.io import decode_image, write_jpeg, write_png
 from torchvision.transforms.v2 import functional as TF
 
-import data_seg
-import seg_metrics
+from dataio import seg as data_seg
 from lora import load_adapters, read_safetensors
 from methods import PAPER_PARAMS, apply_sam_method
 from models import PRESETS, create_model
+from training import seg_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT, PREDICT = str(ROOT / "train_seg.py"), str(ROOT / "predict_seg.py")
@@ -388,7 +388,7 @@ def test_pretrained_weights_are_loaded_resized_and_stay_frozen(one_thread, tmp_p
 
 
 def test_task_file_is_the_final_model_and_predicts(sam_run, tmp_path, capsys):
-    from multitask import read_task
+    from tasks.task_file import read_task
     task = read_task(sam_run / "adapters.safetensors")
     assert task.meta["kind"] == "seg" and task.meta["model"] == "sam_tiny" and task.meta["num_classes"] == 2
     assert task.meta["class_names"] == ["background", "vegetation"] and task.meta["img_size"] == 64

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import lora
-import train_utils
+from training import run_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 
@@ -181,7 +181,7 @@ def test_another_live_run_holds_out(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / ".lock").write_text(json.dumps(dict(pid=other.pid, host=socket.gethostname(), command="train_cls.py",
-                                                   proc_start=train_utils._proc_start(other.pid), started="now")))
+                                                   proc_start=run_dir._proc_start(other.pid), started="now")))
         check(*run(*TINY, "--out", out), 2, f"is in use by another run: pid {other.pid}")
     finally:
         other.kill()
@@ -443,49 +443,3 @@ def test_save_adapters_on_a_model_without_adapters(tmp_path):
     assert not (tmp_path / "a.safetensors").exists()
     lora.save_adapters(Tiny(), tmp_path / "a.safetensors", allow_no_adapters=True)  # deliberate: every parameter
     assert len(lora.read_safetensors(tmp_path / "a.safetensors")[0]) == 4
-
-
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    def fail(f):
-        f.write(b"half")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(train_utils.WriteError, match=r"disk full while writing .*x\.bin.*free space or choose "
-                                                     r"another --out"):
-        train_utils.atomic_write(str(tmp_path / "x.bin"), fail)
-    assert os.listdir(tmp_path) == []
-
-
-# -----------------------------------------------------------------------------
-# train_utils helpers the scripts share
-
-def test_lock_of_another_host_is_refused_naming_how_to_clear_it(tmp_path):
-    (tmp_path / ".lock").write_text(json.dumps(dict(pid=1, host="elsewhere", started="now", command="train_seg.py")))
-    with pytest.raises(ValueError, match=r"pid 1 on host elsewhere.*If that run is gone, delete .*\.lock"):
-        train_utils.prepare_out_dir(str(tmp_path), resume=False)
-
-
-def test_resume_settings_compare_paths_after_expansion():
-    home = os.path.expanduser("~")
-    train_utils.check_resume_settings({"data_root": "~/data/", "lr": 0.1}, {"data_root": f"{home}/data", "lr": 0.1},
-                                      ckpt_dir="c")
-    with pytest.raises(ValueError, match=r"--lr 0.1 -> 0.2\)"):  # only what differs is named
-        train_utils.check_resume_settings(json.dumps({"data_root": "d", "lr": 0.1}), {"data_root": "d", "lr": 0.2},
-                                          ckpt_dir="c")
-
-
-def test_progress_off_a_terminal_prints_plain_lines(capsys):
-    bar = train_utils.progress(range(3), desc="epoch 1/2", every=0)  # every step, for the test
-    for _ in bar:
-        bar.set_postfix(loss="0.5")
-    err = capsys.readouterr().err
-    assert "\r" not in err and err.splitlines()[-1].startswith("epoch 1/2: step 3/3, ") and "loss 0.5" in err
-
-
-def test_check_common_args_skips_what_a_script_does_not_have(capsys):
-    import argparse
-    parser = argparse.ArgumentParser(prog="train_x.py")
-    train_utils.check_common_args(parser, argparse.Namespace(top_k=3, alpha=None, other=-5))  # nothing to refuse
-    with pytest.raises(SystemExit) as e:
-        train_utils.check_common_args(parser, argparse.Namespace(top_k=0))
-    assert e.value.code == 2 and "train_x.py: error: --top-k 0 must be >= 1" in capsys.readouterr().err

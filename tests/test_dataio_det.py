@@ -1,0 +1,155 @@
+"""data_det.py and det_eval.py: the synthetic instance set, COCO through CocoDetection (a tiny COCO written here),
+the annotation repairs, and COCOeval numbers that follow from the geometry (not from this code's own output)."""
+import json
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+from dataio.det import SyntheticInstances, build_det_datasets
+from training.det_eval import coco_evaluate, to_coco_results, trivial_results
+
+
+def test_synthetic_targets_match_the_drawn_objects():
+    ds = SyntheticInstances(n=6, img_size=128, train=False, seed=3)
+    for i in range(len(ds)):
+        image, t = ds[i]
+        assert image.shape == (3, 128, 128) and image.dtype == torch.float32 and 0 <= image.min() <= image.max() <= 1
+        assert 2 <= len(t["labels"]) <= 4 and set(t["labels"].tolist()) <= {1, 2, 3}
+        for box, m in zip(t["boxes"], t["masks"]):  # each box is its mask's extent
+            ys, xs = torch.where(m > 0)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            assert 16 <= box[2] - box[0] <= 48 and 16 <= box[3] - box[1] <= 48
+        assert t["masks"].sum(0).max() <= 1  # objects do not overlap
+    a, b = ds[2], SyntheticInstances(n=6, img_size=128, train=False, seed=3)[2]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"])  # deterministic per index
+
+
+def test_synthetic_flip_moves_boxes_and_masks_with_the_image():
+    ds = SyntheticInstances(n=20, img_size=128, train=True, seed=0)
+    ref = SyntheticInstances(n=20, img_size=128, train=False, seed=0)
+    flipped = 0
+    for i in range(len(ds)):
+        torch.manual_seed(i)
+        (x, t), (x0, t0) = ds[i], ref[i]
+        if torch.equal(x, x0):
+            assert torch.equal(t["boxes"], t0["boxes"])
+            continue
+        flipped += 1
+        assert torch.equal(x, x0.flip(-1)) and torch.equal(t["masks"], t0["masks"].flip(-1))
+        b = t0["boxes"]
+        assert torch.equal(t["boxes"], torch.stack([128 - b[:, 2], b[:, 1], 128 - b[:, 0], b[:, 3]], 1))
+    assert 0 < flipped < 20
+
+
+def test_synthetic_resize_keeps_targets_aligned():
+    ds = SyntheticInstances(n=2, img_size=64, train=False)
+    x, t = ds[0]
+    assert x.shape == (3, 64, 64) and t["masks"].shape[-2:] == (64, 64) and t["orig_size"].tolist() == [128, 128]
+    _, t0 = SyntheticInstances(n=2, img_size=128, train=False)[0]
+    torch.testing.assert_close(t["boxes"], t0["boxes"] / 2)
+
+
+# -----------------------------------------------------------------------------
+# a tiny COCO on disk
+
+def write_coco(root, anns_val=None, *, bad_json=False):
+    """Three 40x60 train images (one with no annotation) and two val images, COCO layout, category ids 3 and 7."""
+    for split, n in (("train", 3), ("val", 2)):
+        (root / f"{split}2017").mkdir(parents=True)
+        for i in range(n):
+            img = torch.full((3, 40, 60), 50 * i, dtype=torch.uint8)
+            write_png(img, str(root / f"{split}2017" / f"{i:012d}.png"))
+    (root / "annotations").mkdir()
+
+    def poly(x, y, w, h):
+        return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+    train = dict(
+        images=[dict(id=i, file_name=f"{i:012d}.png", width=60, height=40) for i in range(3)],
+        categories=[dict(id=3, name="cat"), dict(id=7, name="dog")],
+        annotations=[
+            dict(id=1, image_id=0, category_id=7, bbox=[10, 5, 20, 10], area=200, iscrowd=0, segmentation=poly(10, 5, 20, 10)),
+            dict(id=2, image_id=0, category_id=3, bbox=[50, 30, 20, 20], area=100, iscrowd=0,  # reaches outside: clip
+                 segmentation=poly(50, 30, 10, 10)),
+            dict(id=3, image_id=0, category_id=3, bbox=[5, 5, 0, 8], area=0, iscrowd=0, segmentation=poly(5, 5, 1, 8)),
+            dict(id=4, image_id=1, category_id=3, bbox=[0, 0, 30, 30], area=900, iscrowd=1,  # crowd only: skipped
+                 segmentation=poly(0, 0, 30, 30)),
+        ])
+    val = dict(images=[dict(id=i, file_name=f"{i:012d}.png", width=60, height=40) for i in range(2)],
+               categories=train["categories"], annotations=anns_val or [])
+    (root / "annotations" / "instances_train2017.json").write_text("{not json" if bad_json else json.dumps(train))
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(val))
+
+
+def test_coco_repairs_are_counted_and_applied(tmp_path):
+    write_coco(tmp_path)
+    train, val, classes = build_det_datasets("coco", str(tmp_path), img_size=40, max_size=None)
+    assert classes == ["cat", "dog"] and train.label_to_cat == [0, 3, 7]
+    # 3 non-crowd boxes: 1 clipped (x 50..70 in a 60-wide image), 1 dropped (zero width); 1 crowd region;
+    # image 1 (crowd only) and image 2 (no annotation) have no target left: skipped in training, kept in val
+    assert train.stats == dict(images=3, boxes=3, clipped=1, dropped=1, crowd=1, skipped_images=2)
+    assert len(train) == 1 and len(val) == 2
+    torch.manual_seed(0)
+    image, t = train[0]
+    assert image.shape == (3, 40, 60)
+    flipped = not torch.equal(t["masks"][0][5, 10:30], torch.ones(20, dtype=torch.uint8))
+    boxes = torch.tensor([[10., 5., 30., 15.], [50., 30., 60., 40.]])  # dog, then the clipped cat
+    if flipped:
+        boxes = torch.stack([60 - boxes[:, 2], boxes[:, 1], 60 - boxes[:, 0], boxes[:, 3]], 1)
+    torch.testing.assert_close(t["boxes"], boxes)
+    assert t["labels"].tolist() == [2, 1] and t["masks"].shape == (2, 40, 60) and t["orig_size"].tolist() == [40, 60]
+    _, t = val[1]  # a val image without annotations: empty targets of the right shapes
+    assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,) and t["masks"].shape == (0, 40, 60)
+
+
+def test_coco_resize_keeps_the_ratio_and_caps_the_long_side(tmp_path):
+    write_coco(tmp_path)
+    train, _, _ = build_det_datasets("coco", str(tmp_path), img_size=80, max_size=100)
+    image, t = train[0]
+    # short side 80 would make the long side 120 > 100: long side 100, short 40 * 100 / 60 = 66.7 (v2 rounds down)
+    assert image.shape[-2:] == (66, 100)
+    assert t["orig_size"].tolist() == [40, 60] and t["masks"].shape[-2:] == (66, 100)
+
+
+def test_coco_missing_root_names_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train2017.*val2017.*instances_train2017\.json"):
+        build_det_datasets("coco", str(tmp_path / "nowhere"), img_size=800, max_size=1333)
+
+
+def test_coco_annotation_file_that_does_not_parse(tmp_path):
+    write_coco(tmp_path, bad_json=True)
+    with pytest.raises(ValueError, match=r"instances_train2017\.json is not a COCO annotation file"):
+        build_det_datasets("coco", str(tmp_path), img_size=40, max_size=None)
+
+
+# -----------------------------------------------------------------------------
+# COCOeval numbers that follow from the geometry
+
+def test_coco_eval_numbers_follow_the_overlap():
+    ds = SyntheticInstances(n=8, img_size=128, train=False, seed=1)
+    gt = [ds[i][1] for i in range(len(ds))]
+    ids = [t["image_id"] for t in gt]
+
+    def results(shift):  # every object found, its box and mask shifted right by `shift` of the box width
+        outs = []
+        for t in gt:
+            b = t["boxes"].clone()
+            d = (shift * (b[:, 2] - b[:, 0])).round()
+            b[:, 0::2] += d[:, None]
+            masks = torch.stack([torch.roll(m, int(s), dims=1) for m, s in zip(t["masks"], d)])[:, None].float()
+            outs.append(dict(boxes=b, labels=t["labels"], scores=torch.ones(len(b)), masks=masks))
+        return to_coco_results(outs, ids, ds.label_to_cat)
+
+    perfect = coco_evaluate(ds.coco, results(0.0))
+    assert perfect["bbox_AP"] == perfect["segm_AP"] == 1.0
+    # a shift of 1/5 of the width: box IoU = 0.8 / 1.2 = 0.67 (+- rounding): a hit at IoU 0.5, a miss at 0.75
+    m = coco_evaluate(ds.coco, results(0.2))
+    assert m["bbox_AP50"] == 1.0 and m["bbox_AP75"] == 0.0
+    # AP over 0.50:0.05:0.95: hits at the thresholds 0.50, 0.55, 0.60, 0.65 (box IoUs lie in [0.64, 0.70]), i.e. 3-4
+    # of 10 thresholds
+    assert 0.3 - 1e-9 <= m["bbox_AP"] <= 0.4 + 1e-9
+    trivial = coco_evaluate(ds.coco, trivial_results(ds.coco))
+    assert trivial["bbox_AP"] < 0.01 and trivial["segm_AP"] < 0.01  # whole-image boxes overlap no object enough
+    assert coco_evaluate(ds.coco, []) == {f"{k}_{m}": 0.0 for k in ("bbox", "segm")
+                                          for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")}

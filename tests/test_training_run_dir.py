@@ -1,0 +1,24 @@
+"""training/run_dir.py: the lock of the output directory, the --resume settings check (the end-to-end kill / resume
+cases run the scripts: tests/test_train_*.py, tests/test_user_errors.py)."""
+
+import json
+import os
+
+import pytest
+
+from training import run_dir
+
+
+def test_lock_of_another_host_is_refused_naming_how_to_clear_it(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps(dict(pid=1, host="elsewhere", started="now", command="train_seg.py")))
+    with pytest.raises(ValueError, match=r"pid 1 on host elsewhere.*If that run is gone, delete .*\.lock"):
+        run_dir.prepare_out_dir(str(tmp_path), resume=False)
+
+
+def test_resume_settings_compare_paths_after_expansion():
+    home = os.path.expanduser("~")
+    run_dir.check_resume_settings({"data_root": "~/data/", "lr": 0.1}, {"data_root": f"{home}/data", "lr": 0.1},
+                                      ckpt_dir="c")
+    with pytest.raises(ValueError, match=r"--lr 0.1 -> 0.2\)"):  # only what differs is named
+        run_dir.check_resume_settings(json.dumps({"data_root": "d", "lr": 0.1}), {"data_root": "d", "lr": 0.2},
+                                          ckpt_dir="c")
