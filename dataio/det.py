@@ -80,6 +80,30 @@ def clean_boxes(boxes_xywh: list, width: int, height: int) -> tuple[list[bool], 
     return keep, clipped, dropped
 
 
+def _check_coco(coco, ann_file: str, img_dir: str) -> None:
+    """Refuse, naming the file and the fix, what would otherwise fail later inside pycocotools or the loader:
+    no 'categories', annotations of unknown categories, images the file lists but the folder lacks."""
+    data = coco.dataset
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            what = "has no" if key not in data else "has a non-list"
+            raise ValueError(f"{ann_file} {what} {key!r} list; a COCO instances file holds 'images', 'annotations' "
+                             f"and 'categories' lists (as instances_val2017.json: categories = [{{\"id\": 1, "
+                             f"\"name\": \"person\"}}, ...])")
+    if not data["categories"]:
+        raise ValueError(f"{ann_file} lists no categories; add them ([{{\"id\": 1, \"name\": \"person\"}}, ...])")
+    unknown = sorted({a["category_id"] for a in data["annotations"]} - set(coco.cats))
+    if unknown:
+        raise ValueError(f"{ann_file}: annotations use category ids {unknown[:8]} that its 'categories' list does not "
+                         f"define (defined: {sorted(coco.cats)[:8]}...); add them or remove those annotations")
+    missing = [info["file_name"] for info in coco.imgs.values()
+               if not os.path.isfile(os.path.join(img_dir, info["file_name"]))]
+    if missing:
+        raise FileNotFoundError(f"{ann_file} lists {len(missing)} image(s) of {len(coco.imgs)} that {img_dir} does "
+                                f"not hold, e.g. {os.path.join(img_dir, missing[0])}; put the images there, point "
+                                f"the image folder at them, or remove them from the file's 'images'")
+
+
 class CocoInstances(Dataset):
     """COCO instances of one split through CocoDetection + wrap_dataset_for_transforms_v2.
 
@@ -95,10 +119,12 @@ class CocoInstances(Dataset):
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
                 ds = CocoDetection(img_dir, ann_file)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, AssertionError) as e:
             raise ValueError(f"{ann_file} is not a COCO annotation file ({type(e).__name__}: {e}); it must be JSON "
-                             f"with 'images', 'annotations' and 'categories' lists, as instances_val2017.json") from None
+                             f"with 'images', 'annotations' and 'categories' lists, as instances_val2017.json"
+                             ) from None
         coco = ds.coco
+        _check_coco(coco, ann_file, img_dir)
         self.coco, self.train = coco, train
         cats = sorted(coco.getCatIds())
         self.classes = [coco.cats[c]["name"] for c in cats]
@@ -150,19 +176,45 @@ class CocoInstances(Dataset):
         return image, _plain_target(target, (h, w))
 
 
-def build_coco(root: str, *, img_size: int, max_size: int | None):
-    root = os.path.expanduser(root)
-    paths = {s: (os.path.join(root, f"{s}2017"), os.path.join(root, "annotations", f"instances_{s}2017.json"))
-             for s in ("train", "val")}
+def coco_paths(root: str | None, *, train_ann: str | None = None, val_ann: str | None = None,
+               train_images: str | None = None, val_images: str | None = None) -> dict[str, tuple[str, str]]:
+    """{split: (image folder, annotation file)}: the COCO 2017 names under `root`, each replaced by the explicit
+    path when given (a custom COCO-format set keeps its own names). FileNotFoundError names what is missing."""
+    given = dict(train=(train_images, train_ann), val=(val_images, val_ann))
+    if root is None and not all(p for pair in given.values() for p in pair):
+        raise FileNotFoundError(f"COCO: no --data-root given; pass it (the standard layout {COCO_LAYOUT}) or all four "
+                                f"of --train-images, --train-ann, --val-images and --val-ann")
+    root = os.path.expanduser(root) if root is not None else None
+    paths = {}
+    for s, (images, ann) in given.items():
+        paths[s] = (os.path.expanduser(images) if images else os.path.join(root, f"{s}2017"),
+                    os.path.expanduser(ann) if ann else os.path.join(root, "annotations", f"instances_{s}2017.json"))
     missing = [p for d, a in paths.values() for p in (d, a) if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"COCO not found under --data-root {root} (missing {', '.join(missing)}); expected the "
-                                f"standard layout {COCO_LAYOUT} (cocodataset.org/#download: 2017 train/val images and "
-                                f"annotations)")
+        where = f"under --data-root {root} " if root is not None else ""
+        raise FileNotFoundError(f"COCO not found {where}(missing {', '.join(missing)}); expected the standard layout "
+                                f"{COCO_LAYOUT} (cocodataset.org/#download: 2017 train/val images and annotations), "
+                                f"or explicit --train-images / --train-ann / --val-images / --val-ann paths")
+    for s, (images, ann) in paths.items():
+        if not os.path.isdir(images):
+            raise FileNotFoundError(f"COCO {s} images: {images} is not a folder; pass the folder holding the images "
+                                    f"its annotation file names")
+        if os.path.isdir(ann):
+            raise FileNotFoundError(f"COCO {s} annotations: {ann} is a folder; pass the JSON file (e.g. "
+                                    f"{os.path.join(ann, f'instances_{s}2017.json')})")
+    return paths
+
+
+def build_coco(root: str | None, *, img_size: int, max_size: int | None, **explicit):
+    """(train, val, class names) of a COCO-format set; `explicit`: coco_paths' keyword paths."""
+    paths = coco_paths(root, **explicit)
     train = CocoInstances(img_dir=paths["train"][0], ann_file=paths["train"][1], train=True, img_size=img_size,
                           max_size=max_size)
     val = CocoInstances(img_dir=paths["val"][0], ann_file=paths["val"][1], train=False, img_size=img_size,
                         max_size=max_size)
+    if train.classes != val.classes:
+        raise ValueError(f"the train and val annotation files define different categories ({train.classes[:5]}... vs "
+                         f"{val.classes[:5]}...); both must list the same 'categories'")
     return train, val, train.classes
 
 
@@ -278,11 +330,18 @@ class SyntheticInstances(Dataset):
 
 
 def build_det_datasets(name: str, root: str | None = None, *, img_size: int, max_size: int | None = None,
-                       synthetic_train: int = 256, synthetic_val: int = 64, seed: int = 0):
-    """(train_ds, val_ds, class names). COCO: FileNotFoundError naming the layout when files are missing,
-    ValueError when an annotation file does not parse."""
+                       synthetic_train: int = 256, synthetic_val: int = 64, seed: int = 0,
+                       train_ann: str | None = None, val_ann: str | None = None, train_images: str | None = None,
+                       val_images: str | None = None):
+    """(train_ds, val_ds, class names). COCO: FileNotFoundError naming the layout when files are missing (or an
+    image the annotation file lists), ValueError when an annotation file does not parse or lacks its categories.
+    train_ann / val_ann / train_images / val_images: explicit paths of a COCO-format set, each replacing the 2017
+    name under `root` (root may be None when all four are given)."""
+    explicit = dict(train_ann=train_ann, val_ann=val_ann, train_images=train_images, val_images=val_images)
     if name == "coco":
-        return build_coco(root, img_size=img_size, max_size=max_size)
+        return build_coco(root, img_size=img_size, max_size=max_size, **explicit)
+    if any(explicit.values()):
+        raise ValueError(f"--train-ann / --val-ann / --train-images / --val-images are for --data coco, not {name!r}")
     if name == "synthetic":
         train = SyntheticInstances(n=synthetic_train, img_size=img_size, train=True, seed=seed)
         val = SyntheticInstances(n=synthetic_val, img_size=img_size, train=False, seed=seed + 1)

@@ -8,6 +8,11 @@ AP is the mean over IoU thresholds 0.50:0.05:0.95 (AP50 / AP75 at one threshold)
 101-point interpolated precision; APs / APm / APl restrict it to objects of area < 32^2, 32^2-96^2, > 96^2 pixels.
 A detection is {image_id, category_id (COCO id), bbox [x, y, w, h], score, segmentation (RLE of mask > 0.5)} in
 the ORIGINAL image's pixels. The synthetic set is scored by the same code through its in-memory COCO object.
+
+COCOeval rewrites the ground truth it is given IN PLACE (for "segm" every polygon becomes an RLE whose counts are
+bytes, and every annotation gains an "ignore" key), and a dataset that reads its targets from the same COCO object
+(torchvision's CocoDetection wrapper) then fails on its next read. `coco_evaluate` therefore scores against a
+COCO object of its own, built from a deep copy of the annotations: evaluation never changes the data it scores.
 """
 import contextlib
 import copy
@@ -44,14 +49,26 @@ def to_coco_results(outputs: list[dict[str, torch.Tensor]], image_ids: list[int]
     return results
 
 
+def private_copy(coco_gt):
+    """A new pycocotools COCO object over a deep copy of `coco_gt`'s annotations (images, annotations, categories),
+    indexed afresh: what COCOeval may rewrite without touching the caller's dataset."""
+    from pycocotools.coco import COCO
+    gt = COCO()
+    gt.dataset = copy.deepcopy(coco_gt.dataset)
+    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints its progress
+        gt.createIndex()
+    return gt
+
+
 def coco_evaluate(coco_gt, results: list[dict], *, iou_types=("bbox", "segm"), image_ids=None,
                   verbose: bool = False) -> dict[str, float]:
     """COCOeval of `results` against `coco_gt` for each iou type: {"<type>_<metric>": value in [0, 1]}.
 
     image_ids: the images to score (default: all of coco_gt's). No detections at all gives 0 everywhere
-    (COCO.loadRes refuses an empty list)."""
+    (COCO.loadRes refuses an empty list). `coco_gt` is left unchanged (see the module docstring)."""
     from pycocotools.cocoeval import COCOeval
     metrics = {}
+    coco_gt = private_copy(coco_gt) if results else coco_gt  # COCOeval writes into the ground truth it is given
     for iou_type in iou_types:
         res = [r for r in results if iou_type == "bbox" or "segmentation" in r]
         if not res:
