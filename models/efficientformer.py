@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .grad_ckpt import checkpointing, run_block
 from .layers import DropPath, LayerScale, LayerScale2d, Mlp, check_image_input
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -297,18 +298,20 @@ class Stage(nn.Module):
                 blocks.append(Meta4D(dim=dim, pool_size=pool_size, mlp_ratio=mlp_ratio, drop=drop,
                                      drop_path=drop_path[j], layer_scale_init=layer_scale_init))
         self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False  # models.grad_ckpt: recompute each Meta4D / Meta3D block in the backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         grid = None
+        ckpt = checkpointing(self)
         for block in self.blocks:
             if isinstance(block, Flat):
                 grid = tuple(x.shape[-2:])  # (H/32, W/32): the token grid the Meta3D blocks attend over
                 x = block(x)  # (B, C, H, W) -> (B, H * W, C)
             elif isinstance(block, Meta3D):
-                x = block(x, grid)
+                x = run_block(block, x, grid) if ckpt else block(x, grid)
             else:
-                x = block(x)
+                x = run_block(block, x) if ckpt else block(x)
         return x
 
 
@@ -345,7 +348,8 @@ class EfficientFormer(nn.Module):
         self.stride = 2 ** (len(depths) + 1)  # 32 for four stages
         if img_size[0] % self.stride or img_size[1] % self.stride or min(img_size) <= 0:
             raise ValueError(f"img_size {img_size} must be a positive multiple of {self.stride} (e.g. 224, 256, "
-                             f"384, 512), because the attention biases live on the (H/{self.stride}, W/{self.stride}) grid")
+                             f"384, 512), because the attention biases live on the (H/{self.stride}, "
+                             f"W/{self.stride}) grid")
         self.img_size = img_size
         self.grid_size = (img_size[0] // self.stride, img_size[1] // self.stride)
         self.num_classes = num_classes
@@ -479,7 +483,8 @@ def snap_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             if i % 2 == 0:  # a stage's blocks
                 parts = ["stages", str(i // 2), "blocks"] + parts[2:]
             elif parts[2] in ("proj", "norm"):  # the downsample in front of stage (i + 1) / 2
-                parts = ["stages", str((i + 1) // 2), "downsample", "conv" if parts[2] == "proj" else "norm"] + parts[3:]
+                layer = "conv" if parts[2] == "proj" else "norm"
+                parts = ["stages", str((i + 1) // 2), "downsample", layer] + parts[3:]
         elif parts[0] == "dist_head":
             parts = ["head_dist"] + parts[1:]
         if parts[-1] in ("layer_scale_1", "layer_scale_2"):

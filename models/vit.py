@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .grad_ckpt import checkpointing, run_block
 from .layers import DropPath, LayerScale, Mlp, check_image_input
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -168,6 +169,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.reset_classifier(num_classes)
+        self.grad_checkpointing = False  # models.grad_ckpt: recompute each block in the backward
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -201,7 +203,8 @@ class VisionTransformer(nn.Module):
             x = torch.cat([cls, x + self.pos_embed], dim=1)  # (B, 1 + N, C)
         else:
             x = torch.cat([cls, x], dim=1) + self.pos_embed
-        x = self.blocks(x)
+        for block in self.blocks:
+            x = run_block(block, x) if checkpointing(self) else block(x)  # (B, 1 + N, C)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..grad_ckpt import checkpointing, run_block
 from .common import LayerNorm2d, MLPBlock
 
 
@@ -229,6 +230,7 @@ class ImageEncoderViT(nn.Module):
             nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(out_chans),
         )
+        self.grad_checkpointing = False  # models.grad_ckpt: recompute each block in the backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_size or x.shape[3] != self.img_size:
@@ -238,5 +240,5 @@ class ImageEncoderViT(nn.Module):
                 "or build the model with another img_size")
         x = self.patch_embed(x) + self.pos_embed  # B H W C
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, x) if checkpointing(self) else blk(x)  # B H W C
         return self.neck(x.permute(0, 3, 1, 2))  # B H W C -> B C H W -> (B, out_chans, H, W)
