@@ -44,7 +44,8 @@ SECTIONS = ("train", "memory", "infer", "forward", "adapters")
 # work, so single-threaded and small batches; every method on every model. PETAH rows, which the targets are about,
 # get `target_steps` timed steps instead of `steps`.
 FULL = dict(models=("efl1", "efl3", "vits", "efl7", "vitb"),
-            batch=dict(efl1=4, efl3=2, vits=4, efl7=2, vitb=2), infer_batch=dict(efl1=16, efl3=8, vits=8, efl7=2, vitb=2),
+            batch=dict(efl1=4, efl3=2, vits=4, efl7=2, vitb=2),
+            infer_batch=dict(efl1=16, efl3=8, vits=8, efl7=2, vitb=2),
             img_size=dict(), steps=4, target_steps=8, warmup=1, mem_steps=2, lat_repeats=20, thr_repeats=4,
             fwd_repeats=20, fwd_warmup=2, forward_models=("efl1", "efl3", "efl7", "vits", "vitb", "sam"), sam_size=512,
             ref_memory_methods=("lora", "lora_mlp", "petah-1", "petah-2", "ia3"))
@@ -52,7 +53,8 @@ QUICK = dict(models=("efl1", "vits"), batch=dict(efl1=2, vits=2), infer_batch=di
              img_size=dict(vits=128), steps=3, target_steps=3, warmup=1, mem_steps=2, lat_repeats=5, thr_repeats=2,
              fwd_repeats=3, fwd_warmup=1, forward_models=("efl1", "vits"), sam_size=256,
              memory_methods=("linear", "full", "lora", "petah-1", "ia3"))
-SMOKE = dict(models=("efl_tiny", "vit_tiny"), batch=dict(efl_tiny=2, vit_tiny=2), infer_batch=dict(efl_tiny=2, vit_tiny=2),
+SMOKE = dict(models=("efl_tiny", "vit_tiny"), batch=dict(efl_tiny=2, vit_tiny=2),
+             infer_batch=dict(efl_tiny=2, vit_tiny=2),
              img_size=dict(vit_tiny=64), steps=1, target_steps=1, warmup=1, mem_steps=1, lat_repeats=2, thr_repeats=1,
              fwd_repeats=2, fwd_warmup=1, forward_models=("efl_tiny", "vit_tiny"), sam_size=256,
              methods=("full", "attn", "petah-1", "ia3"), memory_methods=("full", "petah-1"))
@@ -102,7 +104,7 @@ def verdict(value, limit) -> str:
     return "-" if value is None else ("PASS" if value <= limit else "MISS")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="efl1 + ViT-S at 128, small batches, few steps (minutes)")
     p.add_argument("--smoke", action="store_true", help="tiny models, 1-2 steps: does everything run (seconds)")
@@ -112,7 +114,8 @@ def main() -> None:
                         "full attn petah-1 ia3, one per kind of reference setup)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                    help="which questions to run (train = Q1-Q3 timing, memory = Q1 peak memory)")
-    p.add_argument("--batch", type=int, help="training batch for every model (default: per model, see FULL; 32 on CUDA)")
+    p.add_argument("--batch", type=int,
+                   help="training batch for every model (default: per model, see FULL; 32 on CUDA)")
     p.add_argument("--infer-batch", type=int, help="inference throughput batch for every model (default: per model; "
                                                     "32 on CUDA)")
     p.add_argument("--img-size", type=int, help="input side for every model (EfficientFormer's timm reference "
@@ -125,168 +128,173 @@ def main() -> None:
     p.add_argument("--memory-methods", nargs="+", choices=ALL_METHODS,
                    help="methods whose peak memory is measured (default: all; --quick: linear full lora petah-1 "
                         "ia3; --smoke: full petah-1)")
-    p.add_argument("--forward-models", nargs="+", help="Q5 models (bench_models.py names: efl1 efl3 efl7 vits vitb sam)")
+    p.add_argument("--forward-models", nargs="+",
+                   help="Q5 models (bench_models.py names: efl1 efl3 efl7 vits vitb sam)")
     p.add_argument("--sam-size", type=int, help="SAM image-encoder input side for Q5 (default 512 CPU, 1024 CUDA)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in every worker (default 1 on CPU: on a "
                                                 "shared machine 2 OpenMP threads stall on each other; torch's own "
                                                 "default on CUDA)")
     p.add_argument("--json", help="where to write all numbers (default bench/results_<device>[_quick|_smoke].json)")
-    args = p.parse_args()
+    return p.parse_args()
 
-    preset = SMOKE if args.smoke else QUICK if args.quick else FULL
-    models = args.models or list(preset["models"])
-    cuda = args.device.startswith("cuda")
-    steps, warmup = args.steps or preset["steps"], args.warmup or preset["warmup"]
-    target_steps = args.steps or preset["target_steps"]
 
-    def methods_of(m):
-        return list(args.methods or preset.get("methods", ALL_METHODS))
+class Plan:
+    """What to run, from the flags and the preset (FULL, QUICK or SMOKE): models, methods, sizes, steps."""
 
-    # The reference of linear / full / attn is timm alone, whose peak memory matched ours within 6% in a full run:
-    # the full CPU preset measures the reference's memory only where peft is involved.
-    ref_memory_methods = ALL_METHODS if args.memory_methods else preset.get("ref_memory_methods", ALL_METHODS)
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.preset = preset = SMOKE if args.smoke else QUICK if args.quick else FULL
+        self.models = args.models or list(preset["models"])
+        self.cuda = args.device.startswith("cuda")
+        self.steps, self.warmup = args.steps or preset["steps"], args.warmup or preset["warmup"]
+        self.target_steps = args.steps or preset["target_steps"]
+        self.mem_steps = args.mem_steps or preset["mem_steps"]
+        # The reference of linear / full / attn is timm alone, whose peak memory matched ours within 6% in a full
+        # run: the full CPU preset measures the reference's memory only where peft is involved.
+        self.ref_memory_methods = ALL_METHODS if args.memory_methods else preset.get("ref_memory_methods", ALL_METHODS)
+        self.sam_size = args.sam_size or (1024 if self.cuda and not (args.quick or args.smoke) else preset["sam_size"])
+        tag = "_smoke" if args.smoke else "_quick" if args.quick else ""
+        # the full run's numbers sit next to BENCHMARKS.md; --quick / --smoke ones go to the git-ignored bench/out/
+        folder = Path(__file__).parent / ("out" if tag else "")
+        self.json_path = Path(args.json or folder / f"results_{args.device.split(':')[0]}{tag}.json")
+        threads = args.threads or (None if self.cuda else 1)
+        self.common = dict(device=args.device, threads=threads, num_classes=NUM_CLASSES)
+        self.mem_key = "cuda_max_allocated_mb" if self.cuda else "peak_over_start_mb"
 
-    def memory_methods_of(m):
-        return [x for x in (args.memory_methods or preset.get("memory_methods", ALL_METHODS)) if x in methods_of(m)]
+    def methods_of(self, m: str) -> list[str]:
+        return list(self.args.methods or self.preset.get("methods", ALL_METHODS))
 
-    mem_steps = args.mem_steps or preset["mem_steps"]
-    sam_size = args.sam_size or (1024 if cuda and not (args.quick or args.smoke) else preset["sam_size"])
+    def memory_methods_of(self, m: str) -> list[str]:
+        wanted = self.args.memory_methods or self.preset.get("memory_methods", ALL_METHODS)
+        return [x for x in wanted if x in self.methods_of(m)]
 
-    def img(m):
-        return args.img_size or preset["img_size"].get(m, 224)
+    def img(self, m: str) -> int:
+        return self.args.img_size or self.preset["img_size"].get(m, 224)
 
-    def batch(m):
-        return args.batch or (32 if cuda and not args.smoke else preset["batch"].get(m, 2))
+    def batch(self, m: str) -> int:
+        return self.args.batch or (32 if self.cuda and not self.args.smoke else self.preset["batch"].get(m, 2))
 
-    def infer_batch(m):
-        return args.infer_batch or (32 if cuda and not args.smoke else preset["infer_batch"].get(m, 4))
+    def infer_batch(self, m: str) -> int:
+        default = 32 if self.cuda and not self.args.smoke else self.preset["infer_batch"].get(m, 4)
+        return self.args.infer_batch or default
 
-    tag = "_smoke" if args.smoke else "_quick" if args.quick else ""
-    # the full run's numbers sit next to BENCHMARKS.md; --quick / --smoke ones go to the git-ignored bench/out/
-    folder = Path(__file__).parent / ("out" if tag else "")
-    json_path = Path(args.json or folder / f"results_{args.device.split(':')[0]}{tag}.json")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    threads = args.threads or (None if cuda else 1)
-    common = dict(device=args.device, threads=threads, num_classes=NUM_CLASSES)
-    run = Runner()
-    t_start = time.perf_counter()
-    results = dict(meta=dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                             command="python " + " ".join(sys.argv), device=args.device,
-                             machine=f"{platform.processor() or platform.machine()}, "
-                                     f"{multiprocessing.cpu_count()} cores, {platform.system()}",
-                             python=platform.python_version()),
-                   train=[], memory=[], infer=[], forward=[], adapters=[], targets=[])
-    env = run("env_worker", dict(common))
-    results["meta"].update(env)
-    print(f"bench_peft: {results['meta']['date']}, {args.device}, torch {env.get('torch')}, timm {env.get('timm')}, "
-          f"peft {env.get('peft')}, {env.get('threads')} threads, {results['meta']['machine']}\n"
-          f"command: {results['meta']['command']}", flush=True)
 
-    # ---- Q1-Q3: training step, floor, timm + peft ---------------------------------------------------------
-    if "train" in args.sections:
-        print(f"\n[1-3] training step: median ms per optimizer step over {steps} steps ({target_steps} for PETAH) after "
-              f"{warmup} warm-up, ours / floor / timm+peft back to back in rotating order; ratios are medians of "
-              f"per-step ratios", flush=True)
-        head = (f"{'model':<9}{'method':<9}{'batch':>5}{'img':>5}{'ours ms':>9}{'img/s':>7}{'floor ms':>9}"
-                f"{'step/floor':>11}{'ref ms':>9}{'ours/ref':>9}{'parity':>9}  earliest adapted")
-        print(head, flush=True)
-        for m in models:
-            for meth in methods_of(m):
-                n = target_steps if meth.startswith("petah") else steps
-                r = run("train_worker", dict(common, model=m, method=meth, batch=batch(m), img_size=img(m),
-                                             steps=n, warmup=warmup, reference=not args.no_ref))
-                results["train"].append(r)
-                if "error" in r:
+def train_section(plan: Plan, run: Runner, results: dict) -> None:
+    """Q1-Q3: training step, floor, timm + peft."""
+    steps, target_steps, warmup = plan.steps, plan.target_steps, plan.warmup
+    print(f"\n[1-3] training step: median ms per optimizer step over {steps} steps ({target_steps} for PETAH) after "
+          f"{warmup} warm-up, ours / floor / timm+peft back to back in rotating order; ratios are medians of "
+          f"per-step ratios", flush=True)
+    head = (f"{'model':<9}{'method':<9}{'batch':>5}{'img':>5}{'ours ms':>9}{'img/s':>7}{'floor ms':>9}"
+            f"{'step/floor':>11}{'ref ms':>9}{'ours/ref':>9}{'parity':>9}  earliest adapted")
+    print(head, flush=True)
+    for m in plan.models:
+        for meth in plan.methods_of(m):
+            n = target_steps if meth.startswith("petah") else steps
+            r = run("train_worker", dict(plan.common, model=m, method=meth, batch=plan.batch(m), img_size=plan.img(m),
+                                         steps=n, warmup=warmup, reference=not plan.args.no_ref))
+            results["train"].append(r)
+            if "error" in r:
+                continue
+            print(f"{m:<9}{meth:<9}{r['batch']:>5}{r['img_size']:>5}{r['ours_ms']:>9.1f}{r['ours_img_s']:>7.1f}"
+                  f"{r['floor_ms']:>9.1f}{r['step_over_floor']:>11.2f}{fmt(r['ref_ms'], '.1f'):>9}"
+                  f"{fmt(r['ours_over_ref']):>9}{fmt(r['parity_max_abs_diff'], '.1e'):>9}  "
+                  f"{r['earliest_adapted'] or '(input)'}", flush=True)
+
+
+def memory_section(plan: Plan, run: Runner, results: dict) -> None:
+    """Q1: peak memory of a fresh process per (model, method, ours | reference)."""
+    unit = "cuda max_memory_allocated MiB" if plan.cuda else "peak RSS MiB of a fresh process, and above its start"
+    print(f"\n[1] peak training memory ({unit}; {plan.mem_steps} steps)", flush=True)
+    print(f"{'model':<9}{'method':<9}{'batch':>5}{'img':>5}{'ours peak':>10}{'ours +':>8}{'ref peak':>10}"
+          f"{'ref +':>8}{'ours/ref':>9}", flush=True)
+    key = plan.mem_key
+    for m in plan.models:
+        for meth in plan.memory_methods_of(m):
+            row = {}
+            for which in ("ours", "ref"):
+                if which == "ref" and (plan.args.no_ref_memory or meth not in plan.ref_memory_methods):
                     continue
-                print(f"{m:<9}{meth:<9}{r['batch']:>5}{r['img_size']:>5}{r['ours_ms']:>9.1f}{r['ours_img_s']:>7.1f}"
-                      f"{r['floor_ms']:>9.1f}{r['step_over_floor']:>11.2f}{fmt(r['ref_ms'], '.1f'):>9}"
-                      f"{fmt(r['ours_over_ref']):>9}{fmt(r['parity_max_abs_diff'], '.1e'):>9}  "
-                      f"{r['earliest_adapted'] or '(input)'}", flush=True)
+                r = run("memory_worker", dict(plan.common, model=m, method=meth, which=which, batch=plan.batch(m),
+                                              img_size=plan.img(m), steps=plan.mem_steps))
+                results["memory"].append(r)
+                row[which] = r
+            o, f = row.get("ours", {}), row.get("ref", {})
+            ratio = o[key] / f[key] if o.get(key) and f.get(key) else None
+            print(f"{m:<9}{meth:<9}{plan.batch(m):>5}{plan.img(m):>5}{fmt(o.get('peak_rss_mb'), '.0f'):>10}"
+                  f"{fmt(o.get(key), '.0f'):>8}{fmt(f.get('peak_rss_mb'), '.0f'):>10}{fmt(f.get(key), '.0f'):>8}"
+                  f"{fmt(ratio):>9}", flush=True)
 
-    # ---- Q1: peak memory -------------------------------------------------------------------------------------
-    if "memory" in args.sections:
-        unit = "cuda max_memory_allocated MiB" if cuda else "peak RSS MiB of a fresh process, and above its start"
-        print(f"\n[1] peak training memory ({unit}; {mem_steps} steps)", flush=True)
-        print(f"{'model':<9}{'method':<9}{'batch':>5}{'img':>5}{'ours peak':>10}{'ours +':>8}{'ref peak':>10}"
-              f"{'ref +':>8}{'ours/ref':>9}", flush=True)
-        for m in models:
-            for meth in memory_methods_of(m):
-                row = {}
-                for which in ("ours", "ref"):
-                    if which == "ref" and (args.no_ref_memory or meth not in ref_memory_methods):
-                        continue
-                    r = run("memory_worker", dict(common, model=m, method=meth, which=which, batch=batch(m),
-                                                  img_size=img(m), steps=mem_steps))
-                    results["memory"].append(r)
-                    row[which] = r
-                key = "cuda_max_allocated_mb" if cuda else "peak_over_start_mb"
-                o, f = row.get("ours", {}), row.get("ref", {})
-                ratio = o[key] / f[key] if o.get(key) and f.get(key) else None
-                print(f"{m:<9}{meth:<9}{batch(m):>5}{img(m):>5}{fmt(o.get('peak_rss_mb'), '.0f'):>10}"
-                      f"{fmt(o.get(key), '.0f'):>8}{fmt(f.get('peak_rss_mb'), '.0f'):>10}{fmt(f.get(key), '.0f'):>8}"
-                      f"{fmt(ratio):>9}", flush=True)
 
-    # ---- Q4: inference ---------------------------------------------------------------------------------------
-    if "infer" in args.sections:
-        print("\n[4] inference (eval, no grad): median ms at batch 1, images/s at the throughput batch, and x base (median "
-              "of paired ratios). merged = merge_and_unload (plain layers: the base architecture), inplace = "
-              "merge_adapters, folded = merged + BatchNorm folded into the convs, base_copy = a copy of base (A/A "
-              "control: its ratio is this machine's timing noise)", flush=True)
-        names = ("base", "base_copy", "unmerged", "merged_inplace", "merged", "merged_bn_folded")
-        print(f"{'model':<9}{'method':<9}{'':>7}" + "".join(f"{n[:14]:>15}" for n in names), flush=True)
-        for m in models:
-            meth = next((x for x in ("petah-1", "lora", "ia3") if x in methods_of(m)), methods_of(m)[0])
-            r = run("infer_worker", dict(common, model=m, method=meth, img_size=img(m), batch=infer_batch(m),
-                                         repeats_latency=preset["lat_repeats"], repeats_throughput=preset["thr_repeats"]))
-            results["infer"].append(r)
-            if "error" in r:
-                continue
-            for label, vals, f in (("ms b1", r["latency_ms"], ".1f"), ("x base", r["latency_over_base"], ".3f"),
-                                   ("img/s", r["throughput_img_s"], ".1f"), ("x base", r["throughput_over_base"], ".3f")):
-                first = f"{m:<9}{meth:<9}" if label == "ms b1" else f"{'':<18}"
-                print(f"{first}{label:>7}" + "".join(f"{fmt(vals.get(n), f):>15}" for n in names)
-                      + (f"   (batch {r['batch_throughput']})" if label == "img/s" else ""), flush=True)
-            print(f"{'':<18}max |out - unmerged|: " + ", ".join(f"{k} {v:.1e}" for k, v in
-                                                                 r["max_abs_diff_vs_unmerged"].items())
-                  + f"; merged has the base architecture (classes, shapes, strides): "
-                    f"{r['merged_same_architecture']}", flush=True)
+def infer_section(plan: Plan, run: Runner, results: dict) -> None:
+    """Q4: base vs adapted-unmerged vs merged vs BatchNorm-folded inference."""
+    print("\n[4] inference (eval, no grad): median ms at batch 1, images/s at the throughput batch, and x base (median "
+          "of paired ratios). merged = merge_and_unload (plain layers: the base architecture), inplace = "
+          "merge_adapters, folded = merged + BatchNorm folded into the convs, base_copy = a copy of base (A/A "
+          "control: its ratio is this machine's timing noise)", flush=True)
+    names = ("base", "base_copy", "unmerged", "merged_inplace", "merged", "merged_bn_folded")
+    print(f"{'model':<9}{'method':<9}{'':>7}" + "".join(f"{n[:14]:>15}" for n in names), flush=True)
+    for m in plan.models:
+        methods = plan.methods_of(m)
+        meth = next((x for x in ("petah-1", "petah-2", "lora", "ia3") if x in methods), methods[0])
+        r = run("infer_worker", dict(plan.common, model=m, method=meth, img_size=plan.img(m), batch=plan.infer_batch(m),
+                                     repeats_latency=plan.preset["lat_repeats"],
+                                     repeats_throughput=plan.preset["thr_repeats"]))
+        results["infer"].append(r)
+        if "error" in r:
+            continue
+        for label, vals, f in (("ms b1", r["latency_ms"], ".1f"), ("x base", r["latency_over_base"], ".3f"),
+                               ("img/s", r["throughput_img_s"], ".1f"), ("x base", r["throughput_over_base"], ".3f")):
+            first = f"{m:<9}{meth:<9}" if label == "ms b1" else f"{'':<18}"
+            print(f"{first}{label:>7}" + "".join(f"{fmt(vals.get(n), f):>15}" for n in names)
+                  + (f"   (batch {r['batch_throughput']})" if label == "img/s" else ""), flush=True)
+        print(f"{'':<18}max |out - unmerged|: " + ", ".join(f"{k} {v:.1e}" for k, v in
+                                                             r["max_abs_diff_vs_unmerged"].items())
+              + f"; merged has the base architecture (classes, shapes, strides): "
+                f"{r['merged_same_architecture']}", flush=True)
 
-    # ---- Q5: model forward vs reference ----------------------------------------------------------------------
-    if "forward" in args.sections:
-        fwd_models = args.forward_models or list(preset["forward_models"])
-        print(f"\n[5] model forward, ours vs timm / segment_anything (eval, no grad, batch 1, "
-              f"{preset['fwd_repeats']} alternating repeats, SAM image encoder at {sam_size}: at most 6 on CPU; "
-              f"ratio of the medians, bench_models.time_pair)", flush=True)
-        print(f"{'model':<10}{'input':<16}{'ours ms':>9}{'ref ms':>9}{'ours/ref':>9}{'max|diff|':>11}", flush=True)
-        for m in fwd_models:
-            reps = min(preset["fwd_repeats"], 6) if m == "sam" and not cuda else preset["fwd_repeats"]  # SAM: seconds each
-            r = run("forward_worker", dict(common, model=m, img_size=img(m), sam_size=sam_size, batch=1,
-                                           repeats=reps, warmup=preset["fwd_warmup"]))
-            results["forward"].append(r)
-            if "error" in r or r.get("ours_ms") is None:
-                continue
-            print(f"{m:<10}{'x'.join(map(str, r['input'])):<16}{r['ours_ms']:>9.1f}{r['ref_ms']:>9.1f}"
-                  f"{r['ours_over_ref']:>9.3f}{r['max_abs_diff']:>11.1e}", flush=True)
 
-    # ---- Q6: adapter files -----------------------------------------------------------------------------------
-    if "adapters" in args.sections:
-        print(f"\n[6] adapter files (save_adapters, fp32 safetensors; head for {NUM_CLASSES} classes stored too)",
-              flush=True)
-        print(f"{'model':<9}{'method':<9}{'#Params':>12}{'paper':>12}{'file bytes':>13}{'adapter B':>12}"
-              f"{'head B':>10}{'header B':>10}", flush=True)
-        for m in models:
-            r = run("adapter_worker", dict(common, model=m, img_size=img(m),
-                                           methods=list(args.methods or preset.get("methods", ALL_METHODS))))
-            if "error" in r:
-                continue
-            for row in r["rows"]:
-                results["adapters"].append(row)
-                print(f"{m:<9}{row['method']:<9}{row['adapter_params']:>12,}{fmt(row['paper_params'], ',d'):>12}"
-                      f"{row['file_bytes']:>13,}{row['adapter_tensor_bytes']:>12,}{row['head_tensor_bytes']:>10,}"
-                      f"{row['header_bytes']:>10,}", flush=True)
+def forward_section(plan: Plan, run: Runner, results: dict) -> None:
+    """Q5: our model forward vs timm's / segment_anything's."""
+    preset = plan.preset
+    fwd_models = plan.args.forward_models or list(preset["forward_models"])
+    print(f"\n[5] model forward, ours vs timm / segment_anything (eval, no grad, batch 1, "
+          f"{preset['fwd_repeats']} alternating repeats, SAM image encoder at {plan.sam_size}: at most 6 on CPU; "
+          f"ratio of the medians, bench_models.time_pair)", flush=True)
+    print(f"{'model':<10}{'input':<16}{'ours ms':>9}{'ref ms':>9}{'ours/ref':>9}{'max|diff|':>11}", flush=True)
+    for m in fwd_models:
+        # SAM on the CPU: seconds per forward
+        reps = min(preset["fwd_repeats"], 6) if m == "sam" and not plan.cuda else preset["fwd_repeats"]
+        r = run("forward_worker", dict(plan.common, model=m, img_size=plan.img(m), sam_size=plan.sam_size, batch=1,
+                                       repeats=reps, warmup=preset["fwd_warmup"]))
+        results["forward"].append(r)
+        if "error" in r or r.get("ours_ms") is None:
+            continue
+        print(f"{m:<10}{'x'.join(map(str, r['input'])):<16}{r['ours_ms']:>9.1f}{r['ref_ms']:>9.1f}"
+              f"{r['ours_over_ref']:>9.3f}{r['max_abs_diff']:>11.1e}", flush=True)
 
-    # ---- targets ---------------------------------------------------------------------------------------------
+
+def adapters_section(plan: Plan, run: Runner, results: dict) -> None:
+    """Q6: bytes on disk of save_adapters() per method and model."""
+    print(f"\n[6] adapter files (save_adapters, fp32 safetensors; head for {NUM_CLASSES} classes stored too)",
+          flush=True)
+    print(f"{'model':<9}{'method':<9}{'#Params':>12}{'paper':>12}{'file bytes':>13}{'adapter B':>12}"
+          f"{'head B':>10}{'header B':>10}", flush=True)
+    for m in plan.models:
+        r = run("adapter_worker", dict(plan.common, model=m, img_size=plan.img(m),
+                                       methods=list(plan.args.methods or plan.preset.get("methods", ALL_METHODS))))
+        if "error" in r:
+            continue
+        for row in r["rows"]:
+            results["adapters"].append(row)
+            print(f"{m:<9}{row['method']:<9}{row['adapter_params']:>12,}{fmt(row['paper_params'], ',d'):>12}"
+                  f"{row['file_bytes']:>13,}{row['adapter_tensor_bytes']:>12,}{row['head_tensor_bytes']:>10,}"
+                  f"{row['header_bytes']:>10,}", flush=True)
+
+
+def targets_section(plan: Plan, results: dict) -> None:
+    """The PASS / MISS verdicts of TARGETS, from the numbers the sections gathered."""
     targets = results["targets"]
 
     def add(name, model, method, value, limit, note=""):
@@ -303,15 +311,15 @@ def main() -> None:
     for r in results["train"]:
         if "error" not in r and r["method"].startswith("petah"):
             note = f"batch {r['batch']}, {r['img_size']}px"
-            add("petah step/floor", r["model"], r["method"], r["step_over_floor"], TARGETS["petah_step_over_floor"], note)
+            add("petah step/floor", r["model"], r["method"], r["step_over_floor"], TARGETS["petah_step_over_floor"],
+                note)
             add("petah step/timm+peft", r["model"], r["method"], r["ours_over_ref"], TARGETS["petah_over_ref"], note)
     for r in results["forward"]:
         if "error" not in r:
             add("forward ours/ref", r["model"], "-", r.get("ours_over_ref"), TARGETS["forward_over_ref"],
                 "x".join(map(str, r.get("input", []))))
-    key = "cuda_max_allocated_mb" if cuda else "peak_over_start_mb"
-    mem = {(r["model"], r["method"]): r.get(key) for r in results["memory"] if r.get("which") == "ours"}
-    for m in models:
+    mem = {(r["model"], r["method"]): r.get(plan.mem_key) for r in results["memory"] if r.get("which") == "ours"}
+    for m in plan.models:
         for meth in ("petah-1", "petah-2"):
             if mem.get((m, meth)) and mem.get((m, "full")):
                 add("petah mem/full mem", m, meth, mem[m, meth] / mem[m, "full"], TARGETS["petah_mem_over_full"],
@@ -321,9 +329,36 @@ def main() -> None:
     for t in targets:
         print(f"{t['target']:<26}{t['model']:<9}{t['method']:<9}{fmt(t['value'], '.3f'):>8}{t['limit']:>7.2f}  "
               f"{t['verdict']:<7} {t['note']}", flush=True)
+
+
+SECTION_RUNNERS = dict(train=train_section, memory=memory_section, infer=infer_section, forward=forward_section,
+                       adapters=adapters_section)
+
+
+def main() -> None:
+    args = parse_args()
+    plan = Plan(args)
+    plan.json_path.parent.mkdir(parents=True, exist_ok=True)
+    run = Runner()
+    t_start = time.perf_counter()
+    results = dict(meta=dict(date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                             command="python " + " ".join(sys.argv), device=args.device,
+                             machine=f"{platform.processor() or platform.machine()}, "
+                                     f"{multiprocessing.cpu_count()} cores, {platform.system()}",
+                             python=platform.python_version()),
+                   train=[], memory=[], infer=[], forward=[], adapters=[], targets=[])
+    env = run("env_worker", dict(plan.common))
+    results["meta"].update(env)
+    print(f"bench_peft: {results['meta']['date']}, {args.device}, torch {env.get('torch')}, timm {env.get('timm')}, "
+          f"peft {env.get('peft')}, {env.get('threads')} threads, {results['meta']['machine']}\n"
+          f"command: {results['meta']['command']}", flush=True)
+    for name in SECTIONS:  # in the order of the questions, whatever the order of --sections
+        if name in args.sections:
+            SECTION_RUNNERS[name](plan, run, results)
+    targets_section(plan, results)
     results["meta"]["total_wall_s"] = time.perf_counter() - t_start
-    json_path.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {json_path} ({results['meta']['total_wall_s']:.0f} s)", flush=True)
+    plan.json_path.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {plan.json_path} ({results['meta']['total_wall_s']:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
