@@ -16,24 +16,13 @@ padding_mode, dilation); B is then a 1x1 conv from r channels to c_out. With gro
 sees the same A (the flattened-matrix formulation shares A's columns across groups), so A is tiled g
 times into a grouped conv with g*r channels, and B's rows of group i read that group's r channels.
 
-That is not always the cheaper way. The other is to form the kernel W0 + (alpha / r) B A (a tiny
-matmul) and run ONE conv: the forward costs what the frozen conv costs, and the backward adds the
-weight gradient of that conv, from which autograd gets grad A and grad B by two tiny matmuls. Per
-output pixel and image, in multiply-adds (MACs), over what the frozen conv already costs:
-
-    two-conv ("factored") path: 3 r (c_in kh kw + c_out)  (A conv and B conv, forward + 2 backward)
-                                + the memory-bound work on the full-size maps: the A conv's im2col of x
-                                (c_in kh kw per pixel, forward and backward), the c_out-channel update and
-                                its add, the second input gradient and its accumulation
-    one-conv ("kernel") path:   c_out c_in kh kw / g      (the weight-gradient GEMM, a well-shaped one)
-
-Counting the memory-bound work as TRAFFIC_MACS multiply-adds per element of (c_in kh kw + c_out), the
-factored path costs (3 r + TRAFFIC_MACS) (c_in kh kw + c_out) and path="auto" (the default) takes the
-kernel path where c_out c_in kh kw / g is smaller: few channels, as in the stem and the first stage of
-a hybrid network. Both paths compute the same function and the same gradients (tests/test_conv_lora.py).
-The factored path is kept wherever the kernel path would not be the same function: with dropout on
-the low-rank input (dropout > 0), and under autocast (W0 + dW rounded to bf16 / fp16 before the conv
-would lose most of a small dW).
+That is not always the cheaper way: the other is to form the kernel W0 + (alpha / r) B A (a tiny matmul)
+and run ONE conv. path="auto" (the default) takes, per layer, the path with less extra work over the frozen
+conv (LoRAConv2d.kernel_path_is_cheaper holds the cost model): the one-conv path on convs with few channels,
+as in the stem and the first stage of a hybrid network, the two-conv path elsewhere. Both paths compute the
+same function and the same gradients (tests/test_conv_lora.py). The factored path is kept wherever the
+kernel path would not be the same function: with dropout on the low-rank input (dropout > 0), and under
+autocast (W0 + dW rounded to bf16 / fp16 before the conv would lose most of a small dW).
 
 After training, merge() adds dW into the kernel: inference is one conv, as fast as the base layer.
 PETRAS' learnable interpolation y = a conv(x, W0) + b + (1 - a) (alpha / r) conv(x, dW) is optional.
@@ -79,15 +68,14 @@ class LoRAConv2d(nn.Conv2d):
             y = a conv(x, W0) + b + (1 - a) (alpha / r) conv(x, dW).
         path: how the unmerged forward computes the update: "factored" (two convs through A and B),
             "kernel" (one conv with W0 + dW), or "auto" (the cheaper of the two for this layer's
-            shape, see the module docstring; factored with dropout or under autocast).
+            shape, see kernel_path_is_cheaper; factored with dropout or under autocast).
         device, dtype: as nn.Conv2d.
     """
 
     adapter_names = ("lora_A", "lora_B")  # the instance adds "lora_interp" when learn_interp=True
-    # Cost of one element of the factored path's full-size memory traffic, in multiply-adds: a machine-dependent
-    # constant. On a 2-core x86 CPU at 1 thread (BENCHMARKS.md, bench/bench_conv_paths.py: EfficientFormer's convs one
-    # by one) the kernel path was faster wherever c_out c_in kh kw / g <= 52 (c_in kh kw + c_out), the factored path
-    # wherever it was >= 100 (...), and 77-79 was a toss-up: 3 r + 60 puts the switch in between.
+    # The cost model's one machine-dependent constant (kernel_path_is_cheaper): multiply-adds per element of the
+    # factored path's full-size memory traffic. Fitted to per-layer timings of bench/bench_conv_paths.py on a CPU;
+    # see BENCHMARKS.md, "the cheaper of the two conv-LoRA forward paths per layer".
     TRAFFIC_MACS = 60
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -159,7 +147,23 @@ class LoRAConv2d(nn.Conv2d):
         return F.conv2d(z, b_kernel, groups=g)                             # (B, c_out, H', W')
 
     def kernel_path_is_cheaper(self) -> bool:
-        """The module docstring's cost rule: extra MACs per output pixel, one conv with W0 + dW vs two convs."""
+        """The cost model behind path="auto": is one conv with W0 + dW cheaper than the two low-rank convs?
+
+        Extra multiply-adds (MACs) per output pixel and image, over what the frozen conv already costs:
+
+            two-conv ("factored") path: 3 r (c_in kh kw + c_out)  (A conv and B conv, forward + 2 backward)
+                                        + the memory-bound work on the full-size maps: the A conv's im2col of
+                                        x (c_in kh kw per pixel, forward and backward), the c_out-channel update
+                                        and its add, the second input gradient and its accumulation
+            one-conv ("kernel") path:   c_out c_in kh kw / g      (the weight-gradient GEMM of the one conv,
+                                        a well-shaped one; grad A and grad B are then two tiny matmuls)
+
+        Counting the memory-bound work as TRAFFIC_MACS multiply-adds per element of (c_in kh kw + c_out), the
+        factored path costs (3 r + TRAFFIC_MACS) (c_in kh kw + c_out): the kernel path wins where
+        c_out c_in kh kw / g is smaller, i.e. on layers with few channels. The rule and its constant are
+        checked against timings layer by layer by bench/bench_conv_paths.py (see BENCHMARKS.md, "the cheaper
+        of the two conv-LoRA forward paths per layer").
+        """
         kh, kw = self.kernel_size
         per_pixel = self.in_channels * kh * kw + self.out_channels          # full-size elements the A / B convs touch
         factored = (3 * self.r + self.TRAFFIC_MACS) * per_pixel
@@ -167,6 +171,8 @@ class LoRAConv2d(nn.Conv2d):
         return kernel < factored
 
     def uses_kernel_path(self, x: torch.Tensor) -> bool:
+        """The path this forward takes: `path` when set, else (path="auto") the cheaper one by the cost model,
+        but the factored path wherever the kernel path would compute another function."""
         if self.path != "auto":
             return self.path == "kernel"
         if self.dropout_p > 0 or torch.is_autocast_enabled(x.device.type):

@@ -8,7 +8,7 @@ to ones, that rescales an activation element-wise. On a linear layer y = W x + b
     mode="in":   y = W (l * x) + b      l (d_in,)   rescales inputs, e.g. the MLP's intermediate activation
                                                     as seen by fc2 (= the paper's l_ff * gamma(W1 x))
 
-Both are exact weight edits, so merge() folds them away:
+Both are exact weight edits, so merge() folds them away (merged_weight() and merged_bias()):
 
     out:  W' = diag(l) W,  b' = l * b          in:  W' = W diag(l),  b' = b
 
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 def _row_runs(rows: list[int]) -> list[list[int]]:
     """Rows as [start, stop) runs of consecutive rows, in their order: range(768, 2304) -> [[768, 2304]].
-    adapter_config() stores rows so; a ViT-B qkv's k and v rows as a plain list made a 114 KB file header."""
+    adapter_config() stores rows so, which keeps the adapter file's JSON header small (the same helper as
+    lora.py's, copied so that this file stands alone; header sizes: see BENCHMARKS.md, "Other findings")."""
     runs = []
     for i in rows:
         if runs and runs[-1][1] == i:
@@ -84,24 +85,33 @@ class _IA3Base:
         return ones.index_copy(0, self.ia3_rows, self.ia3_l)
 
     @torch.no_grad()
-    def merged_params(self, mask: torch.Tensor | None = None):
-        """(W', b') with l folded in, computed in fp32 (fp64 for fp64) and cast back; optional W' * mask."""
+    def merged_weight(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """W' with l folded in (rows scaled for mode="out", columns for "in"), computed in fp32 (fp64 for fp64)
+        and cast to W0's dtype; mask (same shape as weight, True = keep) gives W' * mask."""
         w0 = self.weight_orig if self.merged else self.weight
-        b0 = self.bias_orig if self.merged else self.bias
         acc = torch.promote_types(w0.dtype, torch.float32)
-        w, b = w0.to(acc), None if b0 is None else b0.to(acc)
-        l = self.ia3_l.to(acc)
+        w = w0.to(acc)
         if self.mode == "out":
             s = self._out_scale().to(acc)                       # (d_out,)
-            w = w * s.view(-1, *[1] * (w.dim() - 1))            # scale kernel rows
-            b = None if b is None else b * s
+            w = w * s.view(-1, *[1] * (w.dim() - 1))            # W' = diag(l) W: scale kernel rows
         else:
-            w = w * self._in_scale(l)                           # scale kernel columns
+            w = w * self._in_scale(self.ia3_l.to(acc))          # W' = W diag(l): scale kernel columns
         if mask is not None:
             if mask.shape != w.shape:
                 raise ValueError(f"merge mask has shape {tuple(mask.shape)}, weight has {tuple(w.shape)}")
             w = w * mask.to(device=w.device, dtype=w.dtype)
-        return w.to(w0.dtype), None if b is None else b.to(b0.dtype)
+        return w.to(w0.dtype)
+
+    @torch.no_grad()
+    def merged_bias(self) -> torch.Tensor | None:
+        """b' = l * b for mode="out" (computed as merged_weight is), b unchanged for "in"; None without a bias."""
+        b0 = self.bias_orig if self.merged else self.bias
+        if b0 is None:
+            return None
+        if self.mode == "in":
+            return b0.detach().clone()
+        acc = torch.promote_types(b0.dtype, torch.float32)
+        return (b0.to(acc) * self._out_scale().to(acc)).to(b0.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # one F.linear / F.conv2d
@@ -118,7 +128,7 @@ class _IA3Base:
         """Fold l into weight (and bias for mode='out'). A second merge() does nothing."""
         if self.merged:
             return
-        w, b = self.merged_params(mask)
+        w, b = self.merged_weight(mask), self.merged_bias()
         self.weight_orig, self.merge_mask = self.weight.data, mask  # the very tensors: exact unmerge
         self.weight.data = w
         if self.bias is not None:
@@ -196,10 +206,9 @@ class IA3Linear(_IA3Base, nn.Linear):
     def to_base(self, mask: torch.Tensor | None = None) -> nn.Linear:
         """A new plain nn.Linear with l folded in (this layer is left unchanged)."""
         base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        w, b = self.merged_params(mask)
-        base.weight = nn.Parameter(w, requires_grad=self.weight.requires_grad)
-        if b is not None:
-            base.bias = nn.Parameter(b, requires_grad=self.bias.requires_grad)
+        base.weight = nn.Parameter(self.merged_weight(mask), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            base.bias = nn.Parameter(self.merged_bias(), requires_grad=self.bias.requires_grad)
         base.train(self.training)
         return base
 
@@ -249,10 +258,9 @@ class IA3Conv2d(_IA3Base, nn.Conv2d):
         """A new plain nn.Conv2d with l folded in (this layer is left unchanged)."""
         base = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta")
-        w, b = self.merged_params(mask)
-        base.weight = nn.Parameter(w, requires_grad=self.weight.requires_grad)
-        if b is not None:
-            base.bias = nn.Parameter(b, requires_grad=self.bias.requires_grad)
+        base.weight = nn.Parameter(self.merged_weight(mask), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            base.bias = nn.Parameter(self.merged_bias(), requires_grad=self.bias.requires_grad)
         base.train(self.training)
         return base
 

@@ -26,7 +26,9 @@ What is in it:
     save_adapters / load_adapters / adapter_state_dict / base_fingerprint   adapter-only safetensors files
     write_safetensors / read_safetensors   the safetensors format with torch alone
 The helpers are duck-typed on a small protocol (`adapter_names`, `merge`, `unmerge`, `to_base`,
-`adapter_config`), so they also handle LoRAConv2d (conv_lora.py) and IA3Linear / IA3Conv2d (ia3.py).
+`adapter_config`), so they also handle LoRAConv2d (conv_lora.py) and IA3Linear / IA3Conv2d (ia3.py). In all
+three files the merge step is `merged_weight(mask)`: the weight with the update folded in, which merge() puts
+in place and to_base() puts into a plain layer.
 """
 
 import contextlib
@@ -39,86 +41,6 @@ import re
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-def _check_rank(r, fan_in: int, fan_out: int) -> None:
-    # The update B A has rank <= min(fan_in, fan_out); a larger r only adds parameters that cannot help.
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise TypeError(f"LoRA rank r must be an int, got {r!r} ({type(r).__name__})")
-    if r <= 0 or r > min(fan_in, fan_out):
-        raise ValueError(
-            f"LoRA rank r={r} is out of range for a layer with fan_in={fan_in}, fan_out={fan_out}: "
-            f"use 0 < r <= {min(fan_in, fan_out)} (a rank above min(fan_in, fan_out) cannot add capacity)"
-        )
-
-
-def _as_rows(rows, out_features: int) -> torch.Tensor:
-    # `rows` selects the output rows (features) an update touches, e.g. q and v inside a fused qkv.
-    rows = torch.as_tensor(rows, dtype=torch.long).flatten().cpu()
-    if rows.numel() == 0:
-        raise ValueError("rows is empty: pass the output rows the adapter should touch, or rows=None for all")
-    if rows.min() < 0 or rows.max() >= out_features:
-        raise ValueError(f"rows must lie in [0, {out_features}), got min {rows.min()} and max {rows.max()}")
-    if rows.unique().numel() != rows.numel():
-        raise ValueError("rows contains duplicates: each output row may be adapted once")
-    return rows
-
-
-def _row_runs(rows: list[int]) -> list[list[int]]:
-    """Rows as [start, stop) runs of consecutive rows, in their order: [0, 1, 4, 5, 6, 7] -> [[0, 2], [4, 8]].
-    adapter_config() stores rows so, which keeps the adapter file's JSON header small."""
-    runs = []
-    for i in rows:
-        if runs and runs[-1][1] == i:
-            runs[-1][1] = i + 1
-        else:
-            runs.append([i, i + 1])
-    return runs
-
-
-def runs_to_rows(runs) -> list[int] | None:
-    """The inverse of _row_runs, for the "rows" of an adapter_config(): [[0, 2], [4, 8]] -> [0, 1, 4, 5, 6, 7].
-    Files written before rows were stored as runs hold the plain list of rows: returned as it is. None stays None."""
-    if runs is None:
-        return None
-    return [i for a, b in runs for i in range(a, b)] if runs and isinstance(runs[0], list) else list(runs)
-
-
-def qkv_rows(dim_q: int, dim_k: int, dim_v: int, num_heads: int, parts=("q", "v"),
-             layout: str = "contiguous") -> torch.Tensor:
-    """Output rows of the chosen parts of a fused qkv projection.
-
-    Args:
-        dim_q, dim_k, dim_v: total width of q, k and v over all heads (ViT-B: 768, 768, 768;
-            EfficientFormer Meta3D: 8*32, 8*32, 8*128).
-        num_heads: number of heads (only used by the per-head layout).
-        parts: which of "q", "k", "v" to return (SAMed adapts q and v; (IA)^3 scales k and v).
-        layout: "contiguous" for [q | k | v] (timm ViT, SAM), "per_head" for
-            [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (EfficientFormer reshapes qkv to (B, N, heads, dq+dk+dv)).
-    Returns:
-        a sorted LongTensor of row indices into qkv.weight (dim_q + dim_k + dim_v, in).
-    """
-    sizes = {"q": dim_q, "k": dim_k, "v": dim_v}
-    if isinstance(parts, str):
-        parts = tuple(parts)
-    bad = [p for p in parts if p not in sizes]
-    if bad or not parts:
-        raise ValueError(f"parts must be a non-empty subset of ('q', 'k', 'v'), got {parts!r}")
-    if layout == "contiguous":
-        starts = {"q": 0, "k": dim_q, "v": dim_q + dim_k}
-        rows = [torch.arange(starts[p], starts[p] + sizes[p]) for p in ("q", "k", "v") if p in parts]
-    elif layout == "per_head":
-        if any(d % num_heads for d in sizes.values()):
-            raise ValueError(f"per_head layout needs dim_q, dim_k, dim_v divisible by num_heads={num_heads}, "
-                             f"got {dim_q}, {dim_k}, {dim_v}")
-        hq, hk, hv = dim_q // num_heads, dim_k // num_heads, dim_v // num_heads
-        per_head = hq + hk + hv  # one head's block [q_h k_h v_h]
-        offsets = {"q": (0, hq), "k": (hq, hk), "v": (hq + hk, hv)}
-        rows = [torch.arange(h * per_head + offsets[p][0], h * per_head + offsets[p][0] + offsets[p][1])
-                for h in range(num_heads) for p in ("q", "k", "v") if p in parts]
-    else:
-        raise ValueError(f"layout must be 'contiguous' or 'per_head', got {layout!r}")
-    return torch.cat(rows).sort().values
 
 
 class LoRALinear(nn.Linear):
@@ -283,6 +205,88 @@ class LoRALinear(nn.Linear):
         rows = "" if self.lora_rows is None else f", rows={self.lora_rows.numel()}"
         interp = ", learn_interp=True" if self.learn_interp else ""
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}{rows}{interp}, merged={self.merged}"
+
+
+# ---- the rank check and the rows of a fused qkv (used by LoRALinear above) ---------------------------------
+
+def _check_rank(r, fan_in: int, fan_out: int) -> None:
+    # The update B A has rank <= min(fan_in, fan_out); a larger r only adds parameters that cannot help.
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"LoRA rank r must be an int, got {r!r} ({type(r).__name__})")
+    if r <= 0 or r > min(fan_in, fan_out):
+        raise ValueError(
+            f"LoRA rank r={r} is out of range for a layer with fan_in={fan_in}, fan_out={fan_out}: "
+            f"use 0 < r <= {min(fan_in, fan_out)} (a rank above min(fan_in, fan_out) cannot add capacity)"
+        )
+
+
+def _as_rows(rows, out_features: int) -> torch.Tensor:
+    # `rows` selects the output rows (features) an update touches, e.g. q and v inside a fused qkv.
+    rows = torch.as_tensor(rows, dtype=torch.long).flatten().cpu()
+    if rows.numel() == 0:
+        raise ValueError("rows is empty: pass the output rows the adapter should touch, or rows=None for all")
+    if rows.min() < 0 or rows.max() >= out_features:
+        raise ValueError(f"rows must lie in [0, {out_features}), got min {rows.min()} and max {rows.max()}")
+    if rows.unique().numel() != rows.numel():
+        raise ValueError("rows contains duplicates: each output row may be adapted once")
+    return rows
+
+
+def _row_runs(rows: list[int]) -> list[list[int]]:
+    """Rows as [start, stop) runs of consecutive rows, in their order: [0, 1, 4, 5, 6, 7] -> [[0, 2], [4, 8]].
+    adapter_config() stores rows so, which keeps the adapter file's JSON header small."""
+    runs = []
+    for i in rows:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
+def runs_to_rows(runs) -> list[int] | None:
+    """The inverse of _row_runs, for the "rows" of an adapter_config(): [[0, 2], [4, 8]] -> [0, 1, 4, 5, 6, 7].
+    Files written before rows were stored as runs hold the plain list of rows: returned as it is. None stays None."""
+    if runs is None:
+        return None
+    return [i for a, b in runs for i in range(a, b)] if runs and isinstance(runs[0], list) else list(runs)
+
+
+def qkv_rows(dim_q: int, dim_k: int, dim_v: int, num_heads: int, parts=("q", "v"),
+             layout: str = "contiguous") -> torch.Tensor:
+    """Output rows of the chosen parts of a fused qkv projection.
+
+    Args:
+        dim_q, dim_k, dim_v: total width of q, k and v over all heads (ViT-B: 768, 768, 768;
+            EfficientFormer Meta3D: 8*32, 8*32, 8*128).
+        num_heads: number of heads (only used by the per-head layout).
+        parts: which of "q", "k", "v" to return (SAMed adapts q and v; (IA)^3 scales k and v).
+        layout: "contiguous" for [q | k | v] (timm ViT, SAM), "per_head" for
+            [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] (EfficientFormer reshapes qkv to (B, N, heads, dq+dk+dv)).
+    Returns:
+        a sorted LongTensor of row indices into qkv.weight (dim_q + dim_k + dim_v, in).
+    """
+    sizes = {"q": dim_q, "k": dim_k, "v": dim_v}
+    if isinstance(parts, str):
+        parts = tuple(parts)
+    bad = [p for p in parts if p not in sizes]
+    if bad or not parts:
+        raise ValueError(f"parts must be a non-empty subset of ('q', 'k', 'v'), got {parts!r}")
+    if layout == "contiguous":
+        starts = {"q": 0, "k": dim_q, "v": dim_q + dim_k}
+        rows = [torch.arange(starts[p], starts[p] + sizes[p]) for p in ("q", "k", "v") if p in parts]
+    elif layout == "per_head":
+        if any(d % num_heads for d in sizes.values()):
+            raise ValueError(f"per_head layout needs dim_q, dim_k, dim_v divisible by num_heads={num_heads}, "
+                             f"got {dim_q}, {dim_k}, {dim_v}")
+        hq, hk, hv = dim_q // num_heads, dim_k // num_heads, dim_v // num_heads
+        per_head = hq + hk + hv  # one head's block [q_h k_h v_h]
+        offsets = {"q": (0, hq), "k": (hq, hk), "v": (hq + hk, hv)}
+        rows = [torch.arange(h * per_head + offsets[p][0], h * per_head + offsets[p][0] + offsets[p][1])
+                for h in range(num_heads) for p in ("q", "k", "v") if p in parts]
+    else:
+        raise ValueError(f"layout must be 'contiguous' or 'per_head', got {layout!r}")
+    return torch.cat(rows).sort().values
 
 
 # ---- model-level helpers (duck-typed on the adapter protocol) ------------------------------------------

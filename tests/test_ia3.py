@@ -106,6 +106,45 @@ def test_conv_merged_equals_unmerged_grid(mode):
         assert_rounding(layer(x), y, terms, n, case)
 
 
+@pytest.mark.parametrize("mode,rows", [("out", None), ("out", [0, 4, 5]), ("in", None)])
+def test_merged_weight_and_bias_are_the_written_out_edits(mode, rows):
+    """out: W' = diag(l) W, b' = l * b (rows outside `rows` unchanged); in: W' = W diag(l), b' = b. One fp32
+    product per entry, correctly rounded on both sides: equal bit for bit. The same before and after merge()."""
+    torch.manual_seed(0)
+    layer = IA3Linear(5, 7, mode=mode, rows=rows)
+    randomise(layer)
+    w, b, l = layer.weight.detach().clone(), layer.bias.detach().clone(), layer.ia3_l.detach()
+    if mode == "in":
+        want_w, want_b = w * l.view(1, -1), b
+    else:
+        s = torch.ones(7)
+        s[rows if rows is not None else slice(None)] = l
+        want_w, want_b = w * s.view(-1, 1), b * s
+    for merged in (False, True):
+        if merged:
+            layer.merge()
+        assert torch.equal(layer.merged_weight(), want_w) and torch.equal(layer.merged_bias(), want_b), merged
+    mask = torch.rand(7, 5) > 0.5
+    assert torch.equal(layer.merged_weight(mask), want_w * mask)
+
+
+def test_merged_weight_is_the_merge_step_of_every_adapter():
+    """One name for the merge step in lora.py, conv_lora.py and ia3.py: `merged_weight(mask)` is what to_base()
+    carries and what merge() puts in place."""
+    from conv_lora import LoRAConv2d
+    from lora import LoRALinear
+    torch.manual_seed(0)
+    for layer in (LoRALinear(6, 4, r=2), LoRAConv2d(3, 4, 3, r=2), IA3Linear(6, 4), IA3Conv2d(3, 4, 3, mode="in")):
+        with torch.no_grad():
+            for n in layer.adapter_names:
+                getattr(layer, n).normal_()
+        want = layer.merged_weight()
+        assert not torch.equal(want, layer.weight)  # the update is really folded in
+        assert torch.equal(layer.to_base().weight, want)
+        layer.merge()
+        assert torch.equal(layer.weight, want), type(layer).__name__
+
+
 def test_unmerge_bit_exact_merge_twice_and_state_dict_once():
     torch.manual_seed(0)
     layer = IA3Linear(8, 8, mode="out")

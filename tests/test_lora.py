@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -530,3 +531,60 @@ def test_load_adapters_rejects_files_without_metadata(tmp_path):
         lora.load_adapters(make_adapted(), tmp_path / "x.safetensors")
     with pytest.raises(FileNotFoundError):
         lora.load_adapters(make_adapted(), tmp_path / "missing.safetensors")
+
+
+# ---- each adapter file stands alone on torch ------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+ADAPTER_FILES = ("lora.py", "conv_lora.py", "ia3.py")
+# What each file runs after being copied alone into an empty directory: a layer built, adapted, merged.
+STANDALONE_USE = {
+    "lora": "m = nn.Sequential(nn.Linear(4, 6)); lora.add_lora(m, {'0': 2}); m[0].lora_B.data.normal_(); "
+            "x = torch.randn(3, 4); y = m(x); lora.merge_and_unload(m); assert (m(x) - y).abs().max() < 1e-5; "
+            "lora.write_safetensors({'w': m[0].weight}, 'f.safetensors'); "
+            "assert torch.equal(lora.read_safetensors('f.safetensors')[0]['w'], m[0].weight)",
+    "conv_lora": "c = conv_lora.LoRAConv2d(3, 4, 3, r=2); c.lora_B.data.normal_(); x = torch.randn(1, 3, 5, 5); "
+                 "assert (c.to_base()(x) - c(x)).abs().max() < 1e-5",
+    "ia3": "m = nn.Sequential(nn.Linear(4, 6)); ia3.add_ia3(m, {'0': 'out'}); m[0].ia3_l.data.normal_(); "
+           "x = torch.randn(3, 4); assert (m[0].to_base()(x) - m(x)).abs().max() < 1e-5",
+}
+
+
+@pytest.mark.parametrize("file", ADAPTER_FILES)
+def test_adapter_file_imports_only_torch_and_the_standard_library(file):
+    import ast
+    import sys
+    tree = ast.parse((ROOT / file).read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    tops = {n.split(".")[0] for n in names}
+    assert "torch" in tops and tops - {"torch"} <= set(sys.stdlib_module_names), sorted(tops)
+
+
+@pytest.mark.parametrize("file", ADAPTER_FILES)
+def test_adapter_file_runs_copied_alone(file, tmp_path):
+    """Copied alone into an empty directory, with the project, safetensors, timm and peft made unimportable,
+    the file imports and adapts, merges (and, lora.py, writes and reads a safetensors file)."""
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(ROOT / file, tmp_path / file)
+    module = file[:-3]
+    blocked = ["lora", "conv_lora", "ia3", "models", "methods", "data", "dataio", "tasks", "training",
+               "safetensors", "timm", "peft", "torchvision", "segment_anything"]
+    blocked.remove(module)
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        f"    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}: raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import torch, torch.nn as nn\n"
+        f"import {module}\n"
+        f"{STANDALONE_USE[module]}\n"
+        "print('ok')\n")
+    # -I: isolated (no PYTHONPATH, no current directory on sys.path); the repository is not reachable
+    out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
