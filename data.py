@@ -17,6 +17,7 @@ torchvision.transforms.v2: training = RandomResizedCrop + horizontal flip (+ Ran
 Resize(floor(img_size / crop_pct)) + CenterCrop, both followed by Normalize(mean, std) of the backbone.
 """
 
+import json
 import math
 import os
 import warnings
@@ -195,7 +196,8 @@ _LAYOUTS = {
     "aircraft": "  ROOT/fgvc-aircraft-2013b/data/{images/*.jpg, variants.txt, images_variant_{train,val,test}.txt}",
     "dtd": "  ROOT/dtd/dtd/{images/<class>/*.jpg, labels/{train,val,test}1.txt}",
     "food101": "  ROOT/food-101/{images/<class>/*.jpg, meta/{train,test}.json}",
-    "folder": "  ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg and/or ROOT/test/<class>/*.jpg",
+    "folder": "  ROOT/train/<class>/*.jpg and ROOT/val/<class>/*.jpg and/or ROOT/test/<class>/*.jpg, or (with "
+              "--val-split) ROOT/<class>/*.jpg; optional ROOT/classes.txt ('FOLDER NAME' lines) or classes.json",
 }
 
 
@@ -287,54 +289,170 @@ def _load_torchvision(name, root, download):
     return splits, classes
 
 
-def _load_folder(root):
+def walk_images(folder):
+    """(decodable image paths, paths in formats torchvision.io cannot read) under `folder`, sorted, recursively.
+    Symbolic links to folders are followed once: a folder reached again (a link loop, or two links to one folder)
+    is skipped with a warning naming it, so its images are not counted twice."""
+    images, unsupported, seen = [], [], set()
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            warnings.warn(f"folder: {dirpath} is a link to {real}, whose images are already read (a symbolic-link "
+                          f"loop or a second link to one folder): skipping it")
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for f in sorted(files):
+            ext = os.path.splitext(f)[1].lower()
+            if ext in IMG_EXTENSIONS:
+                images.append(Path(dirpath) / f)
+            elif ext in _UNSUPPORTED_EXTENSIONS:
+                unsupported.append(Path(dirpath) / f)
+    return images, unsupported
+
+
+def read_class_names(path, folders):
+    """Display names of the class folders from a JSON map {"folder": "name"} or a classes.txt whose lines are
+    `FOLDER NAME` (the folder, whitespace, the name: CUB's classes.txt form), for names a folder cannot hold
+    (Fashion-MNIST's "T-shirt/top"). Every folder must be named; the labels keep the sorted folder order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-name file {path} does not exist; give a JSON map {{\"folder\": \"name\"}} or a "
+                                f"classes.txt of 'FOLDER NAME' lines")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"class-name file {path} is not valid JSON ({e}); write a map {{\"folder\": \"name\"}}"
+                             ) from None
+        if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+            raise ValueError(f"class-name file {path} must hold a JSON object mapping folder -> name, e.g. "
+                             f"{{\"0\": \"T-shirt/top\", \"1\": \"Trouser\"}}")
+    else:
+        names = {}
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                parts = line.strip().split(maxsplit=1)
+                if len(parts) != 2:
+                    raise ValueError(f"{path} line {n}: {line!r} is not 'FOLDER NAME' (the folder, a space, the name)")
+                names[parts[0]] = parts[1].strip()
+    missing = [f for f in folders if f not in names]
+    if missing:
+        raise ValueError(f"class-name file {path} names no class for the folder(s) {missing[:5]}; add a line (or "
+                         f"key) for every class folder")
+    return [names[f] for f in folders]
+
+
+def stratified_split(labels, fraction, seed):
+    """(train indices, val indices): `fraction` of each class's samples (rounded, at least 1 while the class keeps
+    one for training) drawn for validation by a torch.Generator seeded with `seed`; sorted. Same labels, fraction
+    and seed: the same split."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_split must be a fraction in (0, 1), got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    train, val = [], []
+    for y in sorted(by_class):
+        idx = by_class[y]
+        n_val = min(max(1, round(fraction * len(idx))), len(idx) - 1)  # 0 for a class of one sample
+        order = torch.randperm(len(idx), generator=g).tolist()
+        val += [idx[k] for k in order[:n_val]]
+        train += [idx[k] for k in order[n_val:]]
+    return sorted(train), sorted(val)
+
+
+def split_record(train_ds, val_ds, *, root, val_split, seed):
+    """The split of a --val-split run as a JSON-able dict (a script writes it into its output folder): the
+    fraction, the seed and every image's path relative to `root`, per split."""
+    rel = lambda ds: [os.path.relpath(p, root) for p, _ in ds.samples]  # noqa: E731
+    return dict(root=str(root), val_split=val_split, seed=seed, classes=list(train_ds.classes),
+                train=rel(train_ds), val=rel(val_ds))
+
+
+def _class_folders(d):
+    return sorted(e.name for e in d.iterdir() if e.is_dir() and not e.name.startswith("."))
+
+
+def _check_trainable(root, split_dir, classes):
+    """Every class needs an image torchvision.io can decode: an empty class folder would become a class the model
+    can never learn (and would shift the labels of a later run that drops it)."""
+    for c in classes:
+        images, _ = walk_images(split_dir / c)
+        if images:
+            continue
+        files = [f for _, _, fs in os.walk(split_dir / c, followlinks=True) for f in fs]
+        other = sorted({os.path.splitext(f)[1].lower() for f in files if not f.startswith(".")})
+        what = (f"only {', '.join(e or '(no extension)' for e in other)} files, which torchvision.io cannot "
+                f"decode; convert them to PNG or JPEG" if other else "no files")
+        raise ValueError(f"folder: class folder {split_dir / c} holds {what}. Every class needs training "
+                         f"images ({'/'.join(IMG_EXTENSIONS)}): add some, or remove the folder to drop the class")
+
+
+def _folder_samples(split_dir, index, layout):
+    samples, skipped = [], []
+    for c in _class_folders(split_dir):
+        if c not in index:
+            raise ValueError(f"folder: class {c!r} in {split_dir} is not among the training classes")
+        images, unsupported = walk_images(split_dir / c)
+        samples += [(p, index[c]) for p in images]
+        skipped += unsupported
+    if skipped:
+        warnings.warn(f"folder: ignoring {len(skipped)} images in {split_dir} in formats torchvision.io "
+                      f"cannot decode (e.g. {skipped[0]}); convert them to PNG or JPEG")
+    if not samples:
+        raise _missing("folder", split_dir, layout, f"{split_dir} holds no {'/'.join(IMG_EXTENSIONS)} images.")
+    return samples
+
+
+def _load_folder(root, *, val_split=None, seed=0, classes_file=None):
+    """Splits and class names of an ImageFolder set: ROOT/train/ + ROOT/val/ and/or ROOT/test/, or (with
+    val_split) ROOT/<class>/ or ROOT/train/ alone, split per class."""
     layout = _LAYOUTS["folder"]
     _need_root("folder", root, layout)
     root = Path(os.path.expanduser(str(root)))
     hint = "(--download does not apply to --data folder.)"
-    if not (root / "train").is_dir():
+    if not root.is_dir():
         raise _missing("folder", root, layout, hint)
     evals = [s for s in ("val", "test") if (root / s).is_dir()]
-    if not evals:
-        raise _missing("folder", root, layout, "Found train/ but neither val/ nor test/. " + hint)
-    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    if not classes:
-        raise _missing("folder", root, layout, "train/ has no class folders. " + hint)
-    # every training class needs an image torchvision.io can decode: an empty class folder would become a class
-    # the model can never learn (and would shift the labels of a later run that drops it)
-    for c in classes:
-        files = [f for _, _, fs in os.walk(root / "train" / c, followlinks=True) for f in fs]
-        if not any(os.path.splitext(f)[1].lower() in IMG_EXTENSIONS for f in files):
-            other = sorted({os.path.splitext(f)[1].lower() for f in files if not f.startswith(".")})
-            what = (f"only {', '.join(e or '(no extension)' for e in other)} files, which torchvision.io cannot "
-                    f"decode; convert them to PNG or JPEG" if other else "no files")
-            raise ValueError(f"folder: class folder {root / 'train' / c} holds {what}. Every class needs training "
-                             f"images ({'/'.join(IMG_EXTENSIONS)}): add some, or remove the folder to drop the class")
-    index = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for split in ["train"] + evals:
-        samples, skipped = [], []
-        for c in sorted(d.name for d in (root / split).iterdir() if d.is_dir()):
-            if c not in index:
-                raise ValueError(f"folder: class {c!r} in {root / split} does not exist in {root / 'train'}")
-            for dirpath, _, files in sorted(os.walk(root / split / c, followlinks=True)):
-                for f in sorted(files):
-                    ext = os.path.splitext(f)[1].lower()
-                    if ext in IMG_EXTENSIONS:
-                        samples.append((Path(dirpath) / f, index[c]))
-                    elif ext in _UNSUPPORTED_EXTENSIONS:
-                        skipped.append(Path(dirpath) / f)
-        if skipped:
-            warnings.warn(f"folder: ignoring {len(skipped)} images in {root / split} in formats torchvision.io "
-                          f"cannot decode (e.g. {skipped[0]}); convert them to PNG or JPEG")
-        if not samples:
-            raise _missing("folder", root, layout, f"{root / split} holds no {'/'.join(IMG_EXTENSIONS)} images.")
-        splits[split] = samples
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if train_dir == root and (evals or not _class_folders(root)):
+        raise _missing("folder", root, layout, "Found no train/ folder and no class folders. " + hint)
+    if val_split is not None and evals:
+        raise ValueError(f"folder: {root} has its own {' and '.join(s + '/' for s in evals)} split; drop val_split "
+                         f"(--val-split), or move those images into the class folders")
+    if val_split is None and not evals:
+        found = "train/ but neither val/ nor test/" if train_dir != root else "class folders and no train/val split"
+        raise _missing("folder", root, layout, f"Found {found}: pass val_split (--val-split 0.2) to hold out a "
+                                               f"fraction of every class for validation. " + hint)
+    folders = _class_folders(train_dir)
+    if not folders:
+        raise _missing("folder", root, layout, f"{train_dir} has no class folders. " + hint)
+    _check_trainable(root, train_dir, folders)
+    if classes_file is None:  # a map next to the class folders is picked up by itself
+        classes_file = next((p for p in (root / "classes.json", root / "classes.txt") if p.is_file()), None)
+    classes = read_class_names(classes_file, folders) if classes_file is not None else folders
+    index = {c: i for i, c in enumerate(folders)}
+    splits = {s: _folder_samples(train_dir if s == "train" else root / s, index, layout) for s in ["train"] + evals}
+    if val_split is not None:
+        samples = splits["train"]
+        tr, va = stratified_split([y for _, y in samples], val_split, seed)
+        splits = {"train": [samples[i] for i in tr], "val": [samples[i] for i in va]}
+    counts = torch.bincount(torch.tensor([y for _, y in splits["train"]]), minlength=len(folders)).tolist()
+    few = [f"{folders[k]} ({n})" for k, n in enumerate(counts) if n < 2]
+    if few:
+        warnings.warn(f"folder: {len(few)} class(es) have a single training image, e.g. {few[0]}"
+                      + (": too few to also hold one out for validation, so it is used for training only"
+                         if val_split is not None else ""))
     return splits, classes
 
 
 def build_datasets(name, root=None, *, img_size=224, mean, std, randaug=False, download=False, crop_pct=0.95,
-                   interpolation="bicubic", synthetic_cfg=None, skip_corrupt=False):
+                   interpolation="bicubic", synthetic_cfg=None, skip_corrupt=False, val_split=None, split_seed=0,
+                   classes_file=None):
     """Build (train_ds, val_ds, test_ds or None, num_classes) for a named dataset.
 
     Args:
@@ -351,6 +469,12 @@ def build_datasets(name, root=None, *, img_size=224, mean, std, randaug=False, d
             test_per_class (50), and any other SyntheticImages keyword (family, style, fine_grained, seed,
             max_rotation, noise). Images are rendered at img_size; training crops use scale (0.35, 1).
         skip_corrupt: skip and count unreadable images (see ImageFiles) instead of raising.
+        val_split: "folder" only: hold out this fraction of every class (stratified_split, seeded by split_seed)
+            as the validation split, for a root of class folders (or a train/ without val/ and test/);
+            split_record(train_ds, val_ds, ...) describes the split for the run's output folder.
+        split_seed: the seed of that split.
+        classes_file: "folder" only: class names for the folders (read_class_names: a JSON map or 'FOLDER NAME'
+            lines); ROOT/classes.json or ROOT/classes.txt is used when present and no file is given.
 
     Returns:
         train_ds, val_ds, test_ds (None when the evaluated split is the test split itself), num_classes.
@@ -359,6 +483,8 @@ def build_datasets(name, root=None, *, img_size=224, mean, std, randaug=False, d
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     tf = dict(img_size=img_size, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
+    if name != "folder" and (val_split is not None or classes_file is not None):
+        raise ValueError(f"val_split (--val-split) and classes_file (--classes) are for --data folder, not {name!r}")
 
     if name == "synthetic":
         cfg = dict(synthetic_cfg or {})
@@ -380,7 +506,7 @@ def build_datasets(name, root=None, *, img_size=224, mean, std, randaug=False, d
     if name == "cub":
         splits, classes = _load_cub(root, download)
     elif name == "folder":
-        splits, classes = _load_folder(root)
+        splits, classes = _load_folder(root, val_split=val_split, seed=split_seed, classes_file=classes_file)
     else:
         splits, classes = _load_torchvision(name, root, download)
 

@@ -1,6 +1,7 @@
 """data.py: the synthetic set (deterministic, disjoint splits, learnable, knobs), on-disk layouts, errors."""
 
 import json
+import os
 import warnings
 
 import pytest
@@ -409,3 +410,81 @@ def test_torchvision_without_its_private_file_lists_is_a_clear_error():
     ds = object.__new__(data.DTD)  # an instance without the attributes
     with pytest.raises(ImportError, match=r"DTD no longer has the private file list.*--data folder"):
         data._tv_samples(ds)
+
+
+# -----------------------------------------------------------------------------
+# folder layouts of real sets: class folders without a split, class-name maps, symbolic links
+
+
+def _flat(root, counts):
+    """ROOT/<class>/<k>.jpg, class c coloured COLOURS[c]."""
+    for c, (name, n) in enumerate(counts.items()):
+        for k in range(n):
+            _jpg(root / name / f"{k}.jpg", COLOURS[c % 3])
+
+
+def test_class_folders_without_a_split_need_val_split(tmp_path):
+    _flat(tmp_path, {"a": 10, "b": 5, "c": 1})
+    with pytest.raises(FileNotFoundError, match=r"class folders and no train/val split: pass val_split \(--val-split"):
+        build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD)
+    with pytest.warns(UserWarning, match=r"single training image, e.g. c \(1\).*training only"):
+        tr, va, te, n = build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD, val_split=0.2)
+    assert n == 3 and te is None and tr.classes == ["a", "b", "c"]
+    # stratified: round(0.2 x 10) = 2 of a, round(0.2 x 5) = 1 of b, none of the single c (it must train)
+    assert sorted(va.targets) == [0, 0, 1] and sorted(tr.targets) == [0] * 8 + [1] * 4 + [2]
+    assert not {p for p, _ in tr.samples} & {p for p, _ in va.samples}
+    assert all(_colour_of(va, i) == va[i][1] for i in range(len(va)))  # labels belong to the files
+    # seeded: the same seed gives the same split, another seed another one (10 choose 2 ways for class a)
+    again = build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD, val_split=0.2)[1]
+    assert again.samples == va.samples
+    others = [build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD, val_split=0.2, split_seed=s)[1]
+              for s in (1, 2, 3)]
+    assert any(o.samples != va.samples for o in others)
+    rec = data.split_record(tr, va, root=tmp_path, val_split=0.2, seed=0)
+    assert json.loads(json.dumps(rec))["val"] == [os.path.relpath(p, tmp_path) for p, _ in va.samples]
+    assert len(rec["train"]) == 13 and rec["classes"] == ["a", "b", "c"] and rec["val"][0].startswith(("a/", "b/"))
+
+
+def test_train_folder_alone_with_val_split_and_a_split_root_refuses_it(tmp_path):
+    _flat(tmp_path / "train", {"a": 4, "b": 4})
+    tr, va, _, _ = build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD, val_split=0.5)
+    assert (len(tr), len(va)) == (4, 4) and sorted(va.targets) == [0, 0, 1, 1]
+    _flat(tmp_path / "val", {"a": 1, "b": 1})
+    with pytest.raises(ValueError, match=r"has its own val/ split; drop val_split"):
+        build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD, val_split=0.5)
+    with pytest.raises(ValueError, match=r"fraction in \(0, 1\), got 1.5"):
+        data.stratified_split([0, 1], 1.5, 0)
+    with pytest.raises(ValueError, match="are for --data folder"):
+        build_datasets("synthetic", img_size=8, mean=MEAN, std=STD, val_split=0.2)
+
+
+@pytest.mark.parametrize("file, text", [
+    ("classes.txt", "0 T-shirt/top\n1 Trouser\n2 Ankle boot\n"),
+    ("classes.json", json.dumps({"0": "T-shirt/top", "1": "Trouser", "2": "Ankle boot"})),
+])
+def test_class_names_a_folder_cannot_hold(tmp_path, file, text):
+    _flat(tmp_path / "train", {"0": 2, "1": 2, "2": 2})
+    _flat(tmp_path / "val", {"0": 1, "1": 1, "2": 1})
+    (tmp_path / file).write_text(text)  # next to the splits: picked up by itself
+    tr, va, _, _ = build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD)
+    assert tr.classes == va.classes == ["T-shirt/top", "Trouser", "Ankle boot"]
+    elsewhere = tmp_path.parent / f"names_{file}"
+    elsewhere.write_text(text.replace("Trouser", "Pants"))
+    (tmp_path / file).unlink()
+    tr, *_ = build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD, classes_file=elsewhere)
+    assert tr.classes == ["T-shirt/top", "Pants", "Ankle boot"]
+    elsewhere.write_text(text.replace("2 Ankle boot", "").replace(', "2": "Ankle boot"', ""))
+    with pytest.raises(ValueError, match=r"names no class for the folder\(s\) \['2'\]"):
+        build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD, classes_file=elsewhere)
+
+
+def test_symlink_loop_in_a_class_folder_is_read_once(tmp_path):
+    """Issue 23, silent 2: a link loop used to be followed, multiplying the class's images."""
+    _flat(tmp_path / "train", {"a": 2, "b": 2})
+    _flat(tmp_path / "val", {"a": 1, "b": 1})
+    (tmp_path / "train" / "a" / "again").symlink_to(tmp_path / "train" / "a", target_is_directory=True)
+    (tmp_path / "train" / "b" / "more").symlink_to(tmp_path / "train" / "a", target_is_directory=True)
+    with pytest.warns(UserWarning, match=r"again is a link to .*already read"):
+        tr, *_ = build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD)
+    # a: its 2 images once; b: its 2 + the 2 of a reached through the link `more` (another folder: read)
+    assert sorted(tr.targets) == [0, 0, 1, 1, 1, 1]
