@@ -15,6 +15,7 @@ magnitude_prune() here is one-shot magnitude pruning (not Spartan): it makes spa
 and to experiment with; for a released sparse checkpoint the masks are {key: weight != 0}.
 """
 
+import os
 import re
 
 import torch
@@ -82,9 +83,10 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "global",
 def _check_masks(model: nn.Module, masks: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     params = dict(model.named_parameters())
     missing = [k for k in masks if k not in params]
-    if missing:
-        raise KeyError(f"masks name parameters the model does not have: {missing[:10]}"
-                       f"{' ...' if len(missing) > 10 else ''}; masks are keyed '<module name>.weight'")
+    if missing:  # a ValueError (not KeyError): the scripts report it as a user error, without a traceback
+        raise ValueError(f"masks name parameters the model does not have: {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}; masks are keyed '<module name>.weight' and must be "
+                         f"made for this model (--model and --model-cfg as when they were saved)")
     bad = [f"{k}: mask {tuple(v.shape)} vs weight {tuple(params[k].shape)}" for k, v in masks.items()
            if v.shape != params[k].shape]
     if bad:
@@ -152,7 +154,19 @@ def save_masks(masks: dict, path) -> None:
 
 
 def load_masks(path) -> dict:
-    masks = load_file(str(path))
+    """The masks of save_masks. A missing file is a FileNotFoundError, any other file a ValueError naming it; a
+    torch.save / pickle file is never unpickled."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"mask file {path} does not exist")
+    try:
+        masks = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for a bad header or a short file
+        with open(path, "rb") as f:
+            first = f.read(2)
+        what = ("it is a torch.save / pickle file (.pt / .pth), which is never unpickled here"
+                if first[:2] == b"PK" or first[:1] == b"\x80" else f"it is truncated or of another type ({e})")
+        raise ValueError(f"mask file {path} is not a readable safetensors file: {what}; a mask file holds bool "
+                         f"tensors keyed '<module name>.weight', as methods.sparse.save_masks writes it") from None
     not_bool = [k for k, v in masks.items() if v.dtype != torch.bool]
     if not_bool:
         raise ValueError(f"{path} is not a mask file: {not_bool[:5]} are not bool tensors")

@@ -17,6 +17,7 @@ made for another number of classes, and fails with the full list of missing / un
                      Hugging Face `facebook/sam-vit-base`               sam.hf_to_meta
 """
 import argparse
+import json
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,18 +42,43 @@ def read_checkpoint(path: str | Path, *, ema: bool = False) -> dict[str, torch.T
     name = path.name.lower()
     suffix = next((s for s in TORCH_SUFFIXES if name.endswith(s)), path.suffix.lower())
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
         try:
-            obj = load_file(str(path), device="cpu")
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                obj = {k: f.get_tensor(k) for k in f.keys()} if not _is_task_file(metadata) else None
         except Exception as e:  # safetensors raises its own error types for bad headers / short files
             raise ValueError(f"could not read {str(path)!r} as a safetensors file (expected a file written by "
                              f"safetensors' save_file; it may be truncated or of another type): {e}") from e
+        if obj is None:
+            raise ValueError(_task_file_message(str(path), metadata))
     elif suffix in TORCH_SUFFIXES:
         obj = _torch_load(path)
     else:
         raise ValueError(f"{str(path)!r}: unknown checkpoint type {suffix!r}; expected a torch.save file "
                          f"({', '.join(TORCH_SUFFIXES)}) or a .safetensors file")
     return unwrap_state_dict(obj, str(path), ema=ema)
+
+
+def _is_task_file(metadata: dict) -> bool:
+    # a task file (tasks.task_file.save_task) or an adapter file (lora.save_adapters): adapter configs + the
+    # fingerprint of the base they were trained on, in the safetensors metadata
+    return "adapters" in metadata and "fingerprint" in metadata
+
+
+def _task_file_message(path: str, metadata: dict) -> str:
+    """What a task file given as a model checkpoint is, and how to use one."""
+    try:
+        user = json.loads(metadata.get("user", "{}"))
+    except json.JSONDecodeError:
+        user = {}
+    made = ", ".join(f"{k}={user[k]!r}" for k in ("model", "method") if isinstance(user, dict) and k in user)
+    return (f"{path!r} is a task file (the adapters and head of a trained run{', ' + made if made else ''}: what "
+            f"train_cls.py / train_seg.py / train_det.py write as OUT/adapters.safetensors), not a model "
+            f"checkpoint. Load the base checkpoint the task was trained on (the scripts' --weights BASE) and use the "
+            f"task file with predict_cls.py --weights BASE --tasks NAME={path}, predict_seg.py --weights BASE "
+            f"--checkpoint {path} or export.py --weights BASE --task {path}; OUT/merged.safetensors is the full "
+            f"model with the task folded in")
 
 
 def _torch_load(path: Path):
@@ -170,10 +196,10 @@ def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: boo
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if keys:
                 lines.append(f"  {len(keys)} {name} key(s): " + ", ".join(keys))
-        lines.append(f"  (is it the right model size / family?{_layout_hint(sd, model)} pass strict=False to load the "
-                     f"matching keys only)")
+        lines.append(f"  (is it the right model size / family?{_layout_hint(sd, model)})")
         raise ValueError("\n".join(lines))
     sd = {k: v for k, v in sd.items() if k in own and sd[k].shape == own[k].shape}
+    _check_finite(sd, where)
     model.load_state_dict(sd, strict=False)
 
     if verbose:
@@ -189,6 +215,16 @@ def load_pretrained(model: nn.Module, path: str | Path | Mapping, *, strict: boo
         print(msg)
     return dict(layout=layout, skipped=skipped, resized=resized, missing=missing, unexpected=unexpected,
                 mismatched=mismatched)
+
+
+def _check_finite(sd: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse NaN / inf weights (a diverged run's checkpoint, a damaged file): loaded, they would make every output
+    NaN while the load reported success."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"checkpoint {where!r}: {len(bad)} of {len(sd)} tensors hold NaN or inf values (e.g. "
+                         f"{', '.join(bad[:3])}): the file is damaged or was saved from a run whose loss diverged; "
+                         f"use another checkpoint")
 
 
 def _layout_hint(sd: dict[str, torch.Tensor], model: nn.Module) -> str:

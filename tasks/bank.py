@@ -1,38 +1,16 @@
-"""One backbone, many tasks: the task file, and a bank that serves many tasks on one resident base model.
+"""One backbone, many tasks: TaskBank serves any number of task files (tasks/task_file.py) on one resident base.
 
-PETAH's argument is storage: ship ONE backbone and a 0.1-0.5M-parameter adapter per task. This file makes the
-adapter file the task:
+PETAH's argument is storage: ship ONE backbone and a 0.1-0.5M-parameter adapter per task. The bank is the runtime
+side of it:
 
-    save_task(model, path, *, meta)    write a task file (call before merging)
-    read_task(path) -> Task            read and check one
     TaskBank(base_model)               many tasks on one resident base, no copy of the backbone:
-        bank.add(name, path_or_task)   load a task (nothing changes if it does not fit)
+        bank.add(name, path_or_task)   load a task file (nothing changes if it does not fit)
         bank.select(name)              the model now computes that task (its adapters merged into task-owned
                                        copies of the layers it adapts); bank.select(None): the base again
         bank(x, tasks=[...])           a mixed batch: one task name per sample, one forward pass
         bank.remove(name) / bank.unload()   drop a task / every task: the plain base modules come back
 
-The task file (`OUT/adapters.safetensors` of train_cls.py / train_seg.py) is a safetensors file holding
-    - what the run changed: every adapter tensor (lora_A, lora_B, lora_interp, ia3_l), every other trained
-      tensor (the head, and trained norms / biases), and the running statistics of the BatchNorms whose
-      parameters trained; keys are the adapted model's state_dict keys (lora.adapter_state_dict),
-    - metadata (all strings, JSON inside):
-        "adapters"     {module name: adapter config} (type lora / conv_lora / ia3, r, alpha, rows, ...)
-        "trainable"    the non-adapter keys of the file (head, norms, biases, BN statistics)
-        "fingerprint"  sha256 of the frozen base: every state_dict entry NOT in the file (lora.base_fingerprint)
-        "user"         the task description `meta` given to save_task (below)
-        "task_format"  "1"
-The first four are what lora.save_adapters writes, so lora.load_adapters reads a task file too.
-
-save_task's `meta` (JSON-able dict) describes how to rebuild and use the task with no other file. Required:
-    kind          "cls" or "seg" (or "det")
-    model         the model name of models.create_model (e.g. "efl7", "ef_tiny")
-    method        the method of methods.py (e.g. "petah")
-Expected (the scripts write them; predict_cls.py needs the classification ones):
-    model_cfg     builder keyword arguments (dict), r, rc, alpha, learn_interp, train_norms, train_biases,
-    num_classes, class_names (list or None), img_size, mean, std, interpolation, crop_pct
-This signature, save_task(model, path, *, meta), and the file layout are stable: the training scripts
-depend on them.
+What a task file holds, and save_task / read_task, are in tasks/task_file.py.
 """
 
 import copy
@@ -217,8 +195,8 @@ def _build_adapter(base: nn.Module, cfg: dict) -> nn.Module:
     from conv_lora import LoRAConv2d
     from ia3 import IA3Conv2d, IA3Linear
     from lora import LoRALinear
-    kind = cfg.get("type")
-    if kind == "lora":
+    adapter_type = cfg.get("type")
+    if adapter_type == "lora":
         if type(base) is not nn.Linear:
             raise ValueError(f"a LoRA linear adapter, but the model's layer is a {type(base).__name__}")
         if (cfg["in_features"], cfg["out_features"]) != (base.in_features, base.out_features):
@@ -226,7 +204,7 @@ def _build_adapter(base: nn.Module, cfg: dict) -> nn.Module:
                              f"model's is {base.in_features} -> {base.out_features}")
         cls, kw = LoRALinear, dict(r=cfg["r"], alpha=cfg["alpha"], learn_interp=cfg.get("learn_interp", False),
                                    rows=runs_to_rows(cfg.get("rows")))
-    elif kind == "conv_lora":
+    elif adapter_type == "conv_lora":
         if type(base) is not nn.Conv2d:
             raise ValueError(f"a conv-LoRA adapter, but the model's layer is a {type(base).__name__}")
         have = [base.in_channels, base.out_channels, list(base.kernel_size), base.groups]
@@ -238,7 +216,7 @@ def _build_adapter(base: nn.Module, cfg: dict) -> nn.Module:
         # costs, less than the frozen conv plus the two low-rank convs of the factored path
         cls, kw = LoRAConv2d, dict(r=cfg["r"], alpha=cfg["alpha"], learn_interp=cfg.get("learn_interp", False),
                                    path="kernel")
-    elif kind == "ia3":
+    elif adapter_type == "ia3":
         cls = {"IA3Linear": IA3Linear, "IA3Conv2d": IA3Conv2d}.get(cfg.get("layer"))
         want = {IA3Linear: nn.Linear, IA3Conv2d: nn.Conv2d}.get(cls)
         if want is None or type(base) is not want:
@@ -250,7 +228,7 @@ def _build_adapter(base: nn.Module, cfg: dict) -> nn.Module:
                              f"layer has {dims}")
         kw = dict(mode=cfg["mode"], rows=runs_to_rows(cfg.get("rows")))
     else:
-        raise ValueError(f"unknown adapter type {kind!r}")
+        raise ValueError(f"unknown adapter type {adapter_type!r}")
     with torch.random.fork_rng(devices=[]):  # the throw-away random init of A must not move the caller's RNG
         return cls.from_module(base, **kw).eval()
 
@@ -290,6 +268,10 @@ class TaskBank:
     NAME = re.compile(r"[A-Za-z0-9_-]+")
 
     def __init__(self, model: nn.Module):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"TaskBank(model): model must be the base model, an nn.Module (e.g. models.create_model("
+                            f"...) with its checkpoint loaded), got {type(model).__name__} {str(model)[:50]!r}; task "
+                            f"files are added afterwards with bank.add(name, path)")
         adapted = [n for n, _ in _adapter_modules(model)]
         if adapted:
             raise ValueError(f"TaskBank needs the plain base model, but it has adapters ({adapted[:3]} ...): build the "

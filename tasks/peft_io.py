@@ -69,15 +69,28 @@ def _owner(key: str) -> tuple[str, str]:
 # -----------------------------------------------------------------------------
 # ours -> peft
 
+def _check_base(task: Task, model: nn.Module) -> None:
+    """As TaskBank.add and export.py: adapters trained on another base would compute something else there."""
+    fp = base_fingerprint(model, exclude=set(task.tensors))
+    if fp != task.fingerprint:
+        m = task.meta
+        raise ValueError(f"task {task.path} was trained on another base model: its base fingerprint is "
+                         f"{task.fingerprint[:16]}, this {type(model).__name__}'s is {fp[:16]} (the task was made on "
+                         f"model={m.get('model')!r}, img_size={m.get('img_size')!r}, "
+                         f"model_cfg={m.get('model_cfg')!r}); pass the base model the task was trained on, with its "
+                         f"checkpoint loaded")
+
+
 def export_peft(task, model: nn.Module, out_dir) -> dict:
     """Write `task` (a task file path or a Task) as a peft adapter directory for `model` (the base): a LoRA
     adapter for lora / lora_mlp / petah tasks, an IA3 adapter for (IA)^3 tasks. Returns the adapter config dict.
     Raises ValueError naming what cannot map (see the module docstring)."""
     import peft
     task = task if isinstance(task, Task) else read_task(task)
+    _check_base(task, model)
     modules = dict(model.named_modules())
-    kinds = {cfg.get("type") for cfg in task.adapters.values()}
-    if kinds == {"ia3"}:
+    adapter_types = {cfg.get("type") for cfg in task.adapters.values()}
+    if adapter_types == {"ia3"}:
         return _export_ia3(task, modules, out_dir)
     problems, tensors, ranks, alphas = [], {}, {}, {}
     for name, cfg in task.adapters.items():
@@ -213,7 +226,7 @@ def _write_peft(cfg, tensors: dict, out_dir) -> None:
 def task_from_peft(adapter_dir, model: nn.Module, path, *, meta: dict) -> Task:
     """Read a peft LoRA directory trained on `model` (the base) and write it as a task file at `path`.
 
-    meta: as save_task's (kind, model, method required; num_classes etc. for predict_cls.py).
+    meta: as save_task's (task_type, model, method required; num_classes etc. for predict_cls.py).
     Returns the Task read back. Raises ValueError naming what cannot map."""
     from safetensors.torch import load_file
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
@@ -222,8 +235,14 @@ def task_from_peft(adapter_dir, model: nn.Module, path, *, meta: dict) -> Task:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{p} does not exist: a peft adapter directory holds adapter_config.json and "
                                     f"adapter_model.safetensors (PeftModel.save_pretrained)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e}); PeftModel.save_pretrained writes it as JSON: the file "
+                         f"is damaged or is not peft's") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} holds a JSON {type(cfg).__name__}, not the object peft writes")
     problems = []
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r}; only LoRA adapters are read")
@@ -232,7 +251,10 @@ def task_from_peft(adapter_dir, model: nn.Module, path, *, meta: dict) -> Task:
             problems.append(f"{flag}=true is not supported")
     if cfg.get("bias", "none") != "none":
         problems.append(f"bias={cfg['bias']!r} (trained biases) is not supported")
-    raw = load_file(st_path)
+    try:
+        raw = load_file(st_path)
+    except Exception as e:  # safetensors raises its own error types for a bad header or a short file
+        raise ValueError(f"{st_path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     modules = dict(model.named_modules())
     tensors, adapters, trainable = {}, {}, []
     lora = {}

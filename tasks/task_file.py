@@ -27,7 +27,7 @@ The task file (`OUT/adapters.safetensors` of train_cls.py / train_seg.py) is a s
 The first four are what lora.save_adapters writes, so lora.load_adapters reads a task file too.
 
 save_task's `meta` (JSON-able dict) describes how to rebuild and use the task with no other file. Required:
-    kind          "cls" or "seg" (or "det")
+    task_type     "cls", "seg" or "det" (files written before the rename hold it as "kind": read_task reads both)
     model         the model name of models.create_model (e.g. "efl7", "ef_tiny")
     method        the method of methods.py (e.g. "petah")
 Expected (the scripts write them; predict_cls.py needs the classification ones):
@@ -48,8 +48,8 @@ from lora import adapter_state_dict, base_fingerprint, write_safetensors
 from tasks.atomic import atomic_write
 
 TASK_FORMAT = "1"
-REQUIRED_META = ("kind", "model", "method")
-KINDS = ("cls", "seg", "det")
+REQUIRED_META = ("task_type", "model", "method")
+TASK_TYPES = ("cls", "seg", "det")
 
 
 # -----------------------------------------------------------------------------
@@ -81,7 +81,8 @@ def save_task(model: nn.Module, path, *, meta: dict) -> str:
             requires_grad marking what trained (apply_method's policy): that is what the file keeps.
         path: the file to write (".safetensors"); written atomically (a temporary file in the same folder,
             then os.replace), with the mode the umask gives, and no partial file if anything fails.
-        meta: the task description, see the module docstring (kind, model, method required).
+        meta: the task description, see the module docstring (task_type, model, method required; an older
+            caller's "kind" is taken as task_type).
     """
     tensors = adapter_state_dict(model)  # adapters, trained params, BN statistics of trained BNs
     if not tensors:
@@ -98,11 +99,12 @@ def _write_task(path, tensors: dict, *, adapters: dict, trainable: list, fingerp
     partial file if anything fails; a full disk or a read-only folder is a WriteError naming the file)."""
     if not isinstance(meta, dict):
         raise TypeError(f"save_task: meta must be a dict, got {type(meta).__name__}")
+    meta = _task_type_from_kind(meta, "save_task: meta")
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"save_task: meta lacks {missing}; it needs at least {list(REQUIRED_META)}")
-    if meta["kind"] not in KINDS:
-        raise ValueError(f"save_task: meta['kind'] must be one of {KINDS}, got {meta['kind']!r}")
+    if meta["task_type"] not in TASK_TYPES:
+        raise ValueError(f"save_task: meta['task_type'] must be one of {TASK_TYPES}, got {meta['task_type']!r}")
     try:
         user = json.dumps(_jsonable(meta))
     except (TypeError, ValueError) as e:
@@ -121,6 +123,18 @@ def _write_task(path, tensors: dict, *, adapters: dict, trainable: list, fingerp
     return path
 
 
+def _task_type_from_kind(meta: dict, where: str) -> dict:
+    """meta with "task_type": the task's type was called "kind" before (files and callers of that time)."""
+    if "kind" not in meta:
+        return meta
+    meta = dict(meta)
+    kind = meta.pop("kind")
+    if meta.setdefault("task_type", kind) != kind:
+        raise ValueError(f"{where} gives task_type {meta['task_type']!r} and kind {kind!r}; kind is the old name of "
+                         f"task_type: give task_type only")
+    return meta
+
+
 @dataclass
 class Task:
     """A task file in memory. tensors: {state_dict key: tensor}; adapters: {module: config};
@@ -131,6 +145,11 @@ class Task:
     trainable: list
     fingerprint: str
     meta: dict = field(default_factory=dict)
+
+    @property
+    def task_type(self) -> str | None:
+        """"cls", "seg" or "det"."""
+        return self.meta.get("task_type")
 
     @property
     def num_classes(self):
@@ -144,6 +163,10 @@ def read_task(path) -> Task:
     """Read a task file; a missing, truncated, corrupt or foreign file is a FileNotFoundError / ValueError
     that names the file and what is wrong."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, "adapters.safetensors")
+        raise ValueError(f"task file {path} is a directory, not a file: a task file is the OUT/adapters.safetensors "
+                         f"a training run writes" + (f"; pass {inside}" if os.path.isfile(inside) else ""))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task file {path} does not exist (a training run writes OUT/adapters.safetensors)")
     from safetensors import SafetensorError, safe_open
@@ -163,6 +186,22 @@ def read_task(path) -> Task:
         meta = json.loads(metadata.get("user", "{}"))
     except json.JSONDecodeError as e:
         raise ValueError(f"task file {path}: its metadata is not valid JSON ({e}); the file is corrupt") from None
+    # the JSON may parse and still not be what save_task writes (a hand-edited or foreign file)
+    shapes = [("adapters", adapters, isinstance(adapters, dict) and all(
+                  isinstance(k, str) and isinstance(v, dict) and "type" in v for k, v in adapters.items()),
+               "{module name: adapter config with a 'type'}"),
+              ("trainable", trainable, isinstance(trainable, list) and all(isinstance(k, str) for k in trainable),
+               "a list of tensor names"),
+              ("user", meta, isinstance(meta, dict), "the task description, a JSON object")]
+    for key, value, ok, want in shapes:
+        if not ok:
+            raise ValueError(f"task file {path}: its {key!r} metadata must be {want}, got {str(value)[:100]}; the file "
+                             f"was not written by save_task, or was edited")
+    meta = _task_type_from_kind(meta, f"task file {path}: the metadata")
+    if "task_type" in meta:
+        # compatibility: predict_cls.py, export.py and tests/test_train_seg.py still read meta["kind"]; remove this
+        # line when they read "task_type" (requested in /work/coord/requests.md)
+        meta["kind"] = meta["task_type"]
     prefixes = tuple(f"{m}." for m in adapters)
     stray = [k for k in tensors if k not in trainable and not k.startswith(prefixes)]
     if stray:
@@ -170,5 +209,3 @@ def read_task(path) -> Task:
                          f"the file is inconsistent")
     return Task(path=path, tensors=tensors, adapters=adapters, trainable=trainable,
                 fingerprint=metadata["fingerprint"], meta=meta)
-
-

@@ -173,7 +173,7 @@ def test_errors():
         sparse.magnitude_prune(model, 0.5, scope="block")
     with pytest.raises(ValueError, match="no Linear / Conv2d"):
         sparse.magnitude_prune(model, 0.5, include="nothing")
-    with pytest.raises(KeyError, match="blocks.0.weight"):
+    with pytest.raises(ValueError, match="blocks.0.weight"):
         sparse.apply_masks(model, {"blocks.0.weight": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="fc1.weight: mask"):
         sparse.apply_masks(model, {"fc1.weight": torch.ones(2, dtype=torch.bool)})

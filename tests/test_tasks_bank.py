@@ -1,4 +1,4 @@
-"""tasks/task_file.py and tasks/bank.py: the task file, the task bank (select / mixed batches / unload), bad input leaves the bank as it was."""
+"""tasks/bank.py: the task bank (select / mixed batches / unload); bad input leaves the bank as it was."""
 import copy
 import json
 import os
@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from nets import GroupedNet, perturb
 from rounding import rel_err
 
 from conv_lora import LoRAConv2d
 from ia3 import add_ia3
-from lora import add_lora, load_adapters, mark_trainable, merge_and_unload
+from lora import add_lora, mark_trainable, merge_and_unload
 from methods import apply_method
 from models import create_model
 from tasks.bank import TaskBank, _Switch
@@ -21,27 +22,13 @@ from tasks.task_file import read_task, save_task
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def perturb(m: nn.Module, scale: float = 0.1) -> None:
-    """Random values for everything that trains (B != 0, interp != 1, heads, norms) and for the running
-    statistics of trained BatchNorms: with the zero init a comparison would prove nothing."""
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * scale)
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d) and mod.weight.requires_grad:
-                mod.running_mean.add_(torch.randn_like(mod.running_mean) * scale)
-                mod.running_var.mul_(1 + torch.rand_like(mod.running_var))
-                mod.num_batches_tracked += 7
-
-
 def ef_task(base, path, method, num_classes, **kw):
     """Train-like task on a copy of `base`: write its task file, return its merged model."""
     m = copy.deepcopy(base)
     m.reset_classifier(num_classes)
     apply_method(m, "ef_tiny", method, **kw)
     perturb(m)
-    save_task(m, path, meta=dict(kind="cls", model="ef_tiny", method=method, num_classes=num_classes))
+    save_task(m, path, meta=dict(task_type="cls", model="ef_tiny", method=method, num_classes=num_classes))
     return merge_and_unload(m).eval()
 
 
@@ -67,33 +54,6 @@ def ef(tmp_path_factory):
         "mlp": ef_task(base, d / "mlp.safetensors", "lora_mlp", 11, r=4),
     }
     return base, d, merged
-
-
-def test_task_file(tmp_path, ef):
-    base, d, _ = ef
-    t = read_task(d / "petah.safetensors")
-    assert t.meta == dict(kind="cls", model="ef_tiny", method="petah", num_classes=7)
-    assert t.tensors["head.weight"].shape == (7, 48)
-    assert "stem.norm1.running_mean" in t.tensors and "stem.conv1.lora_A" in t.tensors  # BN stats + conv-LoRA
-    assert t.adapters["stem.conv1"]["type"] == "conv_lora" and t.adapters["stem.conv1"]["r"] == 2
-    # lora.load_adapters reads a task file into a model with the same adapters
-    m = copy.deepcopy(base)
-    m.reset_classifier(7)
-    apply_method(m, "ef_tiny", "petah", rc=2, train_norms=True)
-    load_adapters(m, d / "petah.safetensors")
-    assert torch.equal(m.head.weight, t.tensors["head.weight"])
-    # the file mode follows the umask; a failed save leaves no file behind
-    old = os.umask(0o027)
-    try:
-        save_task(m, tmp_path / "u.safetensors", meta=dict(kind="cls", model="ef_tiny", method="petah"))
-    finally:
-        os.umask(old)
-    assert os.stat(tmp_path / "u.safetensors").st_mode & 0o777 == 0o640
-    with pytest.raises(TypeError, match="JSON"):
-        save_task(m, tmp_path / "bad.safetensors", meta=dict(kind="cls", model="x", method="y", f=object()))
-    with pytest.raises(ValueError, match="lacks"):
-        save_task(m, tmp_path / "bad.safetensors", meta=dict(kind="cls"))
-    assert sorted(os.listdir(tmp_path)) == ["u.safetensors"]
 
 
 def test_mixed_batch_equals_merged_models(ef):
@@ -136,24 +96,6 @@ def test_mixed_batch_float64_exact(ef):
         assert rel_err(out[i], refs[t][i]) <= 1e-10
 
 
-class GroupedNet(nn.Module):
-    """Plain conv net with a grouped and a depthwise conv, BatchNorms and a linear head."""
-
-    def __init__(self, num_classes=4):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.grouped = nn.Conv2d(8, 12, 3, padding=1, groups=4)
-        self.depthwise = nn.Conv2d(12, 12, 5, padding=2, groups=12, bias=False)
-        self.bn2 = nn.BatchNorm2d(12)
-        self.head = nn.Linear(12, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.bn2(self.depthwise(self.grouped(x)))
-        return self.head(x.mean((2, 3)))
-
-
 def test_grouped_and_depthwise_convs(tmp_path):
     torch.manual_seed(0)
     base = GroupedNet().eval()
@@ -165,17 +107,17 @@ def test_grouped_and_depthwise_convs(tmp_path):
     add_lora(m1, {r"conv1|grouped|depthwise": dict(r=2, learn_interp=True)}, layers={nn.Conv2d: LoRAConv2d})
     mark_trainable(m1, norms=True, modules=("head",))
     perturb(m1)
-    save_task(m1, tmp_path / "lora.safetensors", meta=dict(kind="cls", model="grouped", method="lora"))
+    save_task(m1, tmp_path / "lora.safetensors", meta=dict(task_type="cls", model="grouped", method="lora"))
     m2 = copy.deepcopy(base)
     add_ia3(m2, {"grouped": "in", "depthwise": "out", "conv1": dict(mode="out", rows=[0, 2, 5])})
     mark_trainable(m2, biases=True, modules=("head",))
     perturb(m2)
-    save_task(m2, tmp_path / "ia3.safetensors", meta=dict(kind="cls", model="grouped", method="ia3"))
+    save_task(m2, tmp_path / "ia3.safetensors", meta=dict(task_type="cls", model="grouped", method="ia3"))
     m3 = copy.deepcopy(base)  # no head of its own: the base's 4-class head
     add_lora(m3, {"depthwise": 3}, layers={nn.Conv2d: LoRAConv2d})
     mark_trainable(m3)
     perturb(m3)
-    save_task(m3, tmp_path / "nohead.safetensors", meta=dict(kind="cls", model="grouped", method="lora"))
+    save_task(m3, tmp_path / "nohead.safetensors", meta=dict(task_type="cls", model="grouped", method="lora"))
     refs = {"lora": merge_and_unload(m1).eval(), "ia3": merge_and_unload(m2).eval(),
             "nohead": merge_and_unload(m3).eval()}
     bank = TaskBank(copy.deepcopy(base))
@@ -274,7 +216,7 @@ def test_bad_input_leaves_bank_unchanged(ef, tmp_path):
         other.stages[0].blocks[0].mlp.fc1.weight[0, 0] += 1e-3
     other.reset_classifier(2)
     apply_method(other, "ef_tiny", "lora")
-    save_task(other, tmp_path / "other.safetensors", meta=dict(kind="cls", model="ef_tiny", method="lora"))
+    save_task(other, tmp_path / "other.safetensors", meta=dict(task_type="cls", model="ef_tiny", method="lora"))
     with pytest.raises(ValueError, match="another base model") as e:
         bank.add("other", tmp_path / "other.safetensors")
     assert read_task(tmp_path / "other.safetensors").fingerprint[:16] in str(e.value)
@@ -342,7 +284,7 @@ def test_train_cls_writes_the_task(tmp_path):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     task = read_task(out / "adapters.safetensors")
-    assert task.meta["kind"] == "cls" and task.meta["num_classes"] == 4 and task.meta["rc"] == 2
+    assert task.task_type == "cls" and task.meta["num_classes"] == 4 and task.meta["rc"] == 2
     assert task.meta["img_size"] == 64 and task.meta["model_cfg"]["embed_dims"] == [16, 24, 32, 48]
     assert len(task.meta["class_names"] or [None] * 4) == 4
     bank = TaskBank(base.eval())
@@ -376,7 +318,7 @@ def test_mixed_refuses_a_folded_batch(tmp_path):
     add_lora(m, {"fc": 2})
     mark_trainable(m, modules=("head",))
     perturb(m)
-    save_task(m, tmp_path / "t.safetensors", meta=dict(kind="cls", model="folding", method="lora"))
+    save_task(m, tmp_path / "t.safetensors", meta=dict(task_type="cls", model="folding", method="lora"))
     bank = TaskBank(base)
     bank.add("t", tmp_path / "t.safetensors")
     x = torch.randn(3, 8)

@@ -7,7 +7,8 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from test_tasks_bank import GroupedNet, perturb, rel_err
+from nets import GroupedNet, perturb
+from rounding import rel_err
 
 from conv_lora import LoRAConv2d
 from lora import add_lora, mark_trainable, merge_and_unload, qkv_rows
@@ -17,7 +18,7 @@ from tasks.bank import TaskBank
 from tasks.peft_io import export_peft, task_from_peft
 from tasks.task_file import save_task
 
-META = dict(kind="cls", model="test", method="lora")
+META = dict(task_type="cls", model="test", method="lora")
 
 
 def peft_out(base, nc, out_dir, x, head="reset_classifier"):
