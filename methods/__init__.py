@@ -43,7 +43,7 @@ METHODS = ("linear", "full", "attn", "lora", "lora_mlp", "petah", "ia3")
 # The #Params column of the PETAH paper's tables (its exact values: trainable parameters outside the task head,
 # 224-px models), keyed (model, method, r, rc): LoRA rank r on the attention (+ MLP) linears, conv-LoRA rank rc
 # (PETAH-1 / PETAH-2 are rc = 1 / 2; rc is 1 where no conv is adapted). apply_method(...)["adapter_params"]
-# equals every entry (tests/test_paper_params.py).
+# equals every entry (tests/test_paper_params.py; the policy itself: tests/test_methods.py).
 PAPER_PARAMS = {
     ("efl7", "lora", 8, 1): 262_144, ("efl7", "lora", 16, 1): 524_288, ("efl7", "lora_mlp", 8, 1): 753_664,
     ("efl7", "petah", 8, 1): 356_539, ("efl7", "petah", 8, 2): 450_934, ("efl7", "attn", 8, 1): 15_750_208,
@@ -98,16 +98,16 @@ LAYERS = {
 def model_family(model: nn.Module) -> str:
     name = type(model).__name__
     if name not in FAMILIES:
-        raise ValueError(f"methods.py knows no layer layout for {name}; known model classes: "
-                         f"{sorted(FAMILIES)} (add the family to FAMILIES and LAYERS in methods.py)")
+        raise ValueError(f"methods knows no layer layout for {name}; known model classes: "
+                         f"{sorted(FAMILIES)} (add the family to FAMILIES and LAYERS in methods/__init__.py)")
     return FAMILIES[name]
 
 
-def find_layers(model: nn.Module, pattern: str | None, types: tuple[type, ...], *, prefix: str = "") -> list[str]:
-    """Qualified names of the modules that fullmatch `prefix + pattern` and are instances of `types`."""
+def find_layers(model: nn.Module, pattern: str | None, types: tuple[type, ...]) -> list[str]:
+    """Qualified names of the modules that fullmatch `pattern` and are instances of `types`."""
     if pattern is None:
         return []
-    regex = re.compile(re.escape(prefix) + f"(?:{pattern})")
+    regex = re.compile(pattern)
     return [n for n, m in model.named_modules() if regex.fullmatch(n) and isinstance(m, types)]
 
 
@@ -122,12 +122,11 @@ def _qkv_widths(attn: nn.Module) -> tuple[int, int, int, int]:
 
 
 def plan_method(model: nn.Module, method: str, *, r: int = 8, rc: int = 1, alpha: float | None = None,
-                learn_interp: bool = False, prefix: str = "") -> dict:
+                learn_interp: bool = False) -> dict:
     """What `method` does to `model`, without changing it.
 
     Returns dict(lora={module name: LoRA kwargs}, ia3={module name: IA3 kwargs},
     train_modules=[module-name prefixes whose params are trained], train_all=bool).
-    `prefix`: qualified name of the backbone inside a bigger model ("" when model IS the backbone).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -138,31 +137,30 @@ def plan_method(model: nn.Module, method: str, *, r: int = 8, rc: int = 1, alpha
     if method == "full":
         plan["train_all"] = True
     elif method == "attn":
-        plan["train_modules"] = [n for n in find_layers(model, layers["attn"], (nn.Module,), prefix=prefix)
+        plan["train_modules"] = [n for n in find_layers(model, layers["attn"], (nn.Module,))
                                  if any(True for _ in model.get_submodule(n).parameters())]
     elif method in ("lora", "lora_mlp", "petah"):
-        for n in find_layers(model, layers["attn_linear"], (nn.Linear,), prefix=prefix):
+        for n in find_layers(model, layers["attn_linear"], (nn.Linear,)):
             plan["lora"][n] = dict(lora_cfg)
         if method == "lora_mlp":
-            for n in find_layers(model, layers["mlp_linear"], (nn.Linear,), prefix=prefix):
+            for n in find_layers(model, layers["mlp_linear"], (nn.Linear,)):
                 plan["lora"][n] = dict(lora_cfg)
         if method == "petah":
-            for n in find_layers(model, layers["conv"], (nn.Conv2d,), prefix=prefix):
+            for n in find_layers(model, layers["conv"], (nn.Conv2d,)):
                 plan["lora"][n] = dict(lora_cfg, r=rc)
     elif method == "ia3":
-        for n in find_layers(model, layers["qkv"], (nn.Linear,), prefix=prefix):
+        for n in find_layers(model, layers["qkv"], (nn.Linear,)):
             dq, dk, dv, heads = _qkv_widths(model.get_submodule(n.rsplit(".", 1)[0]))
             rows = qkv_rows(dq, dk, dv, heads, parts=("k", "v"), layout=layers["qkv_layout"])
             plan["ia3"][n] = dict(mode="out", rows=rows)
-        for n in find_layers(model, layers["mlp_fc2"], (nn.Linear, nn.Conv2d), prefix=prefix):
+        for n in find_layers(model, layers["mlp_fc2"], (nn.Linear, nn.Conv2d)):
             plan["ia3"][n] = dict(mode="in")
     return plan
 
 
 def apply_method(model: nn.Module, model_name: str, method: str, *, r: int = 8, rc: int = 1,
                  alpha: float | None = None, train_biases: bool = False, train_norms: bool = False,
-                 learn_interp: bool = False, head_names: tuple[str, ...] = ("head", "head_dist"),
-                 prefix: str = "") -> dict:
+                 learn_interp: bool = False, head_names: tuple[str, ...] = ("head", "head_dist")) -> dict:
     """Insert the adapters of `method` into `model` (in place) and set requires_grad.
 
     Args:
@@ -174,12 +172,11 @@ def apply_method(model: nn.Module, model_name: str, method: str, *, r: int = 8, 
         train_biases / train_norms: also train every bias / every norm layer (PETRAS trains both).
         learn_interp: PETRAS's learned interpolation y = a W0 x + (1 - a) dW x in every LoRA layer.
         head_names: top-level modules that form the task head; always trained, never counted as adapter.
-        prefix: qualified name of the backbone inside `model` ("" when model is the backbone).
 
     Returns dict(model, method, adapter_params, head_params, total_params, trainable_params,
     adapted_layers): adapter_params is every trainable parameter outside the head (the paper's #Params).
     """
-    plan = plan_method(model, method, r=r, rc=rc, alpha=alpha, learn_interp=learn_interp, prefix=prefix)
+    plan = plan_method(model, method, r=r, rc=rc, alpha=alpha, learn_interp=learn_interp)
     # one exact-name pattern per layer (re.fullmatch in add_lora / add_ia3)
     if plan["lora"]:
         add_lora(model, {re.escape(n): cfg for n, cfg in plan["lora"].items()},
@@ -217,7 +214,7 @@ def count_parameters(model: nn.Module, *, head_names: tuple[str, ...] = ("head",
 
 
 # =============================================================================
-# PETRAS on SAM (added by the train_seg.py helper; the families above stay untouched).
+# PETRAS on SAM.
 #
 # SAM does not fit the LAYERS table: its decoder has separate q/k/v projections, its "head" (mask tokens + the
 # hypernetwork MLPs that turn them into mask weights) is nested inside the decoder, and parts of it are dead in
