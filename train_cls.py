@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from data import DATASETS, CorruptImageError, build_datasets
+from data import DATASETS, build_datasets
 from lora import freeze_bn_stats, merge_and_unload
 from methods import METHODS, apply_method
 from methods.sparse import (
@@ -69,6 +69,7 @@ from tasks.atomic import (
 from tasks.interop import merged_metadata
 from tasks.task_file import save_task
 from training.cli import (
+    batches,
     check_common_args,
     parse_model_cfg,
     strip_leading_dashdash,
@@ -89,6 +90,7 @@ from training.run_dir import (
     release_out_dir,
     resume_run,
     save_checkpoint,
+    save_random_base,
     stop_after,
     stop_if_not_finite,
 )
@@ -97,6 +99,11 @@ from training.schedule import cosine_lr_factor
 # tiny presets (models.PRESETS) for tests and the CPU demo: classification backbones only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0] != "sam_vitb"}
 MODELS = ("efl1", "efl3", "efl7", "vits", "vitb", *PRESETS)
+# settings a --resume must share with the checkpoint (checked before its adapters are loaded)
+RESUME_KEYS = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
+              "train_norms", "dropout", "sparsity", "mask", "data", "data_root", "skip_corrupt", "synthetic_classes",
+              "synthetic_train", "synthetic_val", "img_size", "randaug", "epochs", "warmup_epochs", "batch_size", "lr",
+              "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed")
 
 # -----------------------------------------------------------------------------
 # configuration: every option, with its default, is in --help
@@ -253,6 +260,7 @@ elif args.mask is not None:
         masks = load_masks(args.mask)
         apply_masks(model, masks)
 base_keys = set(model.state_dict())  # the merged export must have exactly these keys
+save_random_base(parser, args, model, master=master)  # no --weights: OUT/base.safetensors
 
 with user_errors(parser):  # e.g. a rank larger than a layer allows
     info = apply_method(model, args.model, args.method, r=args.r, rc=rc, alpha=args.alpha,
@@ -329,11 +337,7 @@ start_epoch, history = 0, []  # history: one record per completed epoch (log.jso
 if args.resume:
     # the settings that decide the result must be the checkpoint's (checked before its adapters are loaded);
     # a damaged file is named, with the epoch that can still be resumed
-    same = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
-            "train_norms", "dropout", "sparsity", "mask", "data", "data_root", "skip_corrupt", "synthetic_classes",
-            "synthetic_train", "synthetic_val", "img_size", "randaug", "epochs", "warmup_epochs", "batch_size", "lr",
-            "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed")
-    state = resume_run(parser, ckpt_dir, model, optimizer, settings={k: getattr(args, k) for k in same},
+    state = resume_run(parser, ckpt_dir, model, optimizer, settings={k: getattr(args, k) for k in RESUME_KEYS},
                        master=master, log=log)
     if state is not None:
         start_epoch, history = state["epoch"], json.loads(state["history"])
@@ -356,22 +360,13 @@ if master:
         atomic_write_text(json.dumps(vars(args), indent=1), os.path.join(args.out, "args.json"))
 
 
-def batches(loader):
-    """The loader's batches; an unreadable image stops the run argparse-style, naming the file (from a DataLoader
-    worker the exception's text carries the worker's traceback: keep the message only)."""
-    try:
-        yield from loader
-    except CorruptImageError as e:
-        parser.error(str(e).rpartition("CorruptImageError: ")[2])
-
-
 @torch.no_grad()
 def evaluate(net: nn.Module, loader: DataLoader) -> tuple[int, int, torch.Tensor, dict]:
     """Top-1 over the whole eval set: (correct, count) summed over ranks, this rank's predictions, and
     dict(loss=mean cross-entropy, top5=fraction with the label among the 5 highest logits) over all ranks."""
     net.eval()
     correct, top5, loss, preds = 0, 0, 0.0, []
-    for x, y in batches(loader):
+    for x, y in batches(loader, parser):
         with autocast:
             logits = net(x.to(dist.device, non_blocking=True)).float().cpu()  # (B, num_classes)
         p = logits.argmax(-1)  # (B,)
@@ -418,7 +413,7 @@ for epoch in range(start_epoch, args.epochs):
     t0, loss_sum, seen = time.time(), 0.0, 0
     # a bar on a terminal; written to a file, a plain line every 30 s instead of carriage-return frames
     pbar = progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", enabled=master)
-    for x, y in batches(pbar):
+    for x, y in batches(pbar, parser):
         lr = args.lr * cosine_lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_factor"]

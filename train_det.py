@@ -71,14 +71,21 @@ from training.run_dir import (
     release_out_dir,
     resume_run,
     save_checkpoint,
+    save_random_base,
     stop_after,
     stop_if_not_finite,
 )
+from training.schedule import step_lr_factor
 
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0].startswith("ef")}  # EfficientFormer backbones only
 MODELS = ("efl1", "efl3", "efl7", *PRESETS)
 METHODS = ("frozen", "attn", "full", "lora", "petah")  # PETAH Table 6; frozen = methods.py's "linear"
 NUM_CLASSES = {"coco": 80, "synthetic": 3}  # object classes (the detector adds background)
+# settings a --resume must share with the checkpoint (checked before its weights are loaded)
+RESUME_KEYS = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "train_biases", "train_norms",
+              "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "data", "data_root", "img_size",
+              "max_size", "synthetic_train", "synthetic_val", "epochs", "lr_steps", "warmup_iters", "batch_size", "lr",
+              "weight_decay", "seed")
 
 # -----------------------------------------------------------------------------
 # configuration: every option, with its default, is in --help
@@ -170,9 +177,6 @@ if img_size < 32:
                  f"P6 1/64); use at least 32 (COCO: 800)")
 if max_size is not None and max_size < img_size:
     parser.error(f"--max-size {max_size} must be >= --img-size {img_size} (the longer side is capped at --max-size)")
-for flag in ("fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "warmup_iters"):
-    if getattr(args, flag) < (0 if flag == "warmup_iters" else 1):
-        parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= {0 if flag == 'warmup_iters' else 1}")
 if args.batch_size % dist.world_size:
     parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
 model_cfg = parse_model_cfg(parser, preset_cfg, args.model_cfg)
@@ -193,6 +197,7 @@ def build_detector(num_classes: int) -> tuple[nn.Module, dict, set]:
     if args.weights:
         with user_errors(parser):  # a damaged file, a layout that does not fit --model
             load_pretrained(body, args.weights, strict=True, verbose=master and not args.count_only)
+    save_random_base(parser, args, body, master=master)  # no --weights: OUT/base.safetensors (the backbone)
     body.norm = nn.Identity()  # forward_pyramid never reaches the final norm: no dead trainable params
     apply_method(body, args.model, "linear" if args.method == "frozen" else args.method, r=args.r, rc=rc,
                  alpha=args.alpha, train_biases=args.train_biases, train_norms=args.train_norms, head_names=())
@@ -279,10 +284,8 @@ total_steps = args.epochs * steps_per_epoch
 
 def lr_at(step: int) -> float:
     """mmdetection's 1x schedule: x0.1 after each --lr-steps epoch; linear warmup from 0.001 x LR."""
-    factor = 0.1 ** sum(step // steps_per_epoch >= s for s in args.lr_steps)
-    if step < args.warmup_iters:
-        factor *= 0.001 + (1 - 0.001) * step / args.warmup_iters
-    return args.lr * factor
+    return args.lr * step_lr_factor(step, steps_per_epoch=steps_per_epoch, milestones=args.lr_steps,
+                                    warmup_steps=args.warmup_iters)
 
 
 # -----------------------------------------------------------------------------
@@ -292,11 +295,7 @@ ckpt_dir = os.path.join(args.out, "ckpt")
 start_epoch, history = 0, []
 if args.resume:
     # the settings that decide the result must be the checkpoint's (checked before its weights are loaded)
-    same = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "train_biases", "train_norms",
-            "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "data", "data_root", "img_size",
-            "max_size", "synthetic_train", "synthetic_val", "epochs", "lr_steps", "warmup_iters", "batch_size", "lr",
-            "weight_decay", "seed")
-    state = resume_run(parser, ckpt_dir, model, optimizer, settings={k: getattr(args, k) for k in same},
+    state = resume_run(parser, ckpt_dir, model, optimizer, settings={k: getattr(args, k) for k in RESUME_KEYS},
                        master=master, log=log)
     if state is not None:
         start_epoch, history = state["epoch"], json.loads(state["history"])

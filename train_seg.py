@@ -61,7 +61,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.utils import draw_segmentation_masks, make_grid, save_image
 
-from data import CorruptImageError
 from dataio import seg as data_seg
 from lora import freeze_bn_stats, merge_and_unload, read_safetensors
 from methods import METHODS as EF_METHODS
@@ -76,9 +75,11 @@ from tasks.atomic import (
     write_csv,
     write_jsonl,
 )
+from tasks.deploy import Segment
 from tasks.interop import merged_metadata
 from tasks.task_file import save_task
 from training.cli import (
+    batches,
     check_common_args,
     parse_model_cfg,
     strip_leading_dashdash,
@@ -99,10 +100,11 @@ from training.run_dir import (
     release_out_dir,
     resume_run,
     save_checkpoint,
+    save_random_base,
     stop_after,
     stop_if_not_finite,
 )
-from training.schedule import cosine_lr_factor
+from training.schedule import cosine_lr_factor, poly_lr_factor
 from training.seg_metrics import evaluate, metrics, seg_loss
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: segmentation models only
@@ -330,6 +332,7 @@ except (TypeError, ValueError) as e:  # unknown --model-cfg keys
 if args.weights:
     with user_errors(parser):  # a damaged file, a layout that does not fit --model
         load_pretrained(model, args.weights, strict=True, verbose=master and not args.count_only)
+save_random_base(parser, args, model, master=master)  # no --weights: OUT/base.safetensors (SAM, or the backbone)
 if is_sam:
     base_keys = set(model.state_dict())
     counts = apply_sam_method(model, args.method, num_classes=num_classes, r=args.r, alpha=args.alpha,
@@ -393,14 +396,6 @@ epochs = math.ceil(total_steps / steps_per_epoch)
 warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
 
-def poly_lr_factor(step: int, *, total_steps: int, warmup_steps: int, power: float = 0.9) -> float:
-    """Linear warmup, then (1 - progress) ** power (mmsegmentation's "poly" schedule, by steps)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min((step - warmup_steps) / max(1, total_steps - warmup_steps), 1.0)
-    return (1.0 - progress) ** power
-
-
 lr_factor = cosine_lr_factor if args.schedule == "cosine" else poly_lr_factor
 
 # -----------------------------------------------------------------------------
@@ -425,19 +420,8 @@ if args.resume:
 # prompt-free path) while the model itself, with its checkpoint key names, is what gets saved
 
 
-class Segment(nn.Module):
-    """forward(x) = model.segment(x)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.segment(x)
-
-
 raw_model = model  # adapters, checkpoints, evaluation and the merge work on the plain module
-train_model = Segment(model)
+train_model = Segment(model=model)
 if dist.ddp:
     train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext()
@@ -457,15 +441,6 @@ def csv_rows(history: list[dict]) -> list[dict]:
     """summary.csv's rows, one per evaluation (eval_iou_fg for binary tasks only)."""
     return [dict(epoch=r["epoch"], step=r["step"], train_loss=r["train_loss"], eval_miou=r["miou"],
                  eval_iou_fg=r.get("iou_fg"), eval_pixel_acc=r["pixel_acc"], lr=r["lr"]) for r in history]
-
-
-def batches(loader):
-    """The loader's batches; an unreadable image or mask stops the run argparse-style, naming the file (from a
-    DataLoader worker the exception's text carries the worker's traceback: keep the message only)."""
-    try:
-        yield from loader
-    except CorruptImageError as e:
-        parser.error(str(e).rpartition("CorruptImageError: ")[2])
 
 
 def save_vis(samples: list, path: str) -> None:
@@ -519,7 +494,7 @@ for epoch in range(start_epoch, epochs):
     n_steps = min(steps_per_epoch, total_steps - step)
     # a bar on a terminal; written to a file, a plain line every 30 s instead of carriage-return frames
     pbar = progress(train_loader, desc=f"epoch {epoch + 1}/{epochs}", enabled=master)
-    for i, (x, y) in enumerate(batches(pbar)):
+    for i, (x, y) in enumerate(batches(pbar, parser)):
         if i == n_steps:
             break
         lr = args.lr * lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps)
@@ -554,7 +529,7 @@ for epoch in range(start_epoch, epochs):
     m = metrics(cm)
     score = m["iou_fg"] if num_classes == 2 else m["miou"]
     history.append(dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(seen, 1), **m, score=score, lr=lr,
-                        img_per_s=seen / train_time, time=time.time() - t0))
+                        img_per_s=seen / train_time, time_s=round(time.time() - t0, 2)))
     log(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, "
         + (f"IoU fg {m['iou_fg']:.4f}, " if "iou_fg" in m else "") + f"mIoU {m['miou']:.4f}, "
         f"pixel acc {m['pixel_acc']:.4f}, {history[-1]['img_per_s']:.1f} img/s")
@@ -566,7 +541,7 @@ for epoch in range(start_epoch, epochs):
                 topk = update_topk(topk, epoch + 1, score)
             save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
                             state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
-                                       topk=json.dumps(topk), args=vars(args)),
+                                       topk=json.dumps(topk), args=json.dumps(vars(args))),
                             metadata=adapter_meta)
             write_jsonl(history, os.path.join(args.out, "log.jsonl"))
             write_csv(csv_rows(history), os.path.join(args.out, "summary.csv"), CSV_COLUMNS)
@@ -600,7 +575,7 @@ if master:
     with user_errors(parser):  # disk full, read-only file system
         atomic_save_adapters(raw_model, os.path.join(args.out, "final.safetensors"), metadata=dict(
             adapter_meta, final_model=args.final_model, topk=[t["epoch"] for t in topk]))
-        # the task itself (tasks/task_file.py): adapters + head + trained norms / biases / BN statistics + how to use them
+        # the task itself (tasks/task_file.py): adapters + head + trained norms / biases / BN statistics + how to use it
         save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
             adapter_meta, kind="seg", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r,
             rc=args.rc, alpha=args.alpha, learn_interp=args.learn_interp, train_norms=args.train_norms,

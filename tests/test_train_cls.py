@@ -247,6 +247,28 @@ def test_merged_export_matches_the_adapted_model(learned):
     assert acc == pytest.approx(summary["eval_acc"], abs=1e-9)
 
 
+def test_run_without_weights_saves_the_random_base_its_task_was_trained_on(learned):
+    """OUT/base.safetensors is the random base: the task file loads onto it (TaskBank checks the base
+    fingerprint the task recorded) and the selected task computes what merged.safetensors computes."""
+    from tasks.bank import TaskBank
+
+    torch.manual_seed(123)  # another initialisation: every base tensor must come from the file
+    base = create_model("efl1", num_classes=4, img_size=64, layer_scale_init=1.0, **EF_TINY)
+    state = load_file(os.path.join(learned, "base.safetensors"))
+    assert set(state) == set(base.state_dict())
+    base.load_state_dict(state, strict=True)
+    bank = TaskBank(base.eval())
+    bank.add("demo", os.path.join(learned, "adapters.safetensors"))  # a ValueError if the fingerprint differs
+    bank.select("demo")
+    plain = create_model("efl1", num_classes=4, img_size=64, layer_scale_init=1.0, **EF_TINY)
+    plain.load_state_dict(load_file(os.path.join(learned, "merged.safetensors")), strict=True)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = plain.eval()(x), bank(x)
+    # both merge W0 + dW in fp32 (the same sums, possibly in another order): rounding of the logits' scale
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 RESUME = [*TINY, "--method", "petah", "--dropout", "0.1", "--epochs", "3"]  # 3 steps per epoch
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+from data import CorruptImageError
 from tasks.atomic import WriteError
 
 # -----------------------------------------------------------------------------
@@ -54,6 +55,14 @@ _COMMON_CHECKS = [
     ("synthetic_val", lambda v: v >= 1, "must be >= 1"),
     ("stop_after_epoch", lambda v: v >= 1, "must be >= 1"),
     ("top_k", lambda v: v >= 1, "must be >= 1"),
+    ("vis_images", lambda v: v >= 0, "must be >= 0 (0 writes no visualisation)"),
+    ("lr_steps", lambda v: v >= 1, "must be >= 1 (epochs after which the LR drops x0.1)"),
+    ("fpn_channels", lambda v: v >= 1, "must be >= 1"),
+    ("fc_dim", lambda v: v >= 1, "must be >= 1"),
+    ("mask_channels", lambda v: v >= 1, "must be >= 1"),
+    ("rpn_batch", lambda v: v >= 1, "must be >= 1"),
+    ("roi_batch", lambda v: v >= 1, "must be >= 1"),
+    ("warmup_iters", lambda v: v >= 0, "must be >= 0"),
 ]
 _MUST_EXIST = ("weights", "mask")  # file arguments: checked before anything is built
 
@@ -67,8 +76,12 @@ def check_common_args(parser, args) -> None:
     flag = lambda a: "--" + a.replace("_", "-")  # noqa: E731
     for attr, ok, rule in _COMMON_CHECKS:
         v = getattr(args, attr, None)
-        if v is not None and not ok(v):
-            parser.error(f"{flag(attr)} {v} {rule}")
+        for item in (v if isinstance(v, (list, tuple)) else [v]):  # a list flag (--lr-steps 8 11): each value
+            if item is not None and not ok(item):
+                parser.error(f"{flag(attr)} {item} {rule}")
+    if getattr(args, "learn_interp", False) and getattr(args, "method", None) == "ia3":
+        parser.error("--learn-interp belongs to LoRA (PETRAS's learnable interpolation of the LoRA update); "
+                     "(IA)^3 has no interpolation: drop --learn-interp or use --method lora")
     warmup, epochs = getattr(args, "warmup_epochs", None), getattr(args, "epochs", None)
     if warmup is not None and epochs is not None and warmup > 0 and warmup >= epochs:
         parser.error(f"--warmup-epochs {warmup:g} must be < --epochs {epochs}: the LR would still be warming up at "
@@ -105,3 +118,12 @@ def parse_model_cfg(parser, preset_cfg: dict, text: str, *, example: str = '{"de
     if not isinstance(extra, dict):
         parser.error(f"--model-cfg must be a JSON object such as '{example}', got {text!r}")
     return {**preset_cfg, **extra}
+
+
+def batches(loader, parser):
+    """The loader's batches; an unreadable image (or mask) stops the run argparse-style, naming the file (from a
+    DataLoader worker the exception's text carries the worker's traceback: keep the message only)."""
+    try:
+        yield from loader
+    except CorruptImageError as e:
+        parser.error(str(e).rpartition("CorruptImageError: ")[2])

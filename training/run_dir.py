@@ -19,6 +19,7 @@ from lora import load_adapters
 from tasks.atomic import (
     _TMP,
     atomic_save_adapters,
+    atomic_save_safetensors,
     atomic_torch_save,
     atomic_write_text,
     write_error,
@@ -356,6 +357,25 @@ def open_run(parser, args, dist: Dist, log, *, what: str = "backbone") -> None:
         print(f"\n{bar}\n!!! WARNING: no --weights: the {what} is RANDOMLY initialised. Adapting a random {what} is "
               f"only a smoke test;\n!!! pass --weights PATH (a pretrained checkpoint, see the README) for real "
               f"fine-tuning.\n{bar}\n", file=sys.stderr, flush=True)
+
+
+BASE_NAME = "base.safetensors"  # a run without --weights: the random base its task file was trained on
+
+
+def save_random_base(parser, args, model: torch.nn.Module, *, master: bool) -> None:
+    """Without --weights, the backbone is random and exists nowhere else: write it to OUT/base.safetensors
+    (model state_dict keys, before any adapter is added) so that the task file can be used by the next tools
+    (predict_cls.py, predict_seg.py and export.py take it as --weights, and find it next to the task file when
+    --weights is omitted). Every frozen tensor keeps this value during training, so the task's base fingerprint
+    is the fingerprint of this file. Master rank only; a resumed run keeps the file it finds."""
+    if args.weights or not master or getattr(args, "count_only", False):
+        return
+    path = os.path.join(args.out, BASE_NAME)
+    if args.resume and os.path.exists(path):
+        return
+    meta = dict(model=args.model, seed=args.seed, note="random base of a run without --weights")
+    with user_errors(parser):
+        atomic_save_safetensors(model.state_dict(), path, metadata=meta)
 
 
 def stop_if_not_finite(loss: torch.Tensor, *, step: int, epoch: int, history: list, ckpt_dir: str, dist: Dist,
