@@ -1,4 +1,5 @@
-"""EfficientFormer / ViT / DeiT III parity with timm (numeric oracle), checkpoint layouts, sizes, errors.
+"""EfficientFormer / ViT / DeiT III parity with timm (numeric oracle), checkpoint layouts, sizes, errors: covers
+models/__init__.py (create_model, load_pretrained), models/checkpoint.py, models/efficientformer.py and models/vit.py.
 
 Reference models are built with random weights (no download), perturbed away from their init (layer scales
 start at 1e-5 / 1e-6, so with the default init every block is nearly the identity and a wrong block would
@@ -623,7 +624,8 @@ def test_lora_and_conv_lora_merge_back_to_official_keys():
     rows = lora.qkv_rows(8 * 32, 8 * 32, 8 * 128, 8, parts=("q", "v"), layout="per_head")
     names = lora.add_lora(model, {r"stages\.3\.blocks\.\d+\.token_mixer\.qkv": dict(r=4, rows=rows),
                                   r"stages\.3\.blocks\.\d+\.token_mixer\.proj": 4,
-                                  r"stem\.conv\d|stages\.\d\.downsample\.conv|stages\.[0-3]\.blocks\.\d+\.mlp\.fc\d": 1},
+                                  r"stem\.conv\d|stages\.\d\.downsample\.conv"
+                                  r"|stages\.[0-3]\.blocks\.\d+\.mlp\.fc\d": 1},
                           layers={nn.Linear: lora.LoRALinear, nn.Conv2d: conv_lora.LoRAConv2d})
     assert len(names) > 10
     with torch.no_grad():  # B is zero at init: randomise it so the merge changes the weights

@@ -1,4 +1,5 @@
-"""The detector's parts against torchvision's reference implementations.
+"""The detector's parts against torchvision's reference implementations: the models/det package (backbone.py,
+cascade.py, detector.py, mask_head.py) is tested here as a whole.
 
 torchvision's RoIHeads is a one-stage Mask R-CNN head with CLASS-SPECIFIC regression (K deltas per RoI); the cascade
 regresses one class-agnostic delta per RoI. The two coincide exactly when torchvision's predictor gives every class

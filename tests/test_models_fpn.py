@@ -1,4 +1,8 @@
-"""Semantic FPN: sizes, parameter count from the layer list in models/fpn.py, the documented wiring, errors."""
+"""Semantic FPN: sizes, parameter count from the layer list in models/fpn.py, the documented wiring, errors.
+
+Covers models/fpn.py and models/ef_fpn.py (EfficientFormer + Semantic FPN: test_ef_semantic_fpn_keys_and_output_size),
+so there is no separate tests/test_models_ef_fpn.py.
+"""
 import pytest
 import torch
 import torch.nn as nn

@@ -1,4 +1,5 @@
-"""SAM ViT-B parity with Meta's segment_anything (numeric oracle), key layout, resizing, gradients.
+"""SAM ViT-B parity with Meta's segment_anything (numeric oracle), key layout, resizing, gradients: the models/sam
+package (sam.py, image_encoder.py, prompt_encoder.py, mask_decoder.py, transformer.py, common.py) tested as a whole.
 
 Parity runs the real ViT-B architecture (768 wide, 12 blocks, 12 heads, windows 14, global 2/5/8/11,
 full decoder) at img_size 256 on both sides, so it stays fast on CPU; the 1024 model is only built to
@@ -20,14 +21,7 @@ from models.sam import (
     resize_sam_state_dict,
 )
 
-sam_ref = pytest.importorskip("segment_anything")
-from segment_anything.modeling import (  # noqa: E402
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    TwoWayTransformer,
-)
-from segment_anything.modeling import Sam as RefSam
+ref = pytest.importorskip("segment_anything.modeling")  # Meta's classes, the oracle (requirements-dev.txt)
 
 TOL = 1e-4
 
@@ -37,18 +31,18 @@ def build_reference(*, img_size, patch_size=16, embed_dim=768, depth=12, num_hea
                     mask_in_chans=16):
     """Meta's Sam from its modeling classes, with the same arguments its `build_sam_vit_b` uses."""
     grid = img_size // patch_size
-    return RefSam(
-        image_encoder=ImageEncoderViT(
+    return ref.Sam(
+        image_encoder=ref.ImageEncoderViT(
             depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=4,
             norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=num_heads, patch_size=patch_size,
             qkv_bias=True, use_rel_pos=True, global_attn_indexes=global_attn, window_size=window_size,
             out_chans=prompt_dim),
-        prompt_encoder=PromptEncoder(embed_dim=prompt_dim, image_embedding_size=(grid, grid),
-                                     input_image_size=(img_size, img_size), mask_in_chans=mask_in_chans),
-        mask_decoder=MaskDecoder(
+        prompt_encoder=ref.PromptEncoder(embed_dim=prompt_dim, image_embedding_size=(grid, grid),
+                                         input_image_size=(img_size, img_size), mask_in_chans=mask_in_chans),
+        mask_decoder=ref.MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=decoder_mlp_dim,
-                                          num_heads=decoder_heads),
+            transformer=ref.TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=decoder_mlp_dim,
+                                              num_heads=decoder_heads),
             transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=iou_hidden),
     ).eval()
 
@@ -385,7 +379,7 @@ def _hf_sam(**vision):
 
 def test_hf_layout_full_size_keys():
     """Every key of transformers' ViT-B SamModel (Meta's sam_vit_b converted: facebook/sam-vit-base) has one
-    place in our model, with its shape: the 236 keys that used to be 'missing' are renamed, none left over."""
+    place in our model, with its shape: every key renamed, none left over."""
     from models.sam import hf_to_meta
     with torch.device("meta"):
         hf_sd = _hf_sam().state_dict()

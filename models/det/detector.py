@@ -110,7 +110,8 @@ def build_cascade_mask_rcnn(body: nn.Module, *, num_classes: int, fpn_channels: 
                                 pre_nms_top_n=dict(training=2000, testing=1000),
                                 post_nms_top_n=dict(training=2000, testing=1000), nms_thresh=0.7)
     roi_heads = CascadeRoIHeads(num_classes=num_classes, in_channels=fpn_channels,
-                                iou_thresholds=IOU_THRESHOLDS[:num_stages], box_coder_weights=BOX_CODER_WEIGHTS[:num_stages],
+                                iou_thresholds=IOU_THRESHOLDS[:num_stages],
+                                box_coder_weights=BOX_CODER_WEIGHTS[:num_stages],
                                 stage_loss_weights=STAGE_LOSS_WEIGHTS[:num_stages],
                                 batch_size_per_image=roi_batch_size_per_image, fc_dim=fc_dim, with_mask=with_mask,
                                 mask_channels=mask_channels)
