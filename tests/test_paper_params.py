@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def no_init(monkeypatch):
-    """Skip weight initialisation (the counts depend on shapes only): a full-size model builds in ~0.2 s."""
+    """Skip weight initialisation: the counts depend on shapes only, and drawing tens of millions of random weights
+    for every parametrised case would be most of this file's work."""
     for name in ("trunc_normal_", "kaiming_uniform_", "normal_", "zeros_", "ones_"):
         monkeypatch.setattr(nn.init, name, lambda t, *a, **k: t)
 
