@@ -87,7 +87,8 @@ def build_transform(*, train, img_size, mean, std, randaug=False, crop_pct=0.95,
 
 
 class CorruptImageError(ValueError):
-    """An image file that cannot be read or decoded."""
+    """An image file that cannot be read or decoded, or (dataio.seg) a mask that cannot be used with its image:
+    another size, values outside the classes. The scripts stop on it naming the file (or skip and count it)."""
 
 
 def read_image(path):
@@ -290,10 +291,11 @@ def _load_torchvision(name, root, download):
 
 
 def walk_images(folder):
-    """(decodable image paths, paths in formats torchvision.io cannot read) under `folder`, sorted, recursively.
-    Symbolic links to folders are followed once: a folder reached again (a link loop, or two links to one folder)
-    is skipped with a warning naming it, so its images are not counted twice."""
-    images, unsupported, seen = [], [], set()
+    """(decodable image paths, paths in formats torchvision.io cannot read, broken links) under `folder`, sorted,
+    recursively. Symbolic links to folders are followed once: a folder reached again (a link loop, or two links to
+    one folder) is skipped with a warning naming it, so its images are not counted twice. A link whose target is
+    gone is listed in the third list, not among the images."""
+    images, unsupported, broken, seen = [], [], [], set()
     for dirpath, dirnames, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -305,11 +307,40 @@ def walk_images(folder):
         dirnames.sort()
         for f in sorted(files):
             ext = os.path.splitext(f)[1].lower()
+            path = Path(dirpath) / f
             if ext in IMG_EXTENSIONS:
-                images.append(Path(dirpath) / f)
+                (images if path.exists() else broken).append(path)
             elif ext in _UNSUPPORTED_EXTENSIONS:
-                unsupported.append(Path(dirpath) / f)
-    return images, unsupported
+                unsupported.append(path)
+    return images, unsupported, broken
+
+
+def find_images(items):
+    """The images to predict on, as the predict tools read their --images: ([(path, name)], [(path, problem)]).
+
+    Each item is an image file (name: its file name) or a folder, searched recursively (walk_images; name: the
+    path relative to the folder). Broken links and files in formats torchvision.io cannot decode are returned as
+    problems (the tools name them), not dropped silently. FileNotFoundError for an item that does not exist or a
+    folder without images, ValueError for a file that is not an image."""
+    found, problems = [], []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            images, unsupported, broken = walk_images(p)
+            problems += [(q, "a broken symbolic link (its target does not exist)") for q in broken]
+            problems += [(q, "a format torchvision.io cannot decode: convert it to PNG or JPEG") for q in unsupported]
+            if not images and not problems:
+                raise FileNotFoundError(f"{item}: the folder holds no {'/'.join(IMG_EXTENSIONS)} images")
+            found += [(q, q.relative_to(p).as_posix()) for q in images]
+        elif p.is_file():
+            if p.suffix.lower() not in IMG_EXTENSIONS + _UNSUPPORTED_EXTENSIONS:
+                raise ValueError(f"{item} is not an image file ({'/'.join(IMG_EXTENSIONS)})")
+            found.append((p, p.name))
+        elif p.is_symlink():
+            problems.append((p, "a broken symbolic link (its target does not exist)"))
+        else:
+            raise FileNotFoundError(f"{item}: no such file or folder")
+    return found, problems
 
 
 def read_class_names(path, folders):
@@ -381,7 +412,7 @@ def _check_trainable(root, split_dir, classes):
     """Every class needs an image torchvision.io can decode: an empty class folder would become a class the model
     can never learn (and would shift the labels of a later run that drops it)."""
     for c in classes:
-        images, _ = walk_images(split_dir / c)
+        images, _, _ = walk_images(split_dir / c)
         if images:
             continue
         files = [f for _, _, fs in os.walk(split_dir / c, followlinks=True) for f in fs]
@@ -397,9 +428,12 @@ def _folder_samples(split_dir, index, layout):
     for c in _class_folders(split_dir):
         if c not in index:
             raise ValueError(f"folder: class {c!r} in {split_dir} is not among the training classes")
-        images, unsupported = walk_images(split_dir / c)
+        images, unsupported, broken = walk_images(split_dir / c)
         samples += [(p, index[c]) for p in images]
         skipped += unsupported
+        if broken:
+            warnings.warn(f"folder: skipping {len(broken)} broken symbolic link(s) in {split_dir / c} (their targets "
+                          f"do not exist), e.g. {broken[0]}")
     if skipped:
         warnings.warn(f"folder: ignoring {len(skipped)} images in {split_dir} in formats torchvision.io "
                       f"cannot decode (e.g. {skipped[0]}); convert them to PNG or JPEG")

@@ -2,10 +2,12 @@ r"""
 Use a segmentation model fine-tuned by train_seg.py: masks for a folder of images, or the evaluation of a
 checkpoint on a dataset's validation split. The model is rebuilt from the settings stored in the checkpoint's
 metadata (any adapter file of train_seg.py: final.safetensors, the task file adapters.safetensors, topk/ or
-ckpt/ files) on the same base: pass the --weights the run used (without it, the random base of a smoke-test run
-with the same --seed).
+ckpt/ files) on the same base: pass the --weights the run used. A run without --weights saved its random base as
+OUT/base.safetensors: without --weights that file is used when it lies next to the checkpoint (or one folder
+up); a run older than that file gets its random base rebuilt from its --seed.
 
-Masks (single-channel PNGs of class ids at each image's own size) and the competition's run-length JSON:
+Masks (single-channel PNGs of class ids at each image's own size, OUT/<the image's path in its folder>.png; x.jpg
+and x.png side by side become x.jpg.png and x.png.png) and the competition's run-length JSON:
     python predict_seg.py --checkpoint runs/petras/final.safetensors --weights sam_vit_b_01ec64.pth \
         --images ~/data/ucc/img/test --out runs/petras/pred --rle-json runs/petras/submission.json
 Evaluation (one JSON line: miou, pixel_acc, iou_fg for binary tasks), with the protocol of the dataset
@@ -13,6 +15,8 @@ Evaluation (one JSON line: miou, pixel_acc, iou_fg for binary tasks), with the p
     python predict_seg.py --checkpoint runs/ade_petah2/final.safetensors --weights efficientformer_l7.pth \
         --eval ade20k --data-root ~/data
 On 8 GPUs: torchrun --nproc_per_node 8 predict_seg.py -- <same flags> (every process takes every 8th image).
+An image that cannot be read (undecodable, truncated, a broken link) is skipped and named in a summary at the end,
+as predict_cls.py does; --strict stops at the first one instead.
 """
 
 import argparse
@@ -28,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data import read_image
+from data import CorruptImageError, find_images, read_image
 from dataio import seg as data_seg
 from lora import load_adapters, read_safetensors
 from methods import apply_method, apply_sam_method
@@ -42,9 +46,15 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--checkpoint", required=True, metavar="FILE",
                     help="adapter file written by train_seg.py (final.safetensors, or a topk/ or ckpt/ file)")
 parser.add_argument("--weights", default=None, metavar="PATH",
-                    help="the pretrained checkpoint the run started from (its --weights); without it the base is "
-                         "random with the run's --seed (smoke-test runs)")
-parser.add_argument("--images", default=None, metavar="DIR", help="write a mask PNG per image of DIR into --out")
+                    help="the pretrained checkpoint the run started from (its --weights); default: the run's "
+                         "base.safetensors next to --checkpoint (a run without --weights), else the random base "
+                         "rebuilt from the run's --seed")
+parser.add_argument("--images", default=None, nargs="+", metavar="IMG_OR_DIR",
+                    help="write a mask PNG per image into --out: image files and folders (searched recursively, "
+                         "the masks keep the images' relative paths)")
+parser.add_argument("--strict", action="store_true",
+                    help="--images: stop at the first image that cannot be read (default: skip it and name it in "
+                         "the summary)")
 parser.add_argument("--out", default="pred", metavar="DIR", help="--images: output folder; default ./pred")
 parser.add_argument("--rle-json", default=None, metavar="FILE",
                     help="--images: also write {image name: run-length encoding of class 1} (1-based start/length "
@@ -100,6 +110,15 @@ log(f"model settings from {args.checkpoint}: {stored}")
 # -----------------------------------------------------------------------------
 # the model of the run: base (pretrained or the seeded random one), the method's adapters, the run's adapters
 
+if args.weights is None:  # a run without --weights: its OUT/base.safetensors (the checkpoint may be in topk/, ckpt/)
+    here = Path(args.checkpoint).resolve().parent
+    base = next((d / "base.safetensors" for d in (here, here.parent) if (d / "base.safetensors").is_file()), None)
+    if base is not None:
+        args.weights = str(base)
+        log(f"no --weights: using {base}, the random base the run saved")
+    else:
+        log(f"no --weights and no base.safetensors next to {args.checkpoint}: rebuilding the run's random base from "
+            f"its --seed {user.get('seed', 0)}")
 builder, preset_cfg = PRESETS.get(cfg.model, (cfg.model, {}))
 model_cfg = {**preset_cfg, **json.loads(cfg.model_cfg)}
 torch.manual_seed(user.get("seed", 0))  # as train_seg.py: the same random base when the run had no --weights
@@ -143,8 +162,9 @@ if args.eval:
         parser.error(str(e))
     loader = DataLoader(Subset(val_ds, range(dist.rank, len(val_ds), dist.world_size)), batch_size=args.batch_size,
                         collate_fn=list, num_workers=args.workers)
-    cm, _, _ = evaluate(model, loader, num_classes=num_classes, dist=dist, mode=args.eval_mode,
-                        stride=args.eval_stride, amp=autocast)
+    with user_errors(parser, quiet=not dist.master):  # an unreadable image, a mask that does not fit its image
+        cm, _, _ = evaluate(model, loader, num_classes=num_classes, dist=dist, mode=args.eval_mode,
+                            stride=args.eval_stride, amp=autocast)
     if dist.master:
         print(json.dumps(dict(checkpoint=args.checkpoint, data=args.eval, images=len(val_ds), **metrics(cm))),
               flush=True)
@@ -157,37 +177,63 @@ if args.eval:
 # (longer side resized to --eval-size, padded), ADE20K runs the image resized keeping its ratio.
 
 try:
-    files = data_seg.list_images(args.images)
+    found, problems = find_images(args.images)
 except (FileNotFoundError, ValueError) as e:
-    parser.error(f"--images: {e}")
+    parser.error(f"--images {e}")
+names = data_seg.mask_names([name for _, name in found])
 ade = data_seg.AdeEvalTransform(img_size=eval_size, mean=mean, std=std) if user.get("data") == "ade20k" else None
 canvas = data_seg.SegTransform(train=False, img_size=eval_size, mean=mean, std=std)
 out_dir = Path(args.out)
 if out_dir.exists() and not out_dir.is_dir():
     parser.error(f"--out {out_dir} is an existing file, not a directory; choose another --out")
+if args.strict and problems:
+    parser.error(f"--strict: cannot read {problems[0][0]}: {problems[0][1]}")
 with user_errors(parser, OSError):
     out_dir.mkdir(parents=True, exist_ok=True)
-rle = {}
-with torch.no_grad():
-    for path in tqdm(files[dist.rank::dist.world_size], desc="predict", disable=not dist.master):
+
+
+@torch.no_grad()
+def predict_mask(img):
+    """(3, H, W) uint8 image -> (H, W) class ids at the image's size, with the run's evaluation transform."""
+    H, W = img.shape[-2:]
+    if ade is not None:
+        x, _ = ade(img, torch.zeros(H, W, dtype=torch.uint8))  # (3, h, w)
+        logits = predict_logits(model, x[None].to(dist.device), mode=args.eval_mode, out_size=(H, W),
+                                stride=args.eval_stride, amp=autocast)  # (1, K, H, W)
+    else:
+        x, where = canvas(img, torch.zeros(H, W, dtype=torch.uint8))  # (3, C, C), (C, C): ignore = padding
+        inside = where != data_seg.IGNORE_INDEX  # (C, C): the image's part of the canvas
+        h, w = int(inside.any(1).sum()), int(inside.any(0).sum())
+        logits = predict_logits(model, x[None].to(dist.device), mode=args.eval_mode, out_size=x.shape[-2:],
+                                stride=args.eval_stride, amp=autocast)[..., :h, :w]  # the image's part
+        logits = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+    return to_classes(logits)[0].cpu()
+
+
+rle, written, unreadable = {}, 0, []
+mine = list(zip(found, names))[dist.rank::dist.world_size]
+for ((path, _), name) in tqdm(mine, desc="predict", disable=not dist.master):
+    try:
         img = read_image(path)  # (3, H, W) uint8
-        H, W = img.shape[-2:]
-        if ade is not None:
-            x, _ = ade(img, torch.zeros(H, W, dtype=torch.uint8))  # (3, h, w)
-            logits = predict_logits(model, x[None].to(dist.device), mode=args.eval_mode, out_size=(H, W),
-                                    stride=args.eval_stride, amp=autocast)  # (1, K, H, W)
-        else:
-            x, where = canvas(img, torch.zeros(H, W, dtype=torch.uint8))  # (3, C, C), (C, C): ignore = padding
-            inside = where != data_seg.IGNORE_INDEX  # (C, C): the image's part of the canvas
-            h, w = int(inside.any(1).sum()), int(inside.any(0).sum())
-            logits = predict_logits(model, x[None].to(dist.device), mode=args.eval_mode, out_size=x.shape[-2:],
-                                    stride=args.eval_stride, amp=autocast)[..., :h, :w]  # the image's part
-            logits = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
-        mask = to_classes(logits)[0].cpu()  # (H, W) class ids
-        with user_errors(parser):  # disk full, read-only file system: named, no partial file
-            atomic_write(str(out_dir / (path.stem + ".png")), lambda f: f.write(data_seg.encode_mask_png(mask)))
-        if args.rle_json:
-            rle[path.stem] = data_seg.rle_encode(mask == 1)
+    except CorruptImageError as e:  # undecodable, truncated: skipped and named at the end (--strict: stop)
+        if args.strict:
+            parser.error(f"--strict: {e.__cause__ or e} [{path}]")
+        unreadable.append((str(path), str(e.__cause__ or e)))
+        continue
+    mask = predict_mask(img)
+    target = out_dir / name
+    with user_errors(parser):  # disk full, read-only file system: named, no partial file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(str(target), lambda f: f.write(data_seg.encode_mask_png(mask)))
+    written += 1
+    if args.rle_json:
+        rle[name[:-len(".png")]] = data_seg.rle_encode(mask == 1)
+counts = [(written, unreadable)]
+if dist.ddp:
+    counts = [None] * dist.world_size
+    torch_dist.all_gather_object(counts, (written, unreadable))
+written = sum(n for n, _ in counts)
+unreadable = [u for _, us in counts for u in us] + [(str(p), why) for p, why in problems]
 if args.rle_json:
     parts = [rle]
     if dist.ddp:
@@ -196,6 +242,9 @@ if args.rle_json:
     if dist.master:
         with user_errors(parser):
             atomic_write_text(json.dumps({k: v for p in parts for k, v in sorted(p.items())}), args.rle_json)
-log(f"wrote {len(files)} masks to {out_dir}" + (f" and run-length encodings to {args.rle_json}" if args.rle_json
-                                                else ""))
+log(f"wrote {written} masks to {out_dir}" + (f" and run-length encodings to {args.rle_json}" if args.rle_json
+                                              else ""))
+if unreadable:
+    log(f"skipped {len(unreadable)} image(s) that cannot be read (replace or remove them; --strict stops at the "
+        f"first):\n" + "\n".join(f"  {p}: {why}" for p, why in sorted(unreadable)))
 cleanup_distributed(dist)

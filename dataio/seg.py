@@ -31,6 +31,7 @@ Also: `list_images(dir)` for prediction, `rle_encode` / `rle_decode` (the compet
 """
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -326,6 +327,8 @@ def read_mask(path):
         raise ValueError(f"mask {path} is {mask.dtype}; expected an 8-bit single-channel PNG")
     if mask.shape[0] != 1:  # RGB(A) mask: accept only if the colour channels are equal (a grey image)
         if mask.shape[0] in (3, 4) and bool((mask[0] == mask[1]).all() and (mask[0] == mask[2]).all()):
+            warnings.warn(f"mask {path} is stored with {mask.shape[0]} equal colour channels: read as its first "
+                          f"channel (save masks as single-channel PNGs to skip this)")
             return mask[0]
         raise ValueError(f"mask {path} has {mask.shape[0]} channels; expected a single-channel PNG of class ids")
     return mask[0]
@@ -382,9 +385,25 @@ def save_mask_png(mask, path, *, scale=1):
     Path(path).write_bytes(data)
 
 
+def mask_names(names):
+    """Output file names of the masks of images named `names` (paths relative to what was given, unique): the
+    name with its extension replaced by .png, where no other image gets that name; else (x.jpg and x.png in one
+    folder) the whole name + .png (x.jpg.png, x.png.png). Distinct names always give distinct outputs."""
+    stems = [str(Path(n).with_suffix(".png")) for n in names]
+    count = {}
+    for s in stems:
+        count[s] = count.get(s, 0) + 1
+    out = [s if count[s] == 1 else f"{n}.png" for n, s in zip(names, stems)]
+    if len(set(out)) != len(out):  # e.g. x.jpg.jpeg next to x.jpg and x.png: every name in full
+        out = [f"{n}.png" for n in names]
+    return out
+
+
 def list_images(directory):
     """Sorted image files (jpg/jpeg/png/webp/gif) directly inside `directory`."""
     directory = Path(directory)
+    if directory.is_file():
+        raise FileNotFoundError(f"{directory} is a file, not a folder of images")
     if not directory.is_dir():
         raise FileNotFoundError(f"image directory {directory} does not exist")
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
@@ -434,8 +453,10 @@ class SegFiles(Dataset):
         image_path, mask_path = self.samples[index]
         image, mask = read_image(image_path), read_mask(mask_path)
         if image.shape[1:] != mask.shape:
-            raise ValueError(f"image {image_path} is {image.shape[2]}x{image.shape[1]} (WxH) but its mask "
-                             f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}; they must have the same size")
+            raise CorruptImageError(
+                f"image {image_path} is {image.shape[2]}x{image.shape[1]} (WxH) but its mask {mask_path} is "
+                f"{mask.shape[1]}x{mask.shape[0]}; a mask must have its image's size: resize it with nearest "
+                f"neighbour (class ids must not be blended) or replace it")
         if self.lut is not None:
             mask = self.lut[mask.long()]
         if self.binary_255 and bool((mask == 255).any()):
@@ -444,9 +465,11 @@ class SegFiles(Dataset):
         bad = (mask >= self.num_classes) & (mask != self.ignore_index)
         if bool(bad.any()):
             vals = sorted(set(mask[bad].unique().tolist()))[:8]
-            raise ValueError(f"mask {mask_path} (for {image_path}) holds values {vals} outside "
-                             f"0..{self.num_classes - 1} and the ignore index {self.ignore_index}; pass "
-                             f"num_classes (--num-classes) or fix the mask")
+            binary = (" (a binary mask holds 0 and 1, or 0 and 255)" if self.binary_255 else "")
+            raise CorruptImageError(
+                f"mask {mask_path} (for {image_path}) holds values {vals} outside the class ids "
+                f"0..{self.num_classes - 1}{binary} and the ignore index {self.ignore_index}; pass the number of "
+                f"classes the masks hold (--num-classes) or fix the mask")
         return image, mask
 
     def __getitem__(self, index):

@@ -448,3 +448,59 @@ def test_photometric_steps_equal_the_hsv_formulas():
     first = photometric(img, contrast=1.5, saturation=0.5)
     last = photometric(img, contrast=1.5, saturation=0.5, contrast_last=True)
     assert (first - last).abs().max() > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# masks that do not fit (issue 23, tracebacks 6-8) and unusual but valid ones
+
+
+@pytest.mark.parametrize("num_classes, make, phrase", [
+    (2, lambda m: m[:20, :30], r"is 32x24 \(WxH\) but its mask .* is 30x20; a mask must have its image's size"),
+    (2, lambda m: torch.where(m == 1, 7, m), r"holds values \[7\] outside the class ids 0..1 \(a binary mask holds"),
+    (3, lambda m: m * 4, r"holds values \[4\] outside the class ids 0..2 and the ignore index 255; pass the number"),
+])
+def test_masks_that_do_not_fit_their_images(tmp_path, num_classes, make, phrase):
+    _ucc(tmp_path)
+    image, mask = blocky_pair(H=24, W=32, seed=0)
+    write_png(make(mask).contiguous()[None], str(tmp_path / "ann" / "valid" / "valid_0.png"))
+    _, va, *_ = build_seg_datasets("folder", tmp_path, img_size=32, mean=MEAN, std=STD, num_classes=num_classes)
+    with pytest.raises(CorruptImageError, match=phrase):  # what the scripts stop on by name (a ValueError too)
+        va[0]
+    va[1]  # the other pair is fine
+
+
+def test_ade_label_above_150_is_named(tmp_path):
+    base = tmp_path / "ADEChallengeData2016"
+    for split in ("training", "validation"):
+        (base / "images" / split).mkdir(parents=True)
+        (base / "annotations" / split).mkdir(parents=True)
+        write_jpeg(torch.full((3, 2, 3), 128, dtype=torch.uint8), str(base / "images" / split / "ADE_0.jpg"))
+        write_png(torch.tensor([[[0, 1, 151], [150, 0, 75]]], dtype=torch.uint8),
+                  str(base / "annotations" / split / "ADE_0.png"))
+    _, va, _, _ = build_seg_datasets("ade20k", tmp_path, img_size=3, mean=MEAN, std=STD)
+    with pytest.raises(CorruptImageError, match=r"holds values \[150\] outside the class ids 0..149"):
+        va[0]  # ADE id 151 -> 150 after reduce_zero_label: no such class
+
+
+def test_rgb_mask_with_equal_channels_is_read_and_said(tmp_path):
+    _ucc(tmp_path)
+    _, mask = blocky_pair(H=24, W=32, seed=0)
+    write_png(mask[None].expand(3, -1, -1).contiguous(), str(tmp_path / "ann" / "valid" / "valid_0.png"))
+    _, va, *_ = build_seg_datasets("folder", tmp_path, img_size=32, mean=MEAN, std=STD)
+    with pytest.warns(UserWarning, match=r"valid_0\.png is stored with 3 equal colour channels: read as its first"):
+        _, got = va.load(0)
+    assert torch.equal(got, mask)
+    rgb = mask[None].expand(3, -1, -1).clone()
+    rgb[1, 0, 0] = 1 - rgb[1, 0, 0]  # one pixel differs: a colour mask, refused
+    write_png(rgb, str(tmp_path / "ann" / "valid" / "valid_0.png"))
+    with pytest.raises(ValueError, match="has 3 channels; expected a single-channel PNG"):
+        va.load(0)
+
+
+def test_mask_names_never_collide():
+    from dataio.seg import mask_names
+    assert mask_names(["a.jpg", "sub/b.png", "c.webp"]) == ["a.png", "sub/b.png", "c.png"]
+    assert mask_names(["x.jpg", "x.png", "y.jpg"]) == ["x.jpg.png", "x.png.png", "y.png"]
+    names = ["x.jpg", "x.png", "x.jpg.jpeg"]  # x.jpg.jpeg would take x.jpg.png: every name in full
+    assert mask_names(names) == ["x.jpg.png", "x.png.png", "x.jpg.jpeg.png"]
+    assert len(set(mask_names(["a/x.jpg", "a/x.png", "a/x.gif", "b/x.jpg"]))) == 4

@@ -33,18 +33,23 @@ def dice_loss(probs: torch.Tensor, onehot: torch.Tensor, valid: torch.Tensor, sm
     return 1 - ((2 * inter + smooth) / (p.sum(dim=(0, 2, 3)) + g.sum(dim=(0, 2, 3)) + smooth)).mean()
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+LOSSES = ("bce_dice", "ce_dice", "ce")
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
     """logits (B, K, H, W) float, target (B, H, W) long with IGNORE_INDEX where nothing counts.
 
-    bce_dice (K = 1, binary: the logit reads "foreground"), ce_dice and ce (K classes)."""
+    loss: bce_dice (K = 1, binary: the logit reads "foreground"), ce_dice or ce (K classes)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown segmentation loss {loss!r}; choose one of {', '.join(LOSSES)}")
     valid = target != IGNORE_INDEX
-    if kind == "bce_dice":
+    if loss == "bce_dice":
         x = logits[:, 0]  # (B, H, W)
         t = (target == 1).to(x.dtype)
         bce = F.binary_cross_entropy_with_logits(x[valid], t[valid]) if valid.any() else x.sum() * 0
         return bce + dice_loss(torch.sigmoid(x)[:, None], t[:, None], valid)
     ce = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
-    if kind == "ce":
+    if loss == "ce":
         return ce
     onehot = F.one_hot(target.where(valid, 0), logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)  # (B, K, H, W)
     return ce + dice_loss(logits.softmax(dim=1), onehot, valid)
@@ -143,6 +148,19 @@ def predict_logits(model: nn.Module, x: torch.Tensor, *, mode: str, out_size: tu
     return logits
 
 
+def readable(loader):
+    """The loader's batches; an error raised in a DataLoader worker (an unreadable image, a mask of another size
+    than its image or with values outside the classes: dataio.seg's CorruptImageError, a ValueError) is raised
+    again with its own message only (the worker's traceback, which DataLoader puts into the text, dropped)."""
+    try:
+        yield from loader
+    except ValueError as e:
+        text = str(e)
+        if "Original Traceback" in text:
+            text = text.rstrip().rpartition(f"{type(e).__name__}: ")[2]
+        raise type(e)(text) from None
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, num_classes: int, dist, mode: str = "whole", stride: int | None = None,
              amp=nullcontext(), compare: nn.Module | None = None, vis: int = 0) -> tuple[torch.Tensor, dict, list]:
@@ -161,7 +179,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, dist, mode: str = "w
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     diff = dict(pixels_differ=0.0, max_logit_diff=0.0)
     samples = []
-    for batch in loader:
+    for batch in readable(loader):
         sizes = [(tuple(img.shape[-2:]), tuple(m.shape)) for img, m in batch]
         for size in dict.fromkeys(sizes):  # one forward pass per (image size, mask size) group
             group = [pair for pair, s in zip(batch, sizes) if s == size]
