@@ -50,7 +50,7 @@ from tasks.deploy import (
     exportable,
     fold_all_bn,
     fpn_widths,
-    kind_of,
+    head_of,
     median_time,
     onnx_op_counts,
     parse_json_meta,
@@ -58,7 +58,10 @@ from tasks.deploy import (
 from tasks.flops import count_flops
 from tasks.interop import reference_arch
 
-FORMATS = {"onnx": 1e-4, "pt2": 1e-5}  # format -> max abs difference to the PyTorch model the check allows
+FORMATS = {"onnx": 1e-4, "pt2": 1e-5, "pte": 1e-4}  # format -> max abs difference to PyTorch the check allows
+# the opsets torch.onnx's exporter writes itself (below 18 it runs onnx's version converter, which fails on most
+# of these graphs); above: what the onnx package knows, within what onnxruntime runs
+OPSETS = (18, 23)
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 
 # -----------------------------------------------------------------------------
@@ -72,8 +75,13 @@ parser.add_argument("--model-cfg", default=None, metavar="JSON",
 parser.add_argument("--weights", default=None, metavar="PATH",
                     help="the base checkpoint the task was trained on, or a merged model (OUT/merged.safetensors, "
                          "then no --task). Without it the weights are random: only for looking at the graph")
-parser.add_argument("--task", default=None, metavar="FILE",
-                    help="task file (OUT/adapters.safetensors, or an OUT/ckpt/epoch_*.safetensors) to merge in")
+parser.add_argument("--task", default=None, action="append", metavar="FILE | NAME=FILE",
+                    help="task file (OUT/adapters.safetensors, or an OUT/ckpt/epoch_*.safetensors) to merge in; with "
+                         "--bundle: NAME=FILE, repeated, one per task to add")
+parser.add_argument("--bundle", default=None, metavar="DIR",
+                    help="create the deployment bundle DIR (one shared base, each --task a small graph on it, "
+                         "manifest.json) or add the --task's to it (tasks/bundle.py); needs --weights")
+parser.add_argument("--replace", action="store_true", help="--bundle: replace tasks of the same NAME")
 parser.add_argument("--num-classes", type=int, default=None,
                     help="classes, when no metadata says (a base checkpoint alone); default: its head's, else 1000 "
                          "(SAM: 2, the binary single-mask output)")
@@ -81,12 +89,17 @@ parser.add_argument("--img-size", type=int, default=None,
                     help="input side of the exported graph; default: the trained size from the metadata, else 224 "
                          "(SAM 1024). EfficientFormer takes any multiple of 32; ViT and SAM their trained size")
 parser.add_argument("--fold-bn", action="store_true",
-                    help="fold every BatchNorm into the conv before it (EfficientFormer, FPN): the .pt2 program then has "
-                         "no batch_norm op. The ONNX exporter folds eval-mode BatchNorms itself (same graph either way)")
-parser.add_argument("--format", required=True, metavar="{onnx,pt2}",
-                    help="onnx (checked with onnxruntime) or pt2 (torch.export.save, checked after torch.export.load)")
-parser.add_argument("--out", required=True, metavar="PATH", help="the file to write (e.g. cub.onnx, cub.pt2)")
-parser.add_argument("--opset", type=int, default=None, help="--format onnx: ONNX opset; default: the exporter's")
+                    help="fold every BatchNorm into the conv before it (EfficientFormer, FPN): the .pt2 program then "
+                         "has no batch_norm op. The ONNX exporter folds eval-mode BatchNorms itself (same graph either "
+                         "way)")
+parser.add_argument("--format", required=True, metavar="{onnx,pt2,pte}",
+                    help="onnx (checked with onnxruntime), pt2 (torch.export.save of the core-ATen program, checked "
+                         "after torch.export.load) or pte (ExecuTorch with XNNPACK, checked with its runtime)")
+parser.add_argument("--out", default=None, metavar="PATH",
+                    help="the file to write (its suffix the format's: cub.onnx, cub.pt2, cub.pte); not with --bundle")
+parser.add_argument("--opset", type=int, default=None,
+                    help=f"--format onnx: ONNX opset, {OPSETS[0]}..{OPSETS[1]}; default: the exporter's "
+                         f"({OPSETS[0]})")
 parser.add_argument("--repeats", type=int, default=10,
                     help="timed runs per latency number (median, after 2 warm-up runs); 0 skips timing; default 10")
 parser.add_argument("--seed", type=int, default=0, help="seed of the random check inputs; default 0")
@@ -96,8 +109,43 @@ args = parser.parse_args()
 # the cheap checks first: format, optional packages, the output path
 
 if args.format not in FORMATS:
-    parser.error(f"--format {args.format!r} is not supported; use --format onnx (onnxruntime) or --format pt2 "
-                 f"(torch.export, ExecuTorch's entry point)")
+    parser.error(f"--format {args.format!r} is not supported; use --format onnx (onnxruntime), pt2 (torch.export's "
+                 f"core-ATen program) or pte (ExecuTorch)")
+if args.opset is not None and not OPSETS[0] <= args.opset <= OPSETS[1]:
+    parser.error(f"--opset {args.opset}: torch.onnx's exporter writes opsets {OPSETS[0]}..{OPSETS[1]} (onnxruntime "
+                 f"runs them all); drop --opset for {OPSETS[0]}")
+if args.opset is not None and args.format != "onnx":
+    parser.error(f"--opset is an ONNX setting; drop it for --format {args.format}")
+if args.img_size is not None and args.img_size < 1:
+    parser.error(f"--img-size {args.img_size} must be a positive input side (drop it for the trained size)")
+if args.repeats < 0:
+    parser.error(f"--repeats {args.repeats} must be >= 0 (0 = no timing)")
+if args.bundle is not None:
+    if args.format == "pt2":
+        parser.error("--bundle holds graphs a runtime runs: --format onnx (onnxruntime) or pte (ExecuTorch); a .pt2 "
+                     "program is one model (drop --bundle)")
+    if args.out is not None:
+        parser.error(f"--out is for one exported file; a bundle is written into --bundle {args.bundle} (drop --out)")
+    if not args.task:
+        parser.error("--bundle needs at least one --task NAME=FILE (e.g. --task cub=runs/cub/adapters.safetensors)")
+else:
+    if args.out is None:
+        parser.error("the following arguments are required: --out (or --bundle DIR)")
+    if args.task and len(args.task) > 1:
+        parser.error(f"--task given {len(args.task)} times: one task per exported file (or --bundle DIR for many)")
+    for flag, given in (("--replace", args.replace),):
+        if given:
+            parser.error(f"{flag} belongs to --bundle; drop it")
+    if not args.out.endswith("." + args.format):
+        parser.error(f"--out {args.out} does not end in .{args.format}: --format {args.format} writes a "
+                     f".{args.format} file (name it e.g. {os.path.splitext(args.out)[0]}.{args.format})")
+args.task = args.task[0] if args.task and args.bundle is None else args.task
+if args.format == "pte":
+    try:
+        from tasks.pte import require_executorch
+        require_executorch()
+    except (ImportError, ValueError) as e:
+        parser.error(f"--format pte: {e}")
 if args.format == "onnx":
     missing = []
     for pkg in ONNX_PACKAGES:
@@ -110,17 +158,16 @@ if args.format == "onnx":
                      f"pip install {' '.join(ONNX_PACKAGES)}   (or export with --format pt2, which needs torch only)")
     import onnx
     import onnxruntime as ort
-out = os.path.abspath(args.out)
+out = os.path.abspath(args.out or args.bundle)
 out_dir = os.path.dirname(out)
-if os.path.isdir(out):
-    parser.error(f"--out {args.out} is a directory; give a file name, e.g. --out {os.path.join(args.out, 'task.' + args.format)}")
+if args.bundle is None and os.path.isdir(out):
+    parser.error(f"--out {args.out} is a directory; give a file name, e.g. --out "
+                 f"{os.path.join(args.out, 'task.' + args.format)}")
 if not os.path.isdir(out_dir):
-    parser.error(f"--out {args.out}: the folder {out_dir} does not exist; create it (mkdir -p {out_dir}) or choose "
-                 f"another --out")
+    parser.error(f"{'--out' if args.bundle is None else '--bundle'} {args.out or args.bundle}: the folder {out_dir} "
+                 f"does not exist; create it (mkdir -p {out_dir}) or choose another path")
 if not os.access(out_dir, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
-    parser.error(f"--out {args.out}: cannot write there (permission denied); choose a writable --out")
-if args.repeats < 0:
-    parser.error(f"--repeats {args.repeats} must be >= 0 (0 = no timing)")
+    parser.error(f"{args.out or args.bundle}: cannot write there (permission denied); choose a writable path")
 
 # -----------------------------------------------------------------------------
 # what --weights and --task hold: a base checkpoint, a merged model (with metadata), a task file
@@ -137,8 +184,94 @@ def safetensors_meta(path: str) -> dict:
         parser.error(f"--weights {path} is not a readable safetensors file ({e}); pass a checkpoint or a merged model")
 
 
+if args.weights is None and args.task:  # a run trained without --weights saves its random base beside the task
+    first_task = args.task if args.bundle is None else args.task[0].partition("=")[2]
+    beside = os.path.join(os.path.dirname(os.path.abspath(first_task)), "base.safetensors")
+    if os.path.isfile(beside):
+        args.weights = beside
+        print(f"no --weights: using {beside}, the base its training run saved beside the task file", flush=True)
 if args.weights is not None and not os.path.isfile(args.weights):
     parser.error(f"--weights {args.weights} does not exist (or is not a file)")
+
+
+def export_bundle() -> None:
+    """--bundle: the tasks' graphs on one shared base (tasks/bundle.py), checked, then the manifest."""
+    from tasks import bundle
+    from tasks.task_file import read_task
+    if args.weights is None:
+        parser.error("--bundle needs --weights: the base checkpoint the tasks were trained on (a run without "
+                     "--weights saves it as OUT/base.safetensors)")
+    tasks = {}
+    for spec in args.task:
+        tname, sep, path = spec.partition("=")
+        if not sep or not tname or not path:
+            parser.error(f"--task {spec!r}: with --bundle write each task as NAME=FILE, e.g. "
+                         f"cub=runs/cub/adapters.safetensors")
+        if tname in tasks:
+            parser.error(f"--task names {tname!r} twice; give each task its own name")
+        try:
+            tasks[tname] = read_task(bundle.check_name(tname) and path)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(f"--task {spec}: {e}")
+        if tasks[tname].meta.get("task_type", tasks[tname].meta.get("kind")) == "det":
+            parser.error(f"--task {spec} is a detection task: detection runs in PyTorch only (no bundle)")
+    first = next(iter(tasks))
+    desc = {n: (t.meta.get("model"), t.meta.get("model_cfg") or {}, t.meta.get("img_size")) for n, t in tasks.items()}
+    for n, d in desc.items():
+        if None in (d[0], d[2]):
+            parser.error(f"--task {n}: the task file does not record its model and input size (an epoch "
+                         f"checkpoint?); bundle the run's OUT/adapters.safetensors")
+        if d != desc[first]:
+            parser.error(f"tasks {first!r} and {n!r} were trained on different base models or input sizes "
+                         f"({desc[first]} vs {d}); a bundle holds tasks of one base")
+    name, model_cfg, img_size = desc[first][0], desc[first][1], int(desc[first][2])
+    base = dict(model=name, model_cfg=model_cfg, img_size=img_size,
+                fingerprint=bundle.checkpoint_fingerprint(args.weights))
+    try:
+        manifest = bundle.open_for_adding(args.bundle, base, list(tasks), replace=args.replace, runtime=args.format)
+    except bundle.BundleError as e:
+        parser.error(str(e))
+    entries = []
+    for tname, t in tasks.items():
+        try:
+            model, head = bundle.build_task(t, args.weights)
+        except (ValueError, TypeError) as e:
+            msg = str(e)
+            if "fingerprint" in msg:
+                msg = (f"--task {tname}={t.path} was trained on another base than --weights {args.weights} "
+                       f"(fingerprint mismatch): bundle it with the base checkpoint it was trained on")
+            parser.error(msg)
+        data_cfg = getattr(model, "data_cfg", None) or {}
+        reference = exportable(merge_and_unload(copy.deepcopy(model)), head)
+        prep = (bundle.preprocess_cls(t.meta, data_cfg, img_size) if head == "cls"
+                else bundle.preprocess_seg(t.meta, img_size))
+        entry = dict(task_type="cls" if head == "cls" else "seg", head=head, num_classes=int(t.meta["num_classes"]),
+                     class_names=t.meta.get("class_names"), img_size=img_size, preprocess=prep,
+                     method=t.meta.get("method"), source=bundle.file_entry(t.path))
+        entries.append(dict(name=tname, net=exportable(bundle.merge_in_graph(model), head), reference=reference,
+                            entry=entry))
+    base_head = "sam" if "sam" in {e["entry"]["head"] for e in entries} else "cls"
+    base_net = exportable(bundle.build_base(name, head=base_head, model_cfg=model_cfg, img_size=img_size,
+                                            weights=args.weights), base_head)
+    try:
+        manifest = bundle.add_onnx_tasks(args.bundle, manifest, base_net=base_net, base=base, tasks=entries,
+                                         opset=args.opset, seed=args.seed, log=lambda m: print(m, flush=True))
+    except bundle.BundleError as e:
+        raise SystemExit(f"export.py: error: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"export.py: error: cannot write the bundle {args.bundle} ({e}); nothing changed") from None
+    base_bytes = sum(f["bytes"] for f in manifest["base"]["files"].values())
+    for tname in tasks:
+        own = sum(f["bytes"] for f in manifest["tasks"][tname]["files"].values())
+        print(f"bundle {args.bundle}: task {tname} {own / 2**20:.3f} MB = {100 * own / base_bytes:.2f}% of the base's "
+              f"{base_bytes / 2**20:.2f} MB", flush=True)
+    print(json.dumps(dict(bundle=args.bundle, format=args.format, tasks=sorted(manifest["tasks"]),
+                          added=list(tasks), base_bytes=base_bytes)), flush=True)
+
+
+if args.bundle is not None:
+    export_bundle()
+    raise SystemExit(0)
 wmeta = safetensors_meta(args.weights) if args.weights else {}
 if "adapters" in wmeta:
     parser.error(f"--weights {args.weights} is a task file (adapters only); pass it as --task and the base checkpoint "
@@ -177,28 +310,29 @@ if merged_file:
     from safetensors.torch import load_file
     merged_state = load_file(args.weights)
     keys = list(merged_state)
-kind = kind_of(name, keys)
-if tmeta.get("kind") == "seg" and kind == "cls":
-    kind = "fpn"  # an EfficientFormer segmentation task that trained no decode_head tensor (none in practice)
+head = head_of(name, keys)
+if tmeta.get("task_type", tmeta.get("kind")) == "seg" and head == "cls":
+    head = "fpn"  # an EfficientFormer segmentation task that trained no decode_head tensor (none in practice)
 num_classes = stored.get("num_classes") or args.num_classes
 if args.num_classes is not None and int(num_classes) != args.num_classes:
     parser.error(f"--num-classes {args.num_classes}, but {args.task or args.weights} has {num_classes} classes; drop "
                  f"--num-classes")
 fpn = dict(fpn_channels=stored.get("fpn_channels") or 256, fpn_head_channels=stored.get("fpn_head_channels") or 128)
-if kind == "fpn" and "decode_head.conv_seg.weight" in keys:  # the head's sizes from its tensors
+if head == "fpn" and "decode_head.conv_seg.weight" in keys:  # the head's sizes from its tensors
     state = task.tensors if task is not None else merged_state
     num_classes, fpn["fpn_channels"], fpn["fpn_head_channels"] = fpn_widths(state)
-if num_classes is None and kind == "sam":  # a base SAM (Meta's checkpoint): the binary, single-mask output
+if num_classes is None and head == "sam":  # a base SAM (Meta's checkpoint): the binary, single-mask output
     num_classes = 2
 if num_classes is None:  # a base classifier checkpoint alone: its head's size
     num_classes = 1000
     if args.weights:
         from models import read_checkpoint
-        head = {k: v for k, v in read_checkpoint(args.weights).items() if k in ("head.weight", "head_dist.weight")}
-        num_classes = next(iter(head.values())).shape[0] if head else 1000
+        head_tensors = {k: v for k, v in read_checkpoint(args.weights).items()
+                        if k in ("head.weight", "head_dist.weight")}
+        num_classes = next(iter(head_tensors.values())).shape[0] if head_tensors else 1000
 num_classes = int(num_classes)
 trained_size = int(stored["img_size"]) if stored.get("img_size") else None
-img_size = args.img_size or trained_size or (1024 if kind == "sam" else 224)
+img_size = args.img_size or trained_size or (1024 if head == "sam" else 224)
 build_size = trained_size or img_size  # the tables (biases, pos_embed) are stored for the trained size
 if img_size != build_size and not builder_of(name).startswith("ef"):
     parser.error(f"--img-size {img_size}: {name} was trained at {build_size} and a ViT / SAM graph takes exactly its "
@@ -210,11 +344,11 @@ if not args.weights:
 # -----------------------------------------------------------------------------
 # the PyTorch model: base weights, then the task's adapters; or the merged weights
 
-print(f"model {name} ({kind}), {num_classes} classes, trained at {build_size}, exported at {img_size}, "
+print(f"model {name} ({head}), {num_classes} classes, trained at {build_size}, exported at {img_size}, "
       f"format {args.format}{', BN folded' if args.fold_bn else ''}", flush=True)
 torch.manual_seed(args.seed)
 try:
-    model = build_model(name, kind=kind, num_classes=num_classes, img_size=build_size, model_cfg=model_cfg,
+    model = build_model(name, head=head, num_classes=num_classes, img_size=build_size, model_cfg=model_cfg,
                         weights=None if merged_file else args.weights, verbose=True, **fpn)
 except (TypeError, ValueError, FileNotFoundError) as e:  # a bad --model-cfg, a checkpoint of another model
     parser.error(f"cannot build {name} from {args.weights or 'random weights'}: {e}")
@@ -244,7 +378,7 @@ merged = merge_and_unload(model)  # plain nn.Linear / nn.Conv2d again: the base 
 if args.fold_bn:
     folded, left = fold_all_bn(merged)
     print(f"folded {folded} BatchNorms into their convs ({left} left)", flush=True)
-net, ref_net = exportable(merged, kind), exportable(unmerged, kind)
+net, ref_net = exportable(merged, head), exportable(unmerged, head)
 
 arch, arch_kwargs, note = reference_arch(merged)
 if note:
@@ -323,7 +457,7 @@ size_mb = os.path.getsize(out) / 2**20
 x1 = inputs[1]
 flops_merged = count_flops(net, x1)[0] / 1e9
 flops_unmerged = count_flops(ref_net, x1)[0] / 1e9
-result = dict(out=args.out, format=args.format, model=name, kind=kind, img_size=img_size, fold_bn=args.fold_bn,
+result = dict(out=args.out, format=args.format, model=name, head=head, img_size=img_size, fold_bn=args.fold_bn,
               task=args.task, max_abs_diff=max(diffs.values()), max_abs_diff_vs_unmerged=max(diffs_adapted.values()),
               size_mb=round(size_mb, 3), gflops=round(flops_merged, 4), gflops_unmerged=round(flops_unmerged, 4),
               threads=torch.get_num_threads())

@@ -1,15 +1,15 @@
 """Building a trained task for deployment: the pieces export.py and bench/bench_export.py share.
 
-    build_model(name, kind=..., num_classes=..., img_size=...)   the network as the training script built it
-    kind_of(name, keys), fpn_widths(state)                        what a task / merged file holds, from its tensors
+    build_model(name, head=..., num_classes=..., img_size=...)   the network as the training script built it
+    head_of(name, keys), fpn_widths(state)                        what a task / merged file holds, from its tensors
     add_task_adapters(model, adapters)                            the task file's adapters, rebuilt from their configs
     fold_all_bn(model)                                            every conv -> BatchNorm pair folded into the conv
     export_onnx(net, x, path), export_pt2(net, x, path)           the two exporters, batch dimension dynamic
-    exportable(model, kind)                                       what the exporters trace: the model, or for SAM
+    exportable(model, head)                                       what the exporters trace: the model, or for SAM
     Segment(model=sam)                                            forward(x) = sam.segment(x) (the prompt-free path)
     onnx_op_counts(path), median_time(fn, x)                      the structural check and the latency numbers
 
-Three kinds of network come out of the training scripts:
+Three heads (the network on the backbone) come out of the training scripts:
     cls   EfficientFormer / ViT classifier (train_cls.py)               (B, 3, S, S) -> (B, K) logits
     fpn   EfficientFormer + Semantic FPN (train_seg.py --model efl*)    (B, 3, S, S) -> (B, K, S, S) logits
     sam   SAM ViT-B, prompt-free (train_seg.py --model sam_vitb)        (B, 3, S, S) -> (B, K, S, S) logits
@@ -32,7 +32,7 @@ from ia3 import add_ia3
 from lora import LoRALinear, add_lora, runs_to_rows
 from models import PRESETS, create_model, ef_semantic_fpn, load_pretrained
 
-KINDS = ("cls", "fpn", "sam")
+HEADS = ("cls", "fpn", "sam")
 
 
 def builder_of(name: str) -> str:
@@ -40,14 +40,14 @@ def builder_of(name: str) -> str:
     return PRESETS[name][0] if name in PRESETS else name
 
 
-def kind_of(name: str, keys) -> str:
-    """cls / fpn / sam from the model name and the state_dict keys of a merged export (or a task's)."""
+def head_of(name: str, keys) -> str:
+    """The head, cls / fpn / sam, from the model name and the state_dict keys of a merged export (or a task's)."""
     if builder_of(name) == "sam_vitb":
         return "sam"
     return "fpn" if any(k.startswith("decode_head.") for k in keys) else "cls"
 
 
-def build_model(name: str, *, kind: str, num_classes: int, img_size: int, model_cfg: dict | None = None,
+def build_model(name: str, *, head: str, num_classes: int, img_size: int, model_cfg: dict | None = None,
                 fpn_channels: int = 256, fpn_head_channels: int = 128, weights: str | None = None,
                 verbose: bool = False) -> nn.Module:
     """The network of a task, exactly as train_cls.py / train_seg.py build it (same modules, same state_dict
@@ -55,7 +55,7 @@ def build_model(name: str, *, kind: str, num_classes: int, img_size: int, model_
 
     Args:
         name: models.create_model name (efl7, vitb, sam_vitb, ef_tiny, ...).
-        kind: "cls", "fpn" or "sam".
+        head: "cls" (classifier), "fpn" (Semantic FPN) or "sam" (SAM's mask decoder).
         num_classes: classes of the task (SAM's binary task: 2, one logit map).
         img_size: the trained input side.
         model_cfg: builder keywords (--model-cfg), on top of a preset's.
@@ -65,17 +65,17 @@ def build_model(name: str, *, kind: str, num_classes: int, img_size: int, model_
     """
     cfg = {**PRESETS.get(name, (name, {}))[1], **(model_cfg or {})}
     builder = builder_of(name)
-    if kind == "cls":
+    if head == "cls":
         model = create_model(builder, num_classes=num_classes, img_size=img_size, **cfg)
-    elif kind == "sam":
+    elif head == "sam":
         model = create_model(builder, img_size=img_size, num_classes=1 if num_classes <= 2 else num_classes, **cfg)
-    elif kind == "fpn":
+    elif head == "fpn":
         model = create_model(builder, num_classes=0, img_size=img_size, **cfg)  # the backbone
     else:
-        raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
+        raise ValueError(f"unknown head {head!r}; one of {HEADS}")
     if weights:
         load_pretrained(model, weights, strict=True, verbose=verbose)
-    if kind == "fpn":  # the final norm is dropped after loading, as train_seg.py does
+    if head == "fpn":  # the final norm is dropped after loading, as train_seg.py does
         model = ef_semantic_fpn(model, num_classes=num_classes, channels=fpn_channels, head_channels=fpn_head_channels)
     return model.eval()
 
@@ -93,14 +93,15 @@ def add_task_adapters(model: nn.Module, adapters: dict) -> None:
     tasks.task_file.save_task usable, whichever script and method wrote it. ValueError for another model's task."""
     groups = {"lora": {}, "conv_lora": {}, "ia3": {}}
     for name, cfg in adapters.items():
-        kind = cfg.get("type")
-        if kind not in groups:
-            raise ValueError(f"adapter {name}: unknown type {kind!r} (lora, conv_lora or ia3)")
-        if kind == "ia3":
-            groups[kind][re.escape(name)] = dict(mode=cfg["mode"], rows=runs_to_rows(cfg.get("rows")))
+        adapter_type = cfg.get("type")
+        if adapter_type not in groups:
+            raise ValueError(f"adapter {name}: unknown type {adapter_type!r} (lora, conv_lora or ia3)")
+        if adapter_type == "ia3":
+            groups[adapter_type][re.escape(name)] = dict(mode=cfg["mode"], rows=runs_to_rows(cfg.get("rows")))
         else:
-            groups[kind][re.escape(name)] = dict(r=cfg["r"], alpha=cfg["alpha"], learn_interp=cfg["learn_interp"],
-                                                 **({"rows": runs_to_rows(cfg.get("rows"))} if kind == "lora" else {}))
+            rows = {"rows": runs_to_rows(cfg.get("rows"))} if adapter_type == "lora" else {}
+            groups[adapter_type][re.escape(name)] = dict(r=cfg["r"], alpha=cfg["alpha"],
+                                                         learn_interp=cfg["learn_interp"], **rows)
     try:
         if groups["lora"]:
             add_lora(model, groups["lora"], layers={nn.Linear: LoRALinear})
@@ -149,9 +150,9 @@ class Segment(nn.Module):
         return self.model.segment(x)  # (B, 3, S, S) -> (B, K, S, S)
 
 
-def exportable(model: nn.Module, kind: str) -> nn.Module:
+def exportable(model: nn.Module, head: str) -> nn.Module:
     """The module whose forward(x) the exporters trace: the model, or Segment(model) for SAM."""
-    return Segment(model=model).eval() if kind == "sam" else model.eval()
+    return Segment(model=model).eval() if head == "sam" else model.eval()
 
 
 def export_onnx(net: nn.Module, example: torch.Tensor, path, *, opset: int | None = None) -> None:

@@ -45,20 +45,20 @@ def make_task(folder: Path, kind: str, name: str, method: str, num_classes: int,
     """Write base.safetensors (random weights, random BN statistics) and task.safetensors (adapters and head of
     `method`, every trained tensor random) as train_cls.py / train_seg.py do; return (base, task, adapted model)."""
     torch.manual_seed(seed)
-    base = build_model(name, kind="sam" if kind == "sam" else "cls", img_size=size,
+    base = build_model(name, head="sam" if kind == "sam" else "cls", img_size=size,
                        num_classes=num_classes if kind == "sam" else 1000)
     random_bn_stats(base)
     base_file = folder / f"{kind}_base.safetensors"
     save_file(base.state_dict(), str(base_file))
     if kind == "cls":
-        model = build_model(name, kind="cls", num_classes=num_classes, img_size=size, weights=str(base_file))
+        model = build_model(name, head="cls", num_classes=num_classes, img_size=size, weights=str(base_file))
         apply_method(model, name, method, r=4, rc=2, learn_interp=True)
     elif kind == "fpn":  # train_seg.py: backbone from the checkpoint, adapted, then the new Semantic FPN head
-        model = build_model(name, kind="cls", num_classes=0, img_size=size, weights=str(base_file))
+        model = build_model(name, head="cls", num_classes=0, img_size=size, weights=str(base_file))
         apply_method(model, name, method, r=4, rc=2, head_names=())
         model = ef_semantic_fpn(model, num_classes=num_classes, channels=32, head_channels=16)
     else:
-        model = build_model(name, kind="sam", num_classes=num_classes, img_size=size, weights=str(base_file))
+        model = build_model(name, head="sam", num_classes=num_classes, img_size=size, weights=str(base_file))
         apply_sam_method(model, method, num_classes=num_classes, r=4, learn_interp=method == "lora")
     with torch.no_grad():
         for n, p in model.named_parameters():
