@@ -39,7 +39,6 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as torch_dist
@@ -49,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from data import DATASETS, build_datasets
-from lora import freeze_bn_stats, merge_and_unload
+from lora import freeze_bn_stats, load_adapters, merge_and_unload
 from methods import METHODS, apply_method
 from methods.sparse import (
     MaskKeeper,
@@ -75,6 +74,18 @@ from training.cli import (
     strip_leading_dashdash,
     user_errors,
 )
+from training.controls import (
+    add_control_args,
+    apply_model_controls,
+    check_control_args,
+    control_settings,
+    control_state,
+    grad_norm_stats,
+    make_record,
+    make_scaler_and_ema,
+    resume_controls,
+    to_input,
+)
 from training.distributed import (
     all_reduce_sum,
     cleanup_distributed,
@@ -84,6 +95,7 @@ from training.distributed import (
     shard_loader,
     train_loader_for,
 )
+from training.precision import autocast as amp_autocast
 from training.report import open_tensorboard, plot_curves, progress
 from training.run_dir import (
     open_run,
@@ -95,6 +107,7 @@ from training.run_dir import (
     stop_if_not_finite,
 )
 from training.schedule import cosine_lr_factor
+from training.steps import grad_sync, micro_batches, optimizer_step
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: classification backbones only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0] != "sam_vitb"}
@@ -103,7 +116,7 @@ MODELS = ("efl1", "efl3", "efl7", "vits", "vitb", *PRESETS)
 RESUME_KEYS = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
               "train_norms", "dropout", "sparsity", "mask", "data", "data_root", "skip_corrupt", "synthetic_classes",
               "synthetic_train", "synthetic_val", "img_size", "randaug", "epochs", "warmup_epochs", "batch_size", "lr",
-              "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed")
+              "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed", "clip_grad", "ema", "final_model")
 
 # -----------------------------------------------------------------------------
 # configuration: every option, with its default, is in --help
@@ -172,14 +185,22 @@ g.add_argument("--count-only", action="store_true",
 g.add_argument("--num-classes", type=int, default=None,
                help="--count-only: head size, instead of building the dataset to find it")
 g.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
-g.add_argument("--compile", action="store_true", help="torch.compile the model")
 g.add_argument("--tensorboard", action="store_true",
                help="also write the per-epoch scalars of summary.csv for TensorBoard into OUT/tb (needs the "
                     "tensorboard package)")
+g.add_argument("--final-model", default="last", choices=("last", "ema"),
+               help="the model the task file and merged.safetensors keep: the last step's (default) or the EMA of "
+                    "--ema")
+g.add_argument("--eval-only", default=None, metavar="FILE",
+               help="train nothing: load FILE (a task file OUT/adapters.safetensors, or a checkpoint's "
+                    "OUT/ckpt/epoch_N.safetensors) into the model the other flags build (the same --model, --method, "
+                    "ranks, --weights and --seed as its run), score it on the validation split (and the test split "
+                    "where the dataset has one) and write the metrics to OUT/eval.json")
 g.add_argument("--stop-after-epoch", type=int, default=None,
                help="testing: exit once this epoch's checkpoint is written, as if the run had been killed")
 g.add_argument("--inject-nan-step", type=int, default=None,
                help="testing: make the loss NaN at this optimizer step, to exercise the NaN guard")
+add_control_args(parser)  # --amp, --accum-steps, --clip-grad, --grad-ckpt, --compile, --channels-last, --ema
 args = parser.parse_args(strip_leading_dashdash(sys.argv[1:]))  # a stray leading "--" (torchrun ... -- --flags)
 if args.warmup_epochs is None:
     args.warmup_epochs = min(2.0, args.epochs / 2)
@@ -191,6 +212,7 @@ check_common_args(parser, args)  # ranges of the shared flags, --warmup-epochs <
 with user_errors(parser):  # --device cuda without CUDA
     dist = setup_distributed(args.device)
 master = dist.master  # rank 0 logs, writes the files; every rank trains and evaluates its share
+check_control_args(parser, args, dist)  # ranges; --amp's default (bf16 on CUDA, off on the CPU) and support
 
 
 def log(*a):
@@ -215,7 +237,8 @@ if args.batch_size % dist.world_size:
 model_cfg = parse_model_cfg(parser, preset_cfg, args.model_cfg)
 # --out: a writable directory, locked for this run; a finished run there is refused without --resume; leftovers
 # of a killed run (temporaries, stale epoch files) are removed and counted. And a loud warning without --weights.
-open_run(parser, args, dist, log)
+if not args.eval_only:
+    open_run(parser, args, dist, log)
 
 # -----------------------------------------------------------------------------
 # model and data. The head is sized once the dataset has told the number of classes.
@@ -260,7 +283,8 @@ elif args.mask is not None:
         masks = load_masks(args.mask)
         apply_masks(model, masks)
 base_keys = set(model.state_dict())  # the merged export must have exactly these keys
-save_random_base(parser, args, model, master=master)  # no --weights: OUT/base.safetensors
+if not args.eval_only:
+    save_random_base(parser, args, model, master=master)  # no --weights: OUT/base.safetensors
 
 with user_errors(parser):  # e.g. a rank larger than a layer allows
     info = apply_method(model, args.model, args.method, r=args.r, rc=rc, alpha=args.alpha,
@@ -279,6 +303,7 @@ log(f"{args.model} / {args.method}: {info['trainable_params']:,} trainable of {i
     f"(#Params {info['adapter_params']:,} + head {info['head_params']:,}), {len(info['adapted_layers'])} layers "
     f"adapted, {nonzero:,} non-zero base parameters")
 model.to(dist.device)
+apply_model_controls(parser, args, model)  # --grad-ckpt, --channels-last
 # full / attn on a sparse backbone train the kept weights only: the mask survives training
 train_masks = None
 if masks is not None and args.method in ("full", "attn"):
@@ -302,6 +327,7 @@ for name, p in model.named_parameters():
     groups.setdefault((factor, decay), []).append(p)
 optimizer = torch.optim.AdamW([dict(params=ps, lr_factor=f, weight_decay=wd) for (f, wd), ps in groups.items()],
                               lr=args.lr, fused=dist.device.type == "cuda")
+params = [p for group in optimizer.param_groups for p in group["params"]]  # the trained tensors (--clip-grad)
 for group in optimizer.param_groups:
     log(f"  param group: LR factor {group['lr_factor']}, weight decay {group['weight_decay']}: "
         f"{sum(p.numel() for p in group['params']):,} parameters in {len(group['params'])} tensors")
@@ -341,6 +367,12 @@ if args.resume:
                        master=master, log=log)
     if state is not None:
         start_epoch, history = state["epoch"], json.loads(state["history"])
+# the fp16 loss scaler and the EMA of --ema (made after the resume: without a saved average it starts there); the
+# run record (versions, GPU, git commit) goes into args.json, the checkpoints and the task file
+scaler, ema = make_scaler_and_ema(args, model, dist.device)
+record = make_record(dist)
+if args.resume:
+    resume_controls(state, scaler, ema, record, log)
 
 # -----------------------------------------------------------------------------
 # wrap: torch.compile, then DDP (which registers only the parameters with requires_grad)
@@ -351,13 +383,17 @@ if args.compile:
 eval_model = model  # evaluation skips DDP: the ranks evaluate different numbers of batches
 if dist.ddp:
     model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext()
-log(f"{dist.world_size} process(es) on {dist.device}{' with bf16 autocast' if dist.device.type == 'cuda' else ''}: "
-    f"{per_rank_batch} images per process and step, {steps_per_epoch} steps per epoch, {total_steps} in all")
+autocast = amp_autocast(args.amp, dist.device)  # --amp: bf16 / fp16 autocast, or nothing
+micro = per_rank_batch // args.accum_steps
+log(f"{dist.world_size} process(es) on {dist.device}, --amp {args.amp}: {per_rank_batch} images per process and "
+    f"step" + (f" in {args.accum_steps} micro-batches of {micro}" if args.accum_steps > 1 else "")
+    + f", {steps_per_epoch} steps per epoch, {total_steps} in all")
 tb = open_tensorboard(parser, os.path.join(args.out, "tb")) if args.tensorboard and master else None
 if master:
     with user_errors(parser):  # a disk that filled up since the start
-        atomic_write_text(json.dumps(vars(args), indent=1), os.path.join(args.out, "args.json"))
+        if not args.eval_only:
+            atomic_write_text(json.dumps(dict(vars(args), run_record=record), indent=1),
+                              os.path.join(args.out, "args.json"))
 
 
 @torch.no_grad()
@@ -368,7 +404,7 @@ def evaluate(net: nn.Module, loader: DataLoader) -> tuple[int, int, torch.Tensor
     correct, top5, loss, preds = 0, 0, 0.0, []
     for x, y in batches(loader, parser):
         with autocast:
-            logits = net(x.to(dist.device, non_blocking=True)).float().cpu()  # (B, num_classes)
+            logits = net(to_input(x, args, dist.device)).float().cpu()  # (B, num_classes)
         p = logits.argmax(-1)  # (B,)
         correct += (p == y).sum().item()
         top5 += (logits.topk(min(5, logits.shape[1]), -1).indices == y[:, None]).any(-1).sum().item()
@@ -391,6 +427,27 @@ def count_skipped() -> int:
 
 
 # -----------------------------------------------------------------------------
+# --eval-only: a task file or a checkpoint scored with this script's protocol; nothing trains
+
+if args.eval_only:
+    with user_errors(parser):  # a missing file, adapters of another model / method / base
+        load_adapters(raw_model, args.eval_only)
+    correct, count, _, ev = evaluate(eval_model, eval_loader)
+    result = dict(file=args.eval_only, model=args.model, method=args.method, data=args.data, split="val",
+                  count=count, eval_acc=correct / count, eval_top5=ev["top5"], eval_loss=ev["loss"])
+    if test_ds is not None:
+        test_correct, test_count, _, _ = evaluate(eval_model, eval_loader_for(test_ds))
+        result.update(test_acc=test_correct / test_count, test_count=test_count)
+    if master:
+        with user_errors(parser):
+            os.makedirs(args.out, exist_ok=True)
+            atomic_write_text(json.dumps(result, indent=1), os.path.join(args.out, "eval.json"))
+        print(json.dumps(result), flush=True)
+    cleanup_distributed(dist)
+    sys.exit(0)
+
+
+# -----------------------------------------------------------------------------
 # training
 
 step = start_epoch * steps_per_epoch
@@ -410,26 +467,37 @@ for epoch in range(start_epoch, args.epochs):
     train_sampler.set_epoch(epoch)  # this epoch's order
     model.train()
     freeze_bn_stats(raw_model)  # BatchNorms with frozen params keep the pretrained running statistics
-    t0, loss_sum, seen = time.time(), 0.0, 0
+    t0, loss_sum, seen, grad_norms = time.time(), 0.0, 0, []
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)  # this epoch's peak, evaluation included
     # a bar on a terminal; written to a file, a plain line every 30 s instead of carriage-return frames
     pbar = progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", enabled=master)
     for x, y in batches(pbar, parser):
         lr = args.lr * cosine_lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_factor"]
-        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
-        with autocast:
-            logits = model(x)  # (B, num_classes)
-        loss = F.cross_entropy(logits.float(), y)
-        if step == args.inject_nan_step:
-            loss = loss * float("nan")
+        x, y = to_input(x, args, dist.device), y.to(dist.device, non_blocking=True)
+        # --accum-steps K: K forward / backward passes, each micro-batch's mean loss / K, so the gradient is the
+        # whole batch's mean; DDP all-reduces the summed gradients in the last backward only (grad_sync)
+        optimizer.zero_grad(set_to_none=True)
+        loss = 0.0
+        for i, (xm, ym) in enumerate(micro_batches((x, y), args.accum_steps)):
+            with grad_sync(model, last=i == args.accum_steps - 1):
+                with autocast:
+                    logits = model(xm)  # (B / K, num_classes)
+                micro_loss = F.cross_entropy(logits.float(), ym) / args.accum_steps
+                if step == args.inject_nan_step:
+                    micro_loss = micro_loss * float("nan")
+                scaler.scale(micro_loss).backward()  # fp16: the loss times the scale, so small gradients survive
+            loss = loss + micro_loss.detach()
         # a NaN/inf loss on any rank stops every rank before the update; the last checkpoint stays as it is
         stop_if_not_finite(loss, step=step, epoch=epoch, history=history, ckpt_dir=ckpt_dir, dist=dist, log=log,
-                           fix="Lower --lr or the LR factors")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients over the ranks here (masked ones: see MaskKeeper above)
-        optimizer.step()
+                           fix="Lower --lr or the LR factors (or try --clip-grad)")
+        # unscale (fp16), --clip-grad, the AdamW step (masked weights: see MaskKeeper above), the loss scale's update
+        grad_norms.append(optimizer_step(optimizer, scaler, params, clip_grad=args.clip_grad))
         step += 1
+        if ema is not None:
+            ema.update(raw_model, step)
         loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
         if master:
             pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
@@ -449,6 +517,12 @@ for epoch in range(start_epoch, args.epochs):
     history.append(dict(epoch=epoch + 1, step=step, train_loss=loss_sum / seen, eval_acc=acc, eval_loss=ev["loss"],
                         eval_top5=ev["top5"], lr=lr, img_per_s=round(seen / train_time, 1),
                         time_s=round(time.time() - t0, 2)))
+    if ema is not None and acc is not None:  # the EMA's weights scored on the same images, beside the raw model's
+        with ema.swapped_into(raw_model):
+            ema_correct, _, _, ema_ev = evaluate(eval_model, eval_loader)
+        history[-1].update(ema_eval_acc=ema_correct / count, ema_eval_loss=ema_ev["loss"], ema_eval_top5=ema_ev["top5"])
+        acc_text += f", EMA top-1 {100 * ema_correct / count:.2f}%"
+    history[-1].update(grad_norm_stats(grad_norms, args.clip_grad, dist.device))
     log(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, {acc_text}, {seen / train_time:.0f} img/s")
     if args.skip_corrupt:
         history[-1]["skipped_images"] = count_skipped()
@@ -457,7 +531,7 @@ for epoch in range(start_epoch, args.epochs):
         with user_errors(parser):  # disk full, read-only file system: the message says so (and what to do)
             save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
                             state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
-                                       args=json.dumps(vars(args))),
+                                       args=json.dumps(vars(args)), **control_state(scaler, ema, record)),
                             metadata=dict(model=args.model, method=args.method, num_classes=num_classes))
             write_jsonl(history, os.path.join(args.out, "log.jsonl"))
             write_csv(csv_rows(history), os.path.join(args.out, "summary.csv"), CSV_COLUMNS)
@@ -472,17 +546,24 @@ for epoch in range(start_epoch, args.epochs):
 # -----------------------------------------------------------------------------
 # merge the adapters into the weights, check the merged model predicts as the adapted one, export
 
+if args.final_model == "ema":  # the EMA's values become the model's: the task file, the merge, the export
+    ema.copy_into(raw_model)
+    final_eval = None
 correct, count, preds, _ = final_eval if final_eval is not None else evaluate(eval_model, eval_loader)
 if master:  # the task itself: adapters + head + trained norms / biases / BN statistics + how to use them
     class_names = getattr(train_ds, "classes", None)
     with user_errors(parser):  # disk full, read-only file system: as train_seg.py / train_det.py
         save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
-            kind="cls", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=rc, alpha=args.alpha,
+            task_type="cls", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=rc,
+            alpha=args.alpha,
             learn_interp=args.learn_interp, train_norms=args.train_norms, train_biases=args.train_biases,
             num_classes=num_classes, class_names=list(class_names) if class_names is not None else None,
             img_size=args.img_size, mean=list(data_cfg["mean"]), std=list(data_cfg["std"]),
             interpolation=data_cfg["interpolation"], crop_pct=data_cfg["crop_pct"], data=args.data,
-            sparsity=args.sparsity, mask=args.mask, eval_acc=correct / count))
+            sparsity=args.sparsity, mask=args.mask, eval_acc=correct / count, final_model=args.final_model,
+            training=control_settings(args), run_record=record))
+if args.channels_last:  # the merge and the export in the usual layout
+    raw_model.to(memory_format=torch.contiguous_format)
 masked_model = copy.deepcopy(raw_model) if masks is not None else None
 merged = merge_and_unload(raw_model)  # dense merge: W0 + dW in every adapted layer, plain nn.Linear / nn.Conv2d
 merged_correct, _, merged_preds, _ = evaluate(merged, eval_loader)

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dataio.det import DET_DATASETS, build_det_datasets, det_collate
-from lora import freeze_bn_stats, merge_and_unload
+from lora import freeze_bn_stats, load_adapters, merge_and_unload
 from methods import apply_method
 from models import PRESETS as ALL_PRESETS
 from models import create_model, load_pretrained
@@ -55,6 +55,17 @@ from training.cli import (
     strip_leading_dashdash,
     user_errors,
 )
+from training.controls import (
+    add_control_args,
+    apply_model_controls,
+    check_control_args,
+    control_settings,
+    control_state,
+    grad_norm_stats,
+    make_record,
+    make_scaler_and_ema,
+    resume_controls,
+)
 from training.det_eval import coco_evaluate, to_coco_results
 from training.distributed import (
     all_reduce_sum,
@@ -65,6 +76,7 @@ from training.distributed import (
     shard_loader,
     train_loader_for,
 )
+from training.precision import DTYPES
 from training.report import progress
 from training.run_dir import (
     open_run,
@@ -76,6 +88,7 @@ from training.run_dir import (
     stop_if_not_finite,
 )
 from training.schedule import step_lr_factor
+from training.steps import grad_sync, micro_batches, optimizer_step
 
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if v[0].startswith("ef")}  # EfficientFormer backbones only
 MODELS = ("efl1", "efl3", "efl7", *PRESETS)
@@ -85,7 +98,7 @@ NUM_CLASSES = {"coco": 80, "synthetic": 3}  # object classes (the detector adds 
 RESUME_KEYS = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "train_biases", "train_norms",
               "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "data", "data_root", "img_size",
               "max_size", "synthetic_train", "synthetic_val", "epochs", "lr_steps", "warmup_iters", "batch_size", "lr",
-              "weight_decay", "seed")
+              "weight_decay", "seed", "clip_grad", "ema", "final_model")
 
 # -----------------------------------------------------------------------------
 # configuration: every option, with its default, is in --help
@@ -144,10 +157,19 @@ g.add_argument("--resume", action="store_true", help="continue from the last com
 g.add_argument("--count-only", action="store_true",
                help="print one JSON line (backbone #Params and the FPN / RPN / RoI head counts) and exit")
 g.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+g.add_argument("--final-model", default="last", choices=("last", "ema"),
+               help="the model the task file and merged.safetensors keep: the last step's (default) or the EMA of "
+                    "--ema")
+g.add_argument("--eval-only", default=None, metavar="FILE",
+               help="train nothing: load FILE (a task file OUT/adapters.safetensors, or a checkpoint's "
+                    "OUT/ckpt/epoch_N.safetensors) into the detector the other flags build (the same --model, "
+                    "--method, head sizes, --weights and --seed as its run), score it with COCOeval on the "
+                    "validation split and write the metrics to OUT/eval.json")
 g.add_argument("--stop-after-epoch", type=int, default=None,
                help="testing: exit once this epoch's checkpoint is written, as if the run had been killed")
 g.add_argument("--inject-nan-step", type=int, default=None,
                help="testing: make the loss NaN at this optimizer step, to exercise the NaN guard")
+add_control_args(parser)  # --amp, --accum-steps, --clip-grad, --grad-ckpt, --compile, --channels-last, --ema
 args = parser.parse_args(strip_leading_dashdash(sys.argv[1:]))  # a stray leading "--" (torchrun ... -- --flags)
 check_common_args(parser, args)  # ranges of the shared flags, --weights exists
 
@@ -157,6 +179,7 @@ check_common_args(parser, args)  # ranges of the shared flags, --weights exists
 with user_errors(parser):  # --device cuda without CUDA
     dist = setup_distributed(args.device)
 master = dist.master
+check_control_args(parser, args, dist)  # ranges; --amp's default (bf16 on CUDA, off on the CPU) and support
 
 
 def log(*a):
@@ -182,7 +205,8 @@ if args.batch_size % dist.world_size:
 model_cfg = parse_model_cfg(parser, preset_cfg, args.model_cfg)
 # --out: a writable directory, locked for this run; a finished run there is refused without --resume; leftovers
 # of a killed run (temporaries, stale epoch files) are removed and counted. And a loud warning without --weights.
-open_run(parser, args, dist, log)
+if not args.eval_only:
+    open_run(parser, args, dist, log)
 
 # -----------------------------------------------------------------------------
 # model: EfficientFormer (+ adapters of --method) -> GroupNorm + FPN -> RPN -> 3-stage cascade with mask heads
@@ -197,7 +221,8 @@ def build_detector(num_classes: int) -> tuple[nn.Module, dict, set]:
     if args.weights:
         with user_errors(parser):  # a damaged file, a layout that does not fit --model
             load_pretrained(body, args.weights, strict=True, verbose=master and not args.count_only)
-    save_random_base(parser, args, body, master=master)  # no --weights: OUT/base.safetensors (the backbone)
+    if not args.eval_only:
+        save_random_base(parser, args, body, master=master)  # no --weights: OUT/base.safetensors (the backbone)
     body.norm = nn.Identity()  # forward_pyramid never reaches the final norm: no dead trainable params
     apply_method(body, args.model, "linear" if args.method == "frozen" else args.method, r=args.r, rc=rc,
                  alpha=args.alpha, train_biases=args.train_biases, train_norms=args.train_norms, head_names=())
@@ -255,8 +280,11 @@ log(f"{args.model} / {args.method}: {counts['trainable_params']:,} trainable of 
     f"backbone #Params {counts['adapter_params']:,} (of {counts['backbone_params']:,}), head: FPN "
     f"{counts['fpn_params']:,} + RPN {counts['rpn_params']:,} + RoI heads {counts['roi_heads_params']:,}")
 model.to(dist.device)
-if dist.device.type == "cuda":
-    model.backbone.amp_dtype = torch.bfloat16  # backbone + FPN in bf16; boxes, losses in float32
+apply_model_controls(parser, args, model)  # --grad-ckpt (the EfficientFormer's blocks), --channels-last
+# --amp: the backbone + FPN under autocast; anchors, boxes, RoI sampling and the losses stay float32
+model.backbone.amp_dtype = DTYPES.get(args.amp)
+if args.compile:  # in place (the state_dict keys stay); the RPN and RoI heads have data-dependent shapes
+    model.backbone.compile()
 
 # -----------------------------------------------------------------------------
 # optimizer: AdamW over the trainable parameters, weight decay on matrices / kernels only
@@ -265,6 +293,7 @@ decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
 no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
 optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
                                dict(params=no_decay, weight_decay=0.0)], lr=args.lr)
+params = decay + no_decay  # the trained tensors (--clip-grad)
 
 # -----------------------------------------------------------------------------
 # loaders: DistributedSampler (also on one process, the same shuffle), drop_last: the same steps whatever the
@@ -299,15 +328,23 @@ if args.resume:
                        master=master, log=log)
     if state is not None:
         start_epoch, history = state["epoch"], json.loads(state["history"])
+# the fp16 loss scaler and the EMA of --ema (made after the resume: without a saved average it starts there); the
+# run record (versions, GPU, git commit) goes into args.json, the checkpoints and the task file
+scaler, ema = make_scaler_and_ema(args, model, dist.device)
+record = make_record(dist)
+if args.resume:
+    resume_controls(state, scaler, ema, record, log)
 
 raw_model = model  # adapters, checkpoints and the merge work on the plain module
 if dist.ddp:
     model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-log(f"{dist.world_size} process(es) on {dist.device}: {per_rank_batch} images per process and step, "
-    f"{steps_per_epoch} steps per epoch, {total_steps} in all")
-if master:
+micro_text = f" in {args.accum_steps} micro-batches" if args.accum_steps > 1 else ""
+log(f"{dist.world_size} process(es) on {dist.device}, --amp {args.amp}: {per_rank_batch} images per process and "
+    f"step{micro_text}, {steps_per_epoch} steps per epoch, {total_steps} in all")
+if master and not args.eval_only:
     with user_errors(parser):
-        atomic_write_text(json.dumps(vars(args), indent=1), os.path.join(args.out, "args.json"))
+        atomic_write_text(json.dumps(dict(vars(args), run_record=record), indent=1),
+                          os.path.join(args.out, "args.json"))
 
 
 def to_device(targets: list[dict]) -> list[dict]:
@@ -340,6 +377,22 @@ def metrics_text(m: dict) -> str:
 
 
 # -----------------------------------------------------------------------------
+# --eval-only: a task file or a checkpoint scored with COCOeval on val; nothing trains
+
+if args.eval_only:
+    with user_errors(parser):  # a missing file, adapters of another model / method / head / base
+        load_adapters(raw_model, args.eval_only)
+    result = dict(file=args.eval_only, model=args.model, method=args.method, data=args.data, split="val",
+                  count=len(val_ds), **evaluate(raw_model))
+    if master:
+        with user_errors(parser):
+            os.makedirs(args.out, exist_ok=True)
+            atomic_write_text(json.dumps(result, indent=1), os.path.join(args.out, "eval.json"))
+        print(json.dumps(result), flush=True)
+    cleanup_distributed(dist)
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
 # training
 
 step = start_epoch * steps_per_epoch
@@ -349,22 +402,34 @@ for epoch in range(start_epoch, args.epochs):
     train_sampler.set_epoch(epoch)
     model.train()
     freeze_bn_stats(raw_model)  # BatchNorms with frozen params keep the pretrained running statistics
-    t0, sums, seen = time.time(), {}, 0
+    t0, sums, seen, grad_norms = time.time(), {}, 0, []
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)  # this epoch's peak, evaluation included
     pbar = progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", enabled=master)
     for images, targets in pbar:
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        losses = model([im.to(dist.device, non_blocking=True) for im in images], to_device(targets))
-        loss = sum(losses.values())  # RPN + the three stages' weighted box, class and mask losses
-        if step == args.inject_nan_step:
-            loss = loss * float("nan")
-        # a NaN/inf loss on any rank stops every rank before the update; the last checkpoint stays as it is
-        stop_if_not_finite(loss, step=step, epoch=epoch, history=history, ckpt_dir=ckpt_dir, dist=dist, log=log)
+        # --accum-steps K: K forward / backward passes, each micro-batch's losses / K; DDP all-reduces the summed
+        # gradients in the last backward only (grad_sync). The RPN / RoI samples are drawn per micro-batch
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients over the ranks here
-        optimizer.step()
+        loss, losses = 0.0, {}
+        for j, (ims, tgs) in enumerate(micro_batches((images, targets), args.accum_steps)):
+            with grad_sync(model, last=j == args.accum_steps - 1):
+                micro = model([im.to(dist.device, non_blocking=True) for im in ims], to_device(tgs))
+                micro_loss = sum(micro.values()) / args.accum_steps  # RPN + the 3 stages' box, class, mask losses
+                if step == args.inject_nan_step:
+                    micro_loss = micro_loss * float("nan")
+                scaler.scale(micro_loss).backward()  # fp16: the loss times the scale, so small gradients survive
+            loss = loss + micro_loss.detach()
+            losses = {k: losses.get(k, 0.0) + v.detach() / args.accum_steps for k, v in micro.items()}
+        # a NaN/inf loss on any rank stops every rank before the update; the last checkpoint stays as it is
+        stop_if_not_finite(loss, step=step, epoch=epoch, history=history, ckpt_dir=ckpt_dir, dist=dist, log=log,
+                           fix="Lower --lr (or try --clip-grad)")
+        grad_norms.append(optimizer_step(optimizer, scaler, params, clip_grad=args.clip_grad))  # unscale, clip, step
         step += 1
+        if ema is not None:
+            ema.update(raw_model, step)
         seen += len(images)
         for k, v in [("loss", loss), *losses.items()]:
             sums[k] = sums.get(k, 0.0) + v.item() * len(images)
@@ -387,12 +452,17 @@ for epoch in range(start_epoch, args.epochs):
     history.append(dict(epoch=epoch + 1, step=step, lr=lr, train_loss=train_losses["loss"],
                         losses={k: v for k, v in train_losses.items() if k != "loss"}, **metrics,
                         img_per_s=round(totals[0] / train_time, 2), time_s=round(time.time() - t0, 2)))
+    if ema is not None and metrics:  # the EMA's weights scored on the same images, beside the raw model's
+        with ema.swapped_into(raw_model):
+            history[-1].update({f"ema_{k}": v for k, v in evaluate(raw_model).items()})
+        text += f"; EMA box AP {100 * history[-1]['ema_bbox_AP']:.1f}"
+    history[-1].update(grad_norm_stats(grad_norms, args.clip_grad, dist.device))
     log(f"epoch {epoch + 1}: train loss {train_losses['loss']:.4f}, {text}, {totals[0] / train_time:.1f} img/s")
     if master:
         with user_errors(parser):  # disk full, read-only file system: the message says so (and what to do)
             save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
                             state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
-                                       args=json.dumps(vars(args))),
+                                       args=json.dumps(vars(args)), **control_state(scaler, ema, record)),
                             metadata=dict(model=args.model, method=args.method, num_classes=len(classes)))
             write_jsonl(history, os.path.join(args.out, "log.jsonl"))
     if args.stop_after_epoch is not None and epoch + 1 == args.stop_after_epoch and epoch + 1 < args.epochs:
@@ -401,15 +471,22 @@ for epoch in range(start_epoch, args.epochs):
 # -----------------------------------------------------------------------------
 # task file, then merge the adapters into the weights, check the merged detector scores as the adapted one, export
 
+if args.final_model == "ema":  # the EMA's values become the model's: the task file, the merge, the export
+    ema.copy_into(raw_model)
+    final_metrics = None
 metrics = final_metrics if final_metrics is not None else evaluate(raw_model)
 if master:  # the task itself: adapters + the detection head (+ trained norms / biases / BN statistics) + how to use it
     with user_errors(parser):
         save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
-            kind="det", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=rc, alpha=args.alpha,
+            task_type="det", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r, rc=rc,
+            alpha=args.alpha,
             train_norms=args.train_norms, train_biases=args.train_biases, num_classes=len(classes),
             class_names=list(classes), label_to_cat=list(val_ds.label_to_cat), img_size=img_size, max_size=max_size,
             fpn_channels=args.fpn_channels, fc_dim=args.fc_dim, mask_channels=args.mask_channels, data=args.data,
-            mean=list(raw_model.transform.image_mean), std=list(raw_model.transform.image_std), **metrics))
+            mean=list(raw_model.transform.image_mean), std=list(raw_model.transform.image_std), **metrics,
+            final_model=args.final_model, training=control_settings(args), run_record=record))
+if args.channels_last:  # the merge and the export in the usual layout
+    raw_model.to(memory_format=torch.contiguous_format)
 merged = merge_and_unload(raw_model)  # in place: W0 + dW in every adapted layer, plain nn.Linear / nn.Conv2d
 merged_metrics = evaluate(merged)
 diff = max(abs(metrics[k] - merged_metrics[k]) for k in metrics)

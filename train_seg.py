@@ -52,7 +52,6 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as torch_dist
@@ -85,6 +84,18 @@ from training.cli import (
     strip_leading_dashdash,
     user_errors,
 )
+from training.controls import (
+    add_control_args,
+    apply_model_controls,
+    check_control_args,
+    control_settings,
+    control_state,
+    grad_norm_stats,
+    make_record,
+    make_scaler_and_ema,
+    resume_controls,
+    to_input,
+)
 from training.distributed import (
     all_reduce_sum,
     cleanup_distributed,
@@ -94,6 +105,7 @@ from training.distributed import (
     shard_loader,
     train_loader_for,
 )
+from training.precision import autocast as amp_autocast
 from training.report import open_tensorboard, plot_curves, progress
 from training.run_dir import (
     open_run,
@@ -106,6 +118,7 @@ from training.run_dir import (
 )
 from training.schedule import cosine_lr_factor, poly_lr_factor
 from training.seg_metrics import evaluate, metrics, seg_loss
+from training.steps import grad_sync, micro_batches, optimizer_step
 
 # tiny presets (models.PRESETS) for tests and the CPU demo: segmentation models only
 PRESETS = {k: v for k, v in ALL_PRESETS.items() if k in ("sam_tiny", "ef_tiny")}
@@ -124,7 +137,8 @@ MODEL_KEYS = ("model", "model_cfg", "head", "method", "r", "rc", "alpha", "learn
 # settings a --resume must share with the checkpoint
 RESUME_KEYS = MODEL_KEYS + ("weights", "data", "data_root", "synthetic_train", "synthetic_val", "randaug",
                             "scale_range", "train_on_val", "epochs", "iters", "schedule", "warmup_epochs",
-                            "batch_size", "lr", "weight_decay", "loss", "top_k", "final_model", "seed")
+                            "batch_size", "lr", "weight_decay", "loss", "top_k", "final_model", "seed", "clip_grad",
+                            "ema")
 
 # -----------------------------------------------------------------------------
 # configuration: every option, with its default, is in --help
@@ -205,9 +219,10 @@ g.add_argument("--weight-decay", type=float, default=None,
                help="AdamW weight decay on matrices and kernels; default 1e-2 for SAM, 1e-4 for EfficientFormer")
 g.add_argument("--loss", default=None, choices=("bce_dice", "ce_dice", "ce"),
                help="default bce_dice for binary SAM, ce_dice for N-class SAM, ce for EfficientFormer")
-g.add_argument("--final-model", default=None, choices=("average", "last"),
+g.add_argument("--final-model", default=None, choices=("average", "last", "ema"),
                help="the reported model: average = the mean of the --top-k best evaluations' adapters (PETRAS; "
-                    "the default for folder / synthetic), last = the last step's (mmsegmentation; default for ade20k)")
+                    "the default for folder / synthetic), last = the last step's (mmsegmentation; default for "
+                    "ade20k), ema = the moving average of --ema")
 g.add_argument("--top-k", type=int, default=3,
                help="--final-model average: how many best evaluations (foreground IoU, or mIoU for N classes) to "
                     "average; 1 = the best single checkpoint; default 3")
@@ -229,6 +244,7 @@ g.add_argument("--stop-after-epoch", type=int, default=None,
                help="testing: exit once this epoch's checkpoint is written, as if the run had been killed")
 g.add_argument("--inject-nan-step", type=int, default=None,
                help="testing: make the loss NaN at this optimizer step, to exercise the NaN guard")
+add_control_args(parser)  # --amp, --accum-steps, --clip-grad, --grad-ckpt, --compile, --channels-last, --ema
 args = parser.parse_args(strip_leading_dashdash(sys.argv[1:]))  # a stray leading "--" (torchrun ... -- --flags)
 
 # -----------------------------------------------------------------------------
@@ -237,6 +253,7 @@ args = parser.parse_args(strip_leading_dashdash(sys.argv[1:]))  # a stray leadin
 with user_errors(parser):  # --device cuda without CUDA
     dist = setup_distributed(args.device)
 master = dist.master  # rank 0 logs, writes the files; every rank trains and evaluates its share
+check_control_args(parser, args, dist)  # ranges; --amp's default (bf16 on CUDA, off on the CPU) and support
 
 
 def log(*a):
@@ -358,6 +375,7 @@ if args.count_only:
 log(f"{args.model} / {args.method}: {counts['trainable_params']:,} trainable of {counts['total_params']:,} "
     f"parameters (#Params {counts['adapter_params']:,} + head {counts['head_params']:,})")
 model.to(dist.device)
+apply_model_controls(parser, args, model)  # --grad-ckpt, --channels-last
 model_args = {k: getattr(args, k) for k in MODEL_KEYS}
 # predict_seg.py rebuilds the model from these (the seed: the random base of a run without --weights)
 adapter_meta = dict(model_args=json.dumps(model_args), seed=args.seed, data=args.data, eval_size=args.eval_size)
@@ -370,6 +388,7 @@ no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
 param_groups = [pg for pg in (dict(params=decay, weight_decay=args.weight_decay),
                               dict(params=no_decay, weight_decay=0.0)) if pg["params"]]
 optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.999), fused=dist.device.type == "cuda")
+params = decay + no_decay  # the trained tensors (--clip-grad)
 log(f"AdamW over {sum(p.numel() for pg in param_groups for p in pg['params']):,} params "
     f"({len(decay)} matrices with weight decay {args.weight_decay}, {len(no_decay)} vectors without)")
 
@@ -414,6 +433,12 @@ if args.resume:
                        master=master, log=log)
     if state is not None:
         start_epoch, history, topk = state["epoch"], json.loads(state["history"]), json.loads(state["topk"])
+# the fp16 loss scaler and the EMA of --ema (made after the resume: without a saved average it starts there); the
+# run record (versions, GPU, git commit) goes into args.json, the checkpoints and the task file
+scaler, ema = make_scaler_and_ema(args, model, dist.device)
+record = make_record(dist)
+if args.resume:
+    resume_controls(state, scaler, ema, record, log)
 
 # -----------------------------------------------------------------------------
 # wrap: DDP registers only the parameters with requires_grad; Segment routes its forward to model.segment (SAM's
@@ -422,18 +447,22 @@ if args.resume:
 
 raw_model = model  # adapters, checkpoints, evaluation and the merge work on the plain module
 train_model = Segment(model=model)
+if args.compile:  # training only: evaluation slides windows of changing sizes over the plain model
+    train_model = torch.compile(train_model)
 if dist.ddp:
     train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dist.device.type == "cuda" else nullcontext()
+autocast = amp_autocast(args.amp, dist.device)  # --amp: bf16 / fp16 autocast, or nothing
 eval_kw = dict(num_classes=num_classes, dist=dist, mode=args.eval_mode, stride=args.eval_stride, amp=autocast)
-log(f"{dist.world_size} process(es) on {dist.device}{' with bf16 autocast' if dist.device.type == 'cuda' else ''}: "
-    f"{per_rank_batch} images per process and step, {steps_per_epoch} steps per epoch, {total_steps} steps "
+micro_text = f" in {args.accum_steps} micro-batches" if args.accum_steps > 1 else ""
+log(f"{dist.world_size} process(es) on {dist.device}, --amp {args.amp}: {per_rank_batch} images per process and "
+    f"step{micro_text}, {steps_per_epoch} steps per epoch, {total_steps} steps "
     f"({epochs} epochs), {args.schedule} LR {args.lr:g}, loss {loss_kind}, {num_classes} classes, final model: "
     f"{args.final_model}")
 tb = open_tensorboard(parser, os.path.join(args.out, "tb")) if args.tensorboard and master else None
 if master:
     with user_errors(parser):  # a disk that filled up since the start
-        atomic_write_text(json.dumps(vars(args), indent=1), os.path.join(args.out, "args.json"))
+        atomic_write_text(json.dumps(dict(vars(args), run_record=record), indent=1),
+                          os.path.join(args.out, "args.json"))
 CSV_COLUMNS = ["epoch", "step", "train_loss", "eval_miou", "eval_iou_fg", "eval_pixel_acc", "lr"]  # summary.csv
 
 
@@ -490,7 +519,9 @@ for epoch in range(start_epoch, epochs):
     train_sampler.set_epoch(epoch)  # this epoch's order
     train_model.train()
     freeze_bn_stats(raw_model)  # BatchNorms with frozen params keep the pretrained running statistics
-    t0, loss_sum, seen = time.time(), 0.0, 0
+    t0, loss_sum, seen, grad_norms = time.time(), 0.0, 0, []
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)  # this epoch's peak, evaluation included
     n_steps = min(steps_per_epoch, total_steps - step)
     # a bar on a terminal; written to a file, a plain line every 30 s instead of carriage-return frames
     pbar = progress(train_loader, desc=f"epoch {epoch + 1}/{epochs}", enabled=master)
@@ -500,18 +531,27 @@ for epoch in range(start_epoch, epochs):
         lr = args.lr * lr_factor(step, total_steps=total_steps, warmup_steps=warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True).long()
-        with autocast:
-            logits = train_model(x)  # (B, K, H, W)
-        loss = seg_loss(logits.float(), y, loss_kind)
-        if step == args.inject_nan_step:
-            loss = loss * float("nan")
-        # a NaN/inf loss on any rank stops every rank before the update; the last checkpoint stays as it is
-        stop_if_not_finite(loss, step=step, epoch=epoch, history=history, ckpt_dir=ckpt_dir, dist=dist, log=log)
+        x, y = to_input(x, args, dist.device), y.to(dist.device, non_blocking=True).long()
+        # --accum-steps K: K forward / backward passes, each micro-batch's loss / K; DDP all-reduces the summed
+        # gradients in the last backward only (grad_sync). The losses normalise per micro-batch (training/steps.py)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients over the ranks here
-        optimizer.step()
+        loss = 0.0
+        for j, (xm, ym) in enumerate(micro_batches((x, y), args.accum_steps)):
+            with grad_sync(train_model, last=j == args.accum_steps - 1):
+                with autocast:
+                    logits = train_model(xm)  # (B / K, K, H, W)
+                micro_loss = seg_loss(logits.float(), ym, loss_kind) / args.accum_steps
+                if step == args.inject_nan_step:
+                    micro_loss = micro_loss * float("nan")
+                scaler.scale(micro_loss).backward()  # fp16: the loss times the scale, so small gradients survive
+            loss = loss + micro_loss.detach()
+        # a NaN/inf loss on any rank stops every rank before the update; the last checkpoint stays as it is
+        stop_if_not_finite(loss, step=step, epoch=epoch, history=history, ckpt_dir=ckpt_dir, dist=dist, log=log,
+                           fix="Lower --lr (or try --clip-grad)")
+        grad_norms.append(optimizer_step(optimizer, scaler, params, clip_grad=args.clip_grad))  # unscale, clip, step
         step += 1
+        if ema is not None:
+            ema.update(raw_model, step)
         loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
         pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
     pbar.close()
@@ -530,6 +570,12 @@ for epoch in range(start_epoch, epochs):
     score = m["iou_fg"] if num_classes == 2 else m["miou"]
     history.append(dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(seen, 1), **m, score=score, lr=lr,
                         img_per_s=seen / train_time, time_s=round(time.time() - t0, 2)))
+    if ema is not None:  # the EMA's weights scored on the same images, beside the raw model's
+        with ema.swapped_into(raw_model):
+            ema_m = metrics(evaluate(raw_model, eval_loader, **eval_kw)[0])
+        history[-1].update({f"ema_{k}": v for k, v in ema_m.items()},
+                           ema_score=ema_m["iou_fg"] if num_classes == 2 else ema_m["miou"])
+    history[-1].update(grad_norm_stats(grad_norms, args.clip_grad, dist.device))
     log(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, "
         + (f"IoU fg {m['iou_fg']:.4f}, " if "iou_fg" in m else "") + f"mIoU {m['miou']:.4f}, "
         f"pixel acc {m['pixel_acc']:.4f}, {history[-1]['img_per_s']:.1f} img/s")
@@ -541,7 +587,8 @@ for epoch in range(start_epoch, epochs):
                 topk = update_topk(topk, epoch + 1, score)
             save_checkpoint(ckpt_dir, raw_model, epoch=epoch + 1,
                             state=dict(optimizer=optimizer.state_dict(), step=step, history=json.dumps(history),
-                                       topk=json.dumps(topk), args=json.dumps(vars(args))),
+                                       topk=json.dumps(topk), args=json.dumps(vars(args)),
+                                       **control_state(scaler, ema, record)),
                             metadata=adapter_meta)
             write_jsonl(history, os.path.join(args.out, "log.jsonl"))
             write_csv(csv_rows(history), os.path.join(args.out, "summary.csv"), CSV_COLUMNS)
@@ -571,17 +618,22 @@ if args.final_model == "average":
     unexpected = raw_model.load_state_dict(average, strict=False).unexpected_keys
     if unexpected:
         raise RuntimeError(f"top-k files hold tensors the model does not have: {unexpected[:5]}")
+elif args.final_model == "ema":  # the EMA's values become the model's: the task file, the merge, the export
+    ema.copy_into(raw_model)
+if args.channels_last:  # the files, the merge and the export in the usual layout
+    raw_model.to(memory_format=torch.contiguous_format)
 if master:
     with user_errors(parser):  # disk full, read-only file system
         atomic_save_adapters(raw_model, os.path.join(args.out, "final.safetensors"), metadata=dict(
             adapter_meta, final_model=args.final_model, topk=[t["epoch"] for t in topk]))
         # the task itself (tasks/task_file.py): adapters + head + trained norms / biases / BN statistics + how to use it
         save_task(raw_model, os.path.join(args.out, "adapters.safetensors"), meta=dict(
-            adapter_meta, kind="seg", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r,
+            adapter_meta, task_type="seg", model=args.model, model_cfg=model_cfg, method=args.method, r=args.r,
             rc=args.rc, alpha=args.alpha, learn_interp=args.learn_interp, train_norms=args.train_norms,
             train_biases=args.train_biases, num_classes=num_classes, class_names=list(train_ds.classes),
             img_size=args.img_size, mean=list(mean), std=list(std), head=args.head, fpn_channels=args.fpn_channels,
-            fpn_head_channels=args.fpn_head_channels, final_model=args.final_model))
+            fpn_head_channels=args.fpn_head_channels, final_model=args.final_model,
+            training=control_settings(args), run_record=record))
 
 # -----------------------------------------------------------------------------
 # merge the adapters into the weights, check the merged model predicts as the adapted one, export
@@ -618,7 +670,7 @@ if test_ds is not None:
 name = "IoU fg" if num_classes == 2 else "mIoU"
 which = (f"the top-{len(topk)} average (epochs {summary['topk_epochs']}); best single checkpoint "
          f"{summary['best_score']:.4f} (epoch {summary['best_epoch']})" if args.final_model == "average"
-         else "the last step's model")
+         else "the EMA" if args.final_model == "ema" else "the last step's model")
 log(f"done: {name} {summary['final_score']:.4f} of {which}, last evaluation {last_m['score']:.4f}; merged export "
     f"differs in {int(diff['pixels_differ'])} val pixels (max logit diff {diff['max_logit_diff']:.1e}), saved to "
     f"{os.path.join(args.out, 'merged.safetensors')}")
