@@ -36,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora import merge_and_unload  # noqa: E402
 from methods import apply_method  # noqa: E402
 from models import create_model  # noqa: E402
-from tasks.bank import TaskBank, save_task  # noqa: E402
+from tasks.bank import TaskBank  # noqa: E402
+from tasks.task_file import save_task  # noqa: E402
 
-CLASSES = dict(cub=200, cars=196, flowers=102, pets=37, aircraft=100, food=101)  # the paper's six sets
+# PETAH's six fine-grained sets (its Tables 2, 3 and 5) and their class counts, as data.py has them
+CLASSES = dict(cub=200, cars=196, pets=37, aircraft=100, dtd=47, food101=101)
 
 
 def make_task(base, model_name, path, num_classes, seed, *, method="petah", rc=2):
@@ -51,7 +53,7 @@ def make_task(base, model_name, path, num_classes, seed, *, method="petah", rc=2
         for p in m.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.01)
-    save_task(m, path, meta=dict(kind="cls", model=model_name, method=method, r=8, rc=rc, num_classes=num_classes))
+    save_task(m, path, meta=dict(task_type="cls", model=model_name, method=method, r=8, rc=rc, num_classes=num_classes))
     return m
 
 
