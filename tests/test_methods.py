@@ -9,7 +9,7 @@ test_paper_params.py):
 - ia3: k and v rows of every fused qkv scaled at the output, every fc2 scaled at its input;
 - PETRAS on SAM: LoRA / (IA)^3 in the image encoder and the mask decoder's transformer, norms and biases
   trained, the prompt parts prompt-free segmentation never uses always frozen.
-Expected layer names come from the architectures (REFERENCE.md's key layouts), counts from the LoRA formulas
+Expected layer names come from the architectures (timm's / Meta's checkpoint keys), counts from the LoRA formulas
 r (d_in + d_out) and rc (c_out + c_in / groups kh kw), not from the code's output.
 """
 
@@ -66,7 +66,8 @@ def test_petah_adapts_every_conv_and_only_attention_linears():
 def test_petah_on_efficientformer_l1_adapts_its_33_convs():
     """L1 (depths 3, 2, 6, 4; the last stage: 3 Meta4D blocks, Flat, 1 Meta3D): 2 stem convs + 3 downsamples +
     fc1 / fc2 of 3 + 2 + 6 + 3 Meta4D blocks = 33 convs; conv-LoRA at rc = 1 adds 34,635 parameters
-    (REFERENCE.md, = PETAH-1 62,283 - LoRA ATTN 27,648), here summed layer by layer from rc (c_out + c_in kh kw)."""
+    (the PETAH paper's exact counts: PETAH-1 62,283 - LoRA ATTN 27,648), here summed layer by layer from
+    rc (c_out + c_in kh kw)."""
     model = create_model("efl1", num_classes=10)
     plan = methods.plan_method(model, "petah", r=8, rc=1)
     convs = {n for n, cfg in plan["lora"].items() if cfg["r"] == 1}
@@ -80,7 +81,7 @@ def test_petah_on_efficientformer_l1_adapts_its_33_convs():
     per_conv += [2 * (4 * d + d) * n for d, n in zip(dims, depths)]         # fc1 d -> 4d, fc2 4d -> d, 1x1
     assert sum(per_conv) == 34_635
     info = methods.apply_method(model, "efl1", "petah", r=8, rc=1)
-    assert info["adapter_params"] == 34_635 + 27_648  # + LoRA ATTN r = 8 (REFERENCE.md)
+    assert info["adapter_params"] == 34_635 + 27_648  # + LoRA ATTN r = 8 (the paper's 27,648)
 
 
 @pytest.mark.parametrize("family", ["ef", "vit"])
@@ -95,7 +96,7 @@ def test_lora_attn_adapts_only_attention_and_trains_adapters_and_head(family):
     assert trainable(model) == {f"{n}.{p}" for n in attn for p in ("lora_A", "lora_B")} | HEADS - (
         {"head_dist.weight", "head_dist.bias"} if family == "vit" else set())
     dim_in, qkv_out = (48, 3 * 48) if family == "vit" else (48, 8 * (32 + 32 + 128))
-    proj_in = 48 if family == "vit" else 8 * 128  # EF: 8 heads of value width 128 (REFERENCE.md)
+    proj_in = 48 if family == "vit" else 8 * 128  # EF Meta3D: 8 heads, key 32, value 4 * 32 = 128
     per_block = 2 * (dim_in + qkv_out) + 2 * (proj_in + 48)
     assert info["adapter_params"] == per_block * (2 if family == "vit" else 1)
 
