@@ -2,13 +2,14 @@
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from torchvision.io import write_png
+from torchvision.io import write_jpeg, write_png
 
 from data import build_transform, read_image
 from lora import merge_and_unload
@@ -114,3 +115,47 @@ def test_user_errors(setup, tmp_path):
         r = run("--weights", d / "base.safetensors", "--out", tmp_path / "p.jsonl", *extra)
         assert r.returncode == 2 and phrase in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
         assert not os.listdir(tmp_path) or sorted(os.listdir(tmp_path)) == ["broken.png"]  # no partial output
+
+
+def test_unreadable_images_skipped_and_named_base_found_and_leftover_removed(setup, tmp_path):
+    """The policy both predict tools share: an unreadable image (undecodable, truncated JPEG, broken link: issue 23
+    silent 4) is skipped and named in a summary, --strict stops at the first; a run without --weights is used
+    through the base.safetensors next to its task file; the temporary of a killed predict_cls.py is removed
+    (issue 23); --out naming a folder is refused (issue 23 traceback 3)."""
+    d, base, merged = setup
+    paths, probs = expected_top1(d, base, merged)
+    imgs = tmp_path / "imgs"
+    shutil.copytree(d / "imgs", imgs)
+    (imgs / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    write_jpeg(read_image(paths[0]), str(tmp_path / "whole.jpg"))
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (imgs / "trunc.jpg").write_bytes(data[:len(data) // 2])
+    (imgs / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (imgs / "sub" / "loop").symlink_to(imgs / "sub", target_is_directory=True)  # read once, not again and again
+    run_dir = tmp_path / "run"  # what train_cls.py leaves after a run without --weights
+    run_dir.mkdir()
+    shutil.copy(d / "birds.safetensors", run_dir / "adapters.safetensors")
+    shutil.copy(d / "base.safetensors", run_dir / "base.safetensors")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = tmp_path / f"preds.jsonl.tmp.{dead.pid}"
+    leftover.write_text('{"image": "half a line')
+    out = tmp_path / "preds.jsonl"
+    r = run("--tasks", f"birds={run_dir / 'adapters.safetensors'}", "--images", imgs, "--workers", 0, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"using {run_dir / 'base.safetensors'}" in r.stderr and not leftover.exists()
+    assert f"removed {leftover}" in r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 5 and "wrote 5 predictions (5 image(s) x 1 task(s))" in r.stderr  # the loop added none
+    for row in rows:  # the same predictions as the merged model, on the images that could be read
+        rel = os.path.relpath(row["image"], imgs)
+        assert row["top"][0]["index"] == int(probs["birds"][paths.index(str(d / "imgs" / rel))].argmax())
+    summary = r.stderr.split("skipped 3 image(s) that cannot be read")[1]
+    assert all(str(imgs / n) in summary for n in ("bad.png", "trunc.jpg", "gone.png"))
+    assert "broken symbolic link" in summary and "Traceback" not in r.stderr
+    r = run("--tasks", f"birds={run_dir / 'adapters.safetensors'}", "--images", imgs, "--workers", 0, "--out",
+            tmp_path / "strict.jsonl", "--strict")
+    assert r.returncode == 2 and "--strict: cannot read" in r.stderr and "gone.png" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "strict.jsonl").exists()
+    r = run("--tasks", f"birds={run_dir / 'adapters.safetensors'}", "--images", imgs, "--out", tmp_path)
+    assert r.returncode == 2 and "is a folder; --out names the JSON-lines file" in r.stderr
