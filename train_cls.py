@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from data import DATASETS, build_datasets
+from data import DATASETS, build_datasets, split_record
 from lora import freeze_bn_stats, load_adapters, merge_and_unload
 from methods import METHODS, apply_method
 from methods.sparse import (
@@ -116,7 +116,8 @@ MODELS = ("efl1", "efl3", "efl7", "vits", "vitb", *PRESETS)
 RESUME_KEYS = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
               "train_norms", "dropout", "sparsity", "mask", "data", "data_root", "skip_corrupt", "synthetic_classes",
               "synthetic_train", "synthetic_val", "img_size", "randaug", "epochs", "warmup_epochs", "batch_size", "lr",
-              "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed", "clip_grad", "ema", "final_model")
+              "adapter_lr_factor", "backbone_lr_factor", "weight_decay", "seed", "clip_grad", "ema", "final_model",
+              "val_split", "classes")
 
 # -----------------------------------------------------------------------------
 # configuration: every option, with its default, is in --help
@@ -148,6 +149,14 @@ g.add_argument("--mask", default=None, metavar="FILE", help="apply a saved spars
 g = parser.add_argument_group("data")
 g.add_argument("--data", default="synthetic", choices=DATASETS, help="dataset; synthetic needs no files (default)")
 g.add_argument("--data-root", default="data", help="directory holding the dataset; default ./data")
+g.add_argument("--val-split", type=float, default=None, metavar="FRACTION",
+               help="--data folder: hold out this fraction of every class (stratified, seeded by --seed) as the "
+                    "validation split, for a root of class folders without train/val/ (or a train/ alone); the "
+                    "split is written to OUT/split.json")
+g.add_argument("--classes", default=None, metavar="FILE",
+               help="--data folder: class names for the class folders, a JSON map {\"folder\": \"name\"} or a "
+                    "classes.txt of 'FOLDER NAME' lines (ROOT/classes.json or ROOT/classes.txt is used by itself "
+                    "when present); for names a folder cannot hold, e.g. Fashion-MNIST's T-shirt/top")
 g.add_argument("--download", action="store_true", help="download the dataset where the source still exists")
 g.add_argument("--img-size", type=int, default=224, help="input side (a multiple of 32 for EF); default 224")
 g.add_argument("--randaug", action="store_true", help="RandAugment on the training images")
@@ -260,7 +269,8 @@ else:
         train_ds, val_ds, test_ds, num_classes = build_datasets(
             args.data, args.data_root, img_size=args.img_size, mean=data_cfg["mean"], std=data_cfg["std"],
             randaug=args.randaug, download=args.download and master, crop_pct=data_cfg["crop_pct"],
-            interpolation=data_cfg["interpolation"], skip_corrupt=args.skip_corrupt,
+            interpolation=data_cfg["interpolation"], skip_corrupt=args.skip_corrupt, val_split=args.val_split,
+            split_seed=args.seed, classes_file=args.classes,
             synthetic_cfg=dict(num_classes=args.synthetic_classes, train_per_class=args.synthetic_train,
                                val_per_class=args.synthetic_val, test_per_class=args.synthetic_val))
     except (OSError, ValueError, ImportError) as e:  # a missing layout, a failed download; cars needs scipy
@@ -394,6 +404,10 @@ if master:
         if not args.eval_only:
             atomic_write_text(json.dumps(dict(vars(args), run_record=record), indent=1),
                               os.path.join(args.out, "args.json"))
+            if args.val_split is not None:  # the held-out images, so the split can be reproduced or audited
+                atomic_write_text(json.dumps(split_record(train_ds, val_ds, root=args.data_root,
+                                                          val_split=args.val_split, seed=args.seed), indent=1),
+                                  os.path.join(args.out, "split.json"))
 
 
 @torch.no_grad()

@@ -98,7 +98,8 @@ NUM_CLASSES = {"coco": 80, "synthetic": 3}  # object classes (the detector adds 
 RESUME_KEYS = ("model", "model_cfg", "weights", "method", "r", "rc", "alpha", "train_biases", "train_norms",
               "fpn_channels", "fc_dim", "mask_channels", "rpn_batch", "roi_batch", "data", "data_root", "img_size",
               "max_size", "synthetic_train", "synthetic_val", "epochs", "lr_steps", "warmup_iters", "batch_size", "lr",
-              "weight_decay", "seed", "clip_grad", "ema", "final_model")
+              "weight_decay", "seed", "clip_grad", "ema", "final_model", "train_ann", "val_ann", "train_images",
+              "val_images")
 
 # -----------------------------------------------------------------------------
 # configuration: every option, with its default, is in --help
@@ -131,6 +132,12 @@ g = parser.add_argument_group("data")
 g.add_argument("--data", default="synthetic", choices=DET_DATASETS, help="dataset; synthetic needs no files")
 g.add_argument("--data-root", default="data/coco",
                help="COCO root: train2017/, val2017/, annotations/instances_{train,val}2017.json; default data/coco")
+for split in ("train", "val"):
+    g.add_argument(f"--{split}-ann", default=None, metavar="FILE",
+                   help=f"--data coco: the {split} annotation file (COCO JSON) of a COCO-format set with its own "
+                        f"names; default DATA_ROOT/annotations/instances_{split}2017.json")
+    g.add_argument(f"--{split}-images", default=None, metavar="DIR",
+                   help=f"--data coco: the folder of the {split} images; default DATA_ROOT/{split}2017")
 g.add_argument("--img-size", type=int, default=None,
                help="shorter image side after resizing (the ratio kept; default 800 for coco, 128 for synthetic)")
 g.add_argument("--max-size", type=int, default=None,
@@ -263,7 +270,9 @@ if dist.ddp and not master:
 with user_errors(parser):  # a missing COCO root (the message names the layout), an annotation file that does not parse
     train_ds, val_ds, classes = build_det_datasets(args.data, args.data_root, img_size=img_size, max_size=max_size,
                                                    synthetic_train=args.synthetic_train,
-                                                   synthetic_val=args.synthetic_val, seed=args.seed)
+                                                   synthetic_val=args.synthetic_val, seed=args.seed,
+                                                   train_ann=args.train_ann, val_ann=args.val_ann,
+                                                   train_images=args.train_images, val_images=args.val_images)
 if dist.ddp and master:
     torch_dist.barrier()
 for split, ds in (("train", train_ds), ("val", val_ds)):

@@ -1,6 +1,6 @@
 """
-methods.py and train_cls.py: the paper's #Params from the command line, which layers each
-method touches, a synthetic run that learns, torchrun with gloo on two CPU processes, resume after an
+train_cls.py: the paper's #Params from the command line, a synthetic run that learns, torchrun with gloo
+on two CPU processes, resume after an
 interruption (and after a kill) reproducing the uninterrupted run exactly, the merged export, sparse
 backbones, and what bad input gets.
 
@@ -21,15 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 import methods
-from conv_lora import LoRAConv2d
 from data import build_datasets
-from ia3 import IA3Conv2d, IA3Linear
-from lora import LoRALinear, freeze_bn_stats
 from models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
@@ -101,104 +97,6 @@ def test_count_only_sparsity_shows_in_nonzero_params(capsys):
     n_prunable = sum(p.numel() for n, p in model.named_parameters() if n in prunable)
     other = sum(int(p.count_nonzero()) for n, p in model.named_parameters() if n not in prunable)
     assert counts["nonzero_params"] - other == n_prunable - round(0.9 * n_prunable)  # no ties among random weights
-
-
-# -----------------------------------------------------------------------------
-# methods.py: which layers, which parameters
-
-def tiny(family):
-    torch.manual_seed(0)
-    if family == "ef":
-        return create_model("efl1", num_classes=5, img_size=64, **EF_TINY)
-    return create_model("vits", num_classes=5, img_size=32, **VIT_TINY)
-
-
-def test_petah_adapts_every_conv_and_only_attention_linears():
-    model = tiny("ef")
-    convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    assert convs == {"stem.conv1", "stem.conv2", "stages.0.blocks.0.mlp.fc1", "stages.0.blocks.0.mlp.fc2",
-                     "stages.1.downsample.conv", "stages.1.blocks.0.mlp.fc1", "stages.1.blocks.0.mlp.fc2",
-                     "stages.2.downsample.conv", "stages.2.blocks.0.mlp.fc1", "stages.2.blocks.0.mlp.fc2",
-                     "stages.3.downsample.conv", "stages.3.blocks.0.mlp.fc1", "stages.3.blocks.0.mlp.fc2"}
-    methods.apply_method(model, "ef_tiny", "petah", r=4, rc=2)
-    lora_convs = {n for n, m in model.named_modules() if isinstance(m, LoRAConv2d)}
-    lora_linears = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    assert lora_convs == convs and all(model.get_submodule(n).r == 2 for n in convs)
-    # stages.3.blocks: 0 = Meta4D, 1 = Flat, 2 = Meta3D
-    assert lora_linears == {"stages.3.blocks.2.token_mixer.qkv", "stages.3.blocks.2.token_mixer.proj"}
-    assert all(model.get_submodule(n).r == 4 for n in lora_linears)
-    plain = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    assert sorted(plain) == ["head", "head_dist", "stages.3.blocks.2.mlp.fc1", "stages.3.blocks.2.mlp.fc2"]
-
-
-def test_lora_mlp_adapts_transformer_mlp_linears_not_meta4d_convs():
-    model = tiny("ef")
-    info = methods.apply_method(model, "ef_tiny", "lora_mlp", r=4)
-    assert sorted(info["adapted_layers"]) == sorted(f"stages.3.blocks.2.{n}" for n in
-                                                    ("token_mixer.qkv", "token_mixer.proj", "mlp.fc1", "mlp.fc2"))
-    assert not any(isinstance(m, LoRAConv2d) for m in model.modules())
-
-
-def test_ia3_scales_keys_values_and_mlp_activations():
-    model = tiny("ef")
-    methods.apply_method(model, "ef_tiny", "ia3")
-    qkv = model.get_submodule("stages.3.blocks.2.token_mixer.qkv")
-    # EF qkv rows per head h: [q (32) | k (32) | v (128)] at h * 192; (IA)^3 scales k and v of every head
-    expected = [h * 192 + j for h in range(8) for j in range(32, 192)]
-    assert isinstance(qkv, IA3Linear) and qkv.mode == "out" and qkv.ia3_rows.tolist() == expected
-    fc2 = [n for n, m in model.named_modules() if isinstance(m, (IA3Linear, IA3Conv2d)) and m.mode == "in"]
-    assert sorted(fc2) == [f"stages.{s}.blocks.0.mlp.fc2" for s in range(4)] + ["stages.3.blocks.2.mlp.fc2"]
-    vit = tiny("vit")
-    info = methods.apply_method(vit, "vit_tiny", "ia3")
-    assert vit.blocks[0].attn.qkv.ia3_rows.tolist() == list(range(48, 144))  # contiguous [q | k | v], dim 48
-    assert info["adapter_params"] == 2 * (2 * 48 + 4 * 48)  # per block: k and v rows, fc2's 192 inputs
-
-
-def test_attn_trains_whole_attention_modules():
-    model = tiny("ef")
-    methods.apply_method(model, "ef_tiny", "attn")
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {f"stages.3.blocks.2.token_mixer.{k}" for k in
-                         ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "attention_biases")} | \
-        {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
-
-
-@pytest.mark.parametrize("family", ["ef", "vit"])
-@pytest.mark.parametrize("method", methods.METHODS)
-def test_every_trainable_param_gets_a_gradient(family, method):
-    """What DDP needs (no unused parameters), for every method, with biases and norms trained too."""
-    model = tiny(family)
-    methods.apply_method(model, "tiny", method, r=2, rc=1, train_biases=True, train_norms=True, learn_interp=True)
-    for m in model.modules():  # non-zero B, so that gradients reach A as well
-        if hasattr(m, "lora_B"):
-            nn.init.normal_(m.lora_B, std=0.1)
-        if hasattr(m, "lora_interp"):
-            m.lora_interp.data.fill_(0.5)
-    model.train()
-    freeze_bn_stats(model)
-    size = 64 if family == "ef" else 32
-    F.cross_entropy(model(torch.randn(4, 3, size, size)), torch.arange(4)).backward()
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.abs().sum() > 0, n
-        else:
-            assert p.grad is None, n
-
-
-def test_biases_and_norms_options_count():
-    model = tiny("ef")
-    base = methods.apply_method(tiny("ef"), "t", "lora", r=2)["adapter_params"]
-    info = methods.apply_method(model, "t", "lora", r=2, train_biases=True, train_norms=True)
-    extra = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head")
-                and (n.endswith(".bias") or ".norm" in n or n.startswith("norm.")) and "lora_" not in n)
-    assert info["adapter_params"] == base + extra
-
-
-def test_unknown_method_or_model_class():
-    with pytest.raises(ValueError, match="choose one of"):
-        methods.apply_method(tiny("ef"), "t", "prefix_tuning")
-    with pytest.raises(ValueError, match="FAMILIES"):
-        methods.apply_method(nn.Sequential(nn.Linear(2, 2)), "t", "lora")
 
 
 # -----------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def test_merged_detector_scores_as_the_adapted_one(petah_runs):
 def test_count_only_efl7_petah2(capsys):
     assert run("--model", "efl7", "--method", "petah", "--rc", "2", "--data", "coco", "--count-only") == 0
     c = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert c["adapter_params"] == methods.PAPER_PARAMS["efl7", "petah", 8, 2]  # PETAH Table 6 = the classification count
+    # PETAH Table 6 = the classification count
+    assert c["adapter_params"] == methods.PAPER_PARAMS["efl7", "petah", 8, 2]
     widths = (96, 192, 384, 768)
     fpn = 2 * sum(widths) + (sum(widths) * 256 + 4 * 256) + 4 * (256 * 256 * 9 + 256)  # GroupNorms, lateral, output
     rpn = (256 * 256 * 9 + 256) + (256 * 3 + 3) + (256 * 12 + 12)  # conv, 3 objectness, 3 x 4 deltas

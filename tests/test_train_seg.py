@@ -153,7 +153,8 @@ def test_predict_writes_masks_and_rle_that_round_trips(sam_run, tmp_path):
     for i, (name, (h, w)) in enumerate(sizes.items()):
         img = TF.to_dtype(ds.render(i)[0], torch.uint8, scale=True)  # (3, 64, 64)
         img = TF.resize(img, [h, w], antialias=True)
-        (write_png if name == "square" else write_jpeg)(img, str(images / f"{name}.{'png' if name == 'square' else 'jpg'}"))
+        ext = "png" if name == "square" else "jpg"
+        (write_png if name == "square" else write_jpeg)(img, str(images / f"{name}.{ext}"))
     out, rle_file = tmp_path / "pred", tmp_path / "sub.json"
     assert run("--images", images, "--checkpoint", sam_run / "final.safetensors", "--out", out,
                "--rle-json", rle_file, script=PREDICT) == 0
@@ -252,7 +253,8 @@ def make_folder(root: Path, *, n_train=4, n_val=2, size=(48, 64)):
         (root / "img" / split).mkdir(parents=True, exist_ok=True)
         (root / "ann" / split).mkdir(parents=True, exist_ok=True)
         write_jpeg(img.contiguous(), str(root / "img" / split / f"tile{i}.jpg"))
-        write_png((mask[:size[0], :size[1]] * 255).to(torch.uint8)[None].contiguous(), str(root / "ann" / split / f"tile{i}.png"))
+        write_png((mask[:size[0], :size[1]] * 255).to(torch.uint8)[None].contiguous(),
+                  str(root / "ann" / split / f"tile{i}.png"))
 
 
 def test_folder_data_and_bad_input_errors(one_thread, tmp_path, capsys):
@@ -366,10 +368,12 @@ def test_pretrained_weights_are_loaded_resized_and_stay_frozen(one_thread, tmp_p
     merged = read_safetensors(tmp_path / "sam" / "merged.safetensors")[0]
     want = resize_sam_state_dict(sam.state_dict(), create_model("sam_vitb", img_size=32, num_classes=1, **cfg))
     assert merged["image_encoder.pos_embed"].shape == (1, 4, 4, 48)
-    for k in ("image_encoder.pos_embed", "image_encoder.blocks.1.attn.rel_pos_h", "image_encoder.patch_embed.proj.weight",
-              "mask_decoder.output_upscaling.0.weight", "prompt_encoder.no_mask_embed.weight"):
+    for k in ("image_encoder.pos_embed", "image_encoder.blocks.1.attn.rel_pos_h",
+              "image_encoder.patch_embed.proj.weight", "mask_decoder.output_upscaling.0.weight",
+              "prompt_encoder.no_mask_embed.weight"):
         assert torch.equal(merged[k], want[k]), k  # frozen under lora: exactly the (resized) checkpoint
-    assert not torch.equal(merged["image_encoder.blocks.0.attn.qkv.weight"], want["image_encoder.blocks.0.attn.qkv.weight"])
+    qkv = "image_encoder.blocks.0.attn.qkv.weight"
+    assert not torch.equal(merged[qkv], want[qkv])
     # EfficientFormer with a classifier head, made at 224: the head is skipped, the attention biases resized
     cfg = PRESETS["ef_tiny"][1]
     ef = create_model("efl1", num_classes=10, img_size=224, **cfg)
@@ -390,7 +394,7 @@ def test_pretrained_weights_are_loaded_resized_and_stay_frozen(one_thread, tmp_p
 def test_task_file_is_the_final_model_and_predicts(sam_run, tmp_path, capsys):
     from tasks.task_file import read_task
     task = read_task(sam_run / "adapters.safetensors")
-    assert task.meta["kind"] == "seg" and task.meta["model"] == "sam_tiny" and task.meta["num_classes"] == 2
+    assert task.task_type == "seg" and task.meta["model"] == "sam_tiny" and task.meta["num_classes"] == 2
     assert task.meta["class_names"] == ["background", "vegetation"] and task.meta["img_size"] == 64
     final = read_safetensors(sam_run / "final.safetensors")[0]
     assert set(task.tensors) == set(final) and all(torch.equal(task.tensors[k], final[k]) for k in final)

@@ -51,3 +51,11 @@ def test_record_differences_lists_what_changed():
     assert not any(d.startswith("gpu_count") for d in diff)  # idle GPUs do not change a run
     assert record_differences(None, new) == []  # a checkpoint older than the record: nothing to compare
     assert record_differences({"torch": old["torch"]}, new) == [f"torch: {old['torch']} -> 9.9.9"]
+
+
+def test_record_goes_through_a_weights_only_checkpoint(tmp_path):
+    """The record is stored in the checkpoint's state, which --resume reads with torch.load(weights_only=True):
+    every value must be a plain type (torch.__version__ is a TorchVersion, which that loader refuses)."""
+    rec = run_record()
+    torch.save(dict(run_record=rec), tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=True)["run_record"] == rec

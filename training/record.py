@@ -42,7 +42,8 @@ def run_record(world_size: int = 1, device: torch.device | str = "cpu") -> dict:
     cuda = torch.device(device).type == "cuda"
     commit, dirty = git_state()
     return dict(
-        torch=torch.__version__, torchvision=torchvision.__version__,
+        torch=str(torch.__version__), torchvision=str(torchvision.__version__),  # plain str: TorchVersion does not
+        # pass torch.load(weights_only=True)
         cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         gpu=torch.cuda.get_device_name(torch.device(device)) if cuda else None,
         gpu_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
