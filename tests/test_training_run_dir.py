@@ -22,3 +22,14 @@ def test_resume_settings_compare_paths_after_expansion():
     with pytest.raises(ValueError, match=r"--lr 0.1 -> 0.2\)"):  # only what differs is named
         run_dir.check_resume_settings(json.dumps({"data_root": "d", "lr": 0.1}), {"data_root": "d", "lr": 0.2},
                                           ckpt_dir="c")
+
+
+def test_a_state_holding_a_refused_type_is_named_not_called_damaged(tmp_path):
+    """A whole state file holding an object torch.load(weights_only=True) refuses (a TorchVersion, as the run record
+    stored before it was made plain str) is said to be that, not "damaged"."""
+    import torch
+    torch.save({"epoch": 1, "version": torch.__version__}, tmp_path / "epoch_0001.pt")
+    with pytest.raises(ValueError, match=r"holds a torch\.torch_version\.TorchVersion object, which "
+                                         r"torch\.load\(weights_only=True\) refuses") as e:
+        run_dir._load_epoch(str(tmp_path), 1, "epoch_0001.safetensors", "epoch_0001.pt", None, None)
+    assert "damaged" not in str(e.value)

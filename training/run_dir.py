@@ -263,6 +263,11 @@ def _load_epoch(ckpt_dir: str, epoch: int, adapters: str, state_file: str, model
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  truncated zip, bad pickle, ...: any reason means the same here
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsupported:  # a whole file holding a type weights_only loading refuses: not damage
+            raise ValueError(f"{path} (the training state of epoch {epoch}) holds a {unsupported.group(1)} object, "
+                             f"which torch.load(weights_only=True) refuses: it was written by another version of "
+                             f"this code") from None
         raise ValueError(f"{path} (the training state of epoch {epoch}) is damaged: {type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(state, dict) or state.get("epoch") != epoch:
