@@ -36,16 +36,23 @@ PY=${PYTHON:-$([ -x .venv/bin/python ] && echo "$ROOT/.venv/bin/python" || comma
 export PYTHONUNBUFFERED=1
 : > "$OUT/steps.jsonl"
 
-# wheels for what the machine lacks (pip module name -> import name)
+# wheels for what the machine lacks (pip name:import name). Into the environment when pip may write there; else
+# (an externally managed or read-only Python) into .whl/site, put on PYTHONPATH for every step; pycocotools and
+# segment-anything without their dependencies there (numpy, torch: the machine's own).
+SITE=$ROOT/.whl/site
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}  # (a folder that does not exist is skipped by Python)
 {
     for pair in pycocotools:pycocotools segment-anything:segment_anything pytest:pytest; do
-        if ! "$PY" -c "import ${pair#*:}" 2>/dev/null; then
-            if [ -d .whl ]; then
-                "$PY" -m pip install --no-index --find-links .whl "${pair%%:*}" || echo "could not install ${pair%%:*}"
-            else
-                echo "${pair%%:*} is missing and there is no .whl/: run bash bench/gpu_wheels.sh where PyPI is reachable"
-            fi
+        pkg=${pair%%:*}
+        "$PY" -c "import ${pair#*:}" 2>/dev/null && continue
+        if [ ! -d .whl ]; then
+            echo "$pkg is missing and there is no .whl/: run bash bench/gpu_wheels.sh where PyPI is reachable"
+            continue
         fi
+        nodeps=$([ "$pkg" = pytest ] || echo --no-deps)
+        "$PY" -m pip install --no-index --find-links .whl "$pkg" \
+            || "$PY" -m pip install --no-index --find-links .whl --target "$SITE" $nodeps "$pkg" \
+            || echo "could not install $pkg"
     done
 } > "$OUT/install.log" 2>&1
 
@@ -78,11 +85,11 @@ step() {
 
 STEPS="$PY bench/gpu_steps.py"
 step env 25 $STEPS env "$OUT" --device "$DEVICE" $SMOKE
-step a_pytest 90 $STEPS pytest "$OUT" --device "$DEVICE" $SMOKE
+step a_pytest 100 $STEPS pytest "$OUT" --device "$DEVICE" $SMOKE
 step b_train_cls 95 $STEPS train_cls "$OUT" --device "$DEVICE" $SMOKE
 step c_torchrun 30 $STEPS torchrun "$OUT" --device "$DEVICE" $SMOKE
 step d_seg_memory 60 $STEPS seg_memory "$OUT" --device "$DEVICE" $SMOKE
-step e_bench_peft 140 $STEPS bench_peft "$OUT" --device "$DEVICE" $SMOKE
+step e_bench_peft 130 $STEPS bench_peft "$OUT" --device "$DEVICE" $SMOKE
 step f_profile 30 "$PY" bench/gpu_profile.py --out "$OUT/f_profile.txt" --device "$DEVICE" $SMOKE
 "$PY" bench/gpu_steps.py summary "$OUT" > /dev/null || FAILED=1
 echo "summary: $OUT/summary.md"
