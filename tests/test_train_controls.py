@@ -118,8 +118,8 @@ def test_grad_ckpt_run_equals_the_plain_run(tmp_path):
     """Activation checkpointing changes memory, not results: the whole log and the task file equal the plain run's
     bit for bit (the recomputation replays the same float operations)."""
     a, b = tmp_path / "plain", tmp_path / "ckpt"
-    assert run("train_cls.py", *TINY, "--epochs", "1", "--out", a) == 0
-    assert run("train_cls.py", *TINY, "--epochs", "1", "--grad-ckpt", "--out", b) == 0
+    assert run("train_cls.py", *TINY, "--epochs", "1", "--warmup-epochs", "0.5", "--out", a) == 0
+    assert run("train_cls.py", *TINY, "--epochs", "1", "--warmup-epochs", "0.5", "--grad-ckpt", "--out", b) == 0
     assert log_records(a) == log_records(b)
     ta, tb = trained(a), trained(b)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -152,7 +152,7 @@ def test_fp16_ema_clip_accumulation_resume_bit_for_bit(tmp_path, capsys):
 
 def test_eval_only_scores_the_task_file_as_the_run_did(tmp_path):
     out = tmp_path / "run"
-    assert run("train_cls.py", *TINY, "--epochs", "1", "--out", out) == 0
+    assert run("train_cls.py", *TINY, "--epochs", "1", "--warmup-epochs", "0.5", "--out", out) == 0
     summary = log_records(out)[-1]
     ev = tmp_path / "eval"
     assert run("train_cls.py", *TINY, "--eval-only", out / "adapters.safetensors", "--out", ev) == 0
