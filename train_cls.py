@@ -23,6 +23,10 @@ busy machine):
 does not need it.) The same on two CPU processes (gloo): torchrun --nproc_per_node 2 -- train_cls.py <same flags>
 
 A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
+Training controls, the same in the three training scripts (training/controls.py): --amp {bf16,fp16,off},
+--accum-steps K, --clip-grad NORM, --grad-ckpt, --compile, --channels-last, --ema DECAY (--final-model ema); the run
+record (torch / CUDA / GPU / git versions) goes into args.json, the checkpoints and the task file.
+Score a finished run's task file without training: the same flags plus --eval-only OUT/adapters.safetensors.
 One run at a time writes into an --out (OUT/.lock); a finished run there is only continued with --resume.
 In --out: args.json, log.jsonl (one line per epoch, then a summary line), summary.csv (epoch, train_loss,
 eval_loss, eval_top1, eval_top5, lr: timm's columns, top-k in %), curves.png (when matplotlib is installed),

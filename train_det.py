@@ -23,6 +23,10 @@ CPU demo: a tiny EfficientFormer (random backbone) with narrow heads on the buil
 Schedule (PETAH Appendix A.2 = mmdetection 1x): AdamW, LR 1e-4, weight decay 0.05 (on matrices and kernels),
 12 epochs, linear warmup over 500 steps from 0.001 x LR, LR x 0.1 after epochs 8 and 11.
 A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
+Training controls, the same in the three training scripts (training/controls.py): --amp {bf16,fp16,off},
+--accum-steps K, --clip-grad NORM, --grad-ckpt, --compile, --channels-last, --ema DECAY (--final-model ema); the run
+record (torch / CUDA / GPU / git versions) goes into args.json, the checkpoints and the task file.
+Score a finished run's task file without training: the same flags plus --eval-only OUT/adapters.safetensors.
 In --out: args.json, log.jsonl (one line per epoch, then a summary line), ckpt/ (trainable weights and training
 state of the last completed epoch), adapters.safetensors (the task file: what this fine-tune changed, adapters +
 the detection head, with the settings to rebuild the model), merged.safetensors (adapters folded into the
