@@ -568,14 +568,16 @@ for epoch in range(start_epoch, epochs):
     last_epoch = epoch + 1 == epochs
     if (epoch + 1) % args.eval_every and not last_epoch:
         continue
-    cm, _, samples = evaluate(raw_model, eval_loader, vis=args.vis_images, **eval_kw)
+    with user_errors(parser, quiet=not master):  # an unreadable image, a mask that does not fit its image
+        cm, _, samples = evaluate(raw_model, eval_loader, vis=args.vis_images, **eval_kw)
     m = metrics(cm)
     score = m["iou_fg"] if num_classes == 2 else m["miou"]
     history.append(dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(seen, 1), **m, score=score, lr=lr,
                         img_per_s=seen / train_time, time_s=round(time.time() - t0, 2)))
     if ema is not None:  # the EMA's weights scored on the same images, beside the raw model's
         with ema.swapped_into(raw_model):
-            ema_m = metrics(evaluate(raw_model, eval_loader, **eval_kw)[0])
+            with user_errors(parser, quiet=not master):
+                ema_m = metrics(evaluate(raw_model, eval_loader, **eval_kw)[0])
         history[-1].update({f"ema_{k}": v for k, v in ema_m.items()},
                            ema_score=ema_m["iou_fg"] if num_classes == 2 else ema_m["miou"])
     history[-1].update(grad_norm_stats(grad_norms, args.clip_grad, dist.device))
@@ -642,7 +644,8 @@ if master:
 # merge the adapters into the weights, check the merged model predicts as the adapted one, export
 
 merged = merge_and_unload(copy.deepcopy(raw_model))
-cm, diff, _ = evaluate(raw_model, eval_loader, compare=merged, **eval_kw)
+with user_errors(parser, quiet=not master):
+    cm, diff, _ = evaluate(raw_model, eval_loader, compare=merged, **eval_kw)
 final_m = metrics(cm)
 last_m = history[-1]
 summary = dict(summary=True, model=args.model, method=args.method, adapter_params=counts["adapter_params"],
@@ -668,7 +671,8 @@ if master:
     if meta["arch_loads"] != "true":
         log(f"note: merged.safetensors: {meta['arch_note']}")
 if test_ds is not None:
-    test_cm, _, _ = evaluate(raw_model, eval_loader_for(test_ds), **eval_kw)
+    with user_errors(parser, quiet=not master):
+        test_cm, _, _ = evaluate(raw_model, eval_loader_for(test_ds), **eval_kw)
     summary.update({f"test_{k}": v for k, v in metrics(test_cm).items()})
 name = "IoU fg" if num_classes == 2 else "mIoU"
 which = (f"the top-{len(topk)} average (epochs {summary['topk_epochs']}); best single checkpoint "
