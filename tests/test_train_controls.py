@@ -148,6 +148,9 @@ def test_fp16_ema_clip_accumulation_resume_bit_for_bit(tmp_path, capsys):
     tw, tp = trained(whole), trained(part)
     assert all(torch.equal(tw[k], tp[k]) for k in tw)
     assert read_task(whole / "adapters.safetensors").meta["final_model"] == "ema"
+    # fp16 autocast casts inside the forward only: the task file and the merged model are float32
+    merged = read_safetensors(whole / "merged.safetensors")[0]
+    assert all(t.dtype == torch.float32 for t in [*tw.values(), *merged.values()] if t.is_floating_point())
 
 
 def test_eval_only_scores_the_task_file_as_the_run_did(tmp_path):

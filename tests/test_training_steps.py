@@ -144,3 +144,25 @@ def test_clip_grad_sees_the_unscaled_fp16_gradients():
             assert scaler.get_scale() == 65536.0
         norms.append(optimizer_step(torch.optim.SGD(params, lr=0.1), scaler, params, clip_grad=1e-3))
     assert norms[0] == norms[1]
+
+
+def test_grad_sync_skips_the_all_reduce_on_all_but_the_last_micro_batch(tmp_path):
+    """Under DDP the K-1 first micro-batches run in no_sync (gradients stay local and accumulate), the last one
+    all-reduces the sums; without DDP nothing changes. A one-process gloo group makes a real DDP module."""
+    import torch.distributed as torch_dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(torch.nn.Linear(3, 2))
+        states = []
+        for i in range(3):
+            with grad_sync(ddp, last=i == 2):
+                states.append(ddp.require_backward_grad_sync)
+                ddp(torch.randn(2, 3)).sum().backward()
+        assert states == [False, False, True]
+        plain = torch.nn.Linear(3, 2)
+        with grad_sync(plain, last=False):  # no DDP: a plain context
+            plain(torch.randn(2, 3)).sum().backward()
+    finally:
+        torch_dist.destroy_process_group()
