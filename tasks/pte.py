@@ -45,8 +45,9 @@ tensor, calibrated on `calibration`: an iterable of (B, 3, S, S) batches), then 
 models (export_pte), not a shared base.
 
 Without torch: no. The executorch wheel's runtime (executorch.extension.pybindings._C) links libtorch and
-libtorch_python and its Python wrapper imports torch first; tensors cross as torch.Tensor. A device that must not
-carry torch runs the .pte with ExecuTorch's C++ runtime (or the Android / iOS bindings), not from Python.
+libtorch_python, its Python wrapper (portable_lib.py) imports torch first, and the compiled module, even loaded
+directly with torch blocked, takes torch.Tensor inputs only ("Unsupported python type <class 'numpy.ndarray'>").
+A device that must not carry torch runs the .pte with ExecuTorch's C++ runtime (or its Android / iOS bindings).
 """
 
 import hashlib
@@ -106,7 +107,7 @@ def _export(net: nn.Module, x: torch.Tensor, dynamic) -> torch.export.ExportedPr
         return torch.export.export(net, (x,), dynamic_shapes=dynamic)
 
 
-def _quantize(gm: torch.fx.GraphModule, calibration) -> torch.fx.GraphModule:
+def _quantize(gm: torch.fx.GraphModule, calibration, top: int) -> torch.fx.GraphModule:
     """XNNPACK PT2E int8: symmetric, per-channel weights, per-tensor activations from the calibration batches."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -121,8 +122,9 @@ def _quantize(gm: torch.fx.GraphModule, calibration) -> torch.fx.GraphModule:
     seen = 0
     with torch.no_grad():
         for batch in calibration:
-            prepared(batch)
-            seen += 1
+            for chunk in torch.as_tensor(batch, dtype=torch.float32).split(top):  # the graph takes <= top
+                prepared(chunk)
+                seen += 1
     if seen == 0:
         raise ValueError("quantize='int8': the calibration set is empty")
     return convert_pt2e(prepared)
@@ -155,7 +157,7 @@ def _lower(net: nn.Module, example: torch.Tensor, *, batch_sizes, quantize=None,
     if quantize or tag_of:
         gm = ep.module()  # unlifted: the constants are get_attr nodes, where PT2E and the tags act
         if quantize:
-            gm = _quantize(gm, calibration)
+            gm = _quantize(gm, calibration, max(batch_sizes))
         if tag_of:
             _tag_constants(gm, tag_of)
         ep = _export(gm, x, dynamic)

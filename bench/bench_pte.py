@@ -1,0 +1,209 @@
+r"""
+ExecuTorch numbers for BENCHMARKS.md ("Deployment bundle", "ExecuTorch"): what a task costs on a shared base
+.ptd, in bytes, in latency and in memory; and (--int8 RUN) what int8 does to a trained task.
+
+    OMP_NUM_THREADS=1 python bench/bench_pte.py --model efl7              # bytes, latency, memory (random weights)
+    OMP_NUM_THREADS=1 python bench/bench_pte.py --int8 runs/demo          # int8 on a train_cls.py run
+
+Share (default): a random base (random BatchNorm statistics) with a 1000-class head and a PETAH-2 task on it (LoRA
+r 8 on the attention linears, conv-LoRA rc 2 on every conv, a new 100-class head, every trained tensor random),
+at --img-size. tasks.pte.export_pte_base writes base.pte + base.ptd, export_pte_task the task's .pte (unmerged:
+the low-rank paths run beside the base layers). Reported:
+    bytes        base.ptd, base.pte, task.pte, and the task's own bytes over the base files'
+    exact        max |task in ExecuTorch - merged PyTorch| / max |merged PyTorch| at batch 1 and 2
+    latency      batch 1, XNNPACK on one thread, this process's CPU time per call; base, a second load of the base
+                 (the A/A band: the spread of base / base ratios) and the task timed round-robin, one call each per
+                 round, the order rotated between rounds; medians over rounds, ratios medians of per-round ratios
+    memory       resident set size after loading and running 1, 4 and 8 task programs on the one base.ptd, against
+                 as many loads of the base program (each a full model, what a merged task costs)
+int8 (--int8 RUN): RUN/merged.safetensors (train_cls.py) exported fp32 and int8 (XNNPACK PT2E, calibrated on
+--calib training images), both run by ExecuTorch on the validation split; top-1 of each, the PyTorch model's top-1,
+the files' bytes, the relative logit drift (L2) and the latency at batch 1 as above.
+"""
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lora import merge_and_unload  # noqa: E402
+from methods import apply_method  # noqa: E402
+from tasks.deploy import build_model  # noqa: E402
+from tasks.pte import export_pte, export_pte_base, export_pte_task, load_pte  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default="efl7", help="EfficientFormer name (efl1, efl3, efl7, ef_tiny); default efl7")
+parser.add_argument("--img-size", type=int, default=224)
+parser.add_argument("--rounds", type=int, default=15, help="latency rounds (median); default 15")
+parser.add_argument("--int8", default=None, metavar="RUN", help="a train_cls.py --out folder: the int8 part instead")
+parser.add_argument("--calib", type=int, default=64, help="--int8: calibration images from the train split")
+parser.add_argument("--out", default=None, help="JSON results file; default bench/results_pte[_int8].json")
+args = parser.parse_args()
+
+
+def round_robin(fns: dict, x, rounds: int) -> dict:
+    """Every round's CPU seconds per call of each fn: one call each per round, the order rotated from round to
+    round, after one warm-up round."""
+    times, keys = {k: [] for k in fns}, list(fns)
+    for r in range(rounds + 1):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.process_time()
+            fns[k](x)
+            if r:
+                times[k].append(time.process_time() - t0)
+    return times
+
+
+def paired(times: dict, a: str, b: str) -> dict:
+    """Median and range of the per-round ratios a / b."""
+    ratios = [x / y for x, y in zip(times[a], times[b])]
+    return dict(median=round(statistics.median(ratios), 3), range=[round(min(ratios), 3), round(max(ratios), 3)])
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def one_thread() -> None:
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+    _unsafe_reset_threadpool(1)
+    torch.set_num_threads(1)
+
+
+def runner(method):
+    return lambda x: method.execute((x,))[0]
+
+
+def share(tmp: str) -> dict:
+    S = args.img_size
+    torch.manual_seed(0)
+    base = build_model(args.model, head="cls", num_classes=1000, img_size=S)
+    with torch.no_grad():
+        for m in base.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    task = copy.deepcopy(base)
+    task.reset_classifier(100)
+    apply_method(task, args.model, "petah", r=8, rc=2)
+    with torch.no_grad():
+        for p in task.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)
+    task.eval()
+    merged = merge_and_unload(copy.deepcopy(task)).eval()
+    x = torch.randn(2, 3, S, S)
+    f = {k: os.path.join(tmp, k) for k in ("base.pte", "base.ptd", "task.pte")}
+    t0 = time.time()
+    export_pte_base(base, x, f["base.pte"], data_path=f["base.ptd"])
+    t1 = time.time()
+    info = export_pte_task(task, x, f["task.pte"], base=base, base_data_path=f["base.ptd"])
+    t2 = time.time()
+    size = {k: os.path.getsize(v) for k, v in f.items()}
+    res = dict(model=args.model, img_size=S, bytes=size, shared_tensors=info["shared"],
+               task_over_base=round(size["task.pte"] / (size["base.ptd"] + size["base.pte"]), 4),
+               lower_s=dict(base=round(t1 - t0), task=round(t2 - t1)))
+    print(json.dumps(res), flush=True)
+
+    one_thread()
+    base_m = load_pte(f["base.pte"], data_path=f["base.ptd"])
+    base_again = load_pte(f["base.pte"], data_path=f["base.ptd"])
+    task_m = load_pte(f["task.pte"], data_path=f["base.ptd"])
+    with torch.no_grad():
+        exact = {}
+        for B in (1, 2):
+            ref = merged(x[:B])
+            exact[f"b{B}"] = float((task_m.execute((x[:B],))[0] - ref).abs().max() / ref.abs().max())
+    res["exact"] = exact
+    times = round_robin({"base": runner(base_m), "base_again": runner(base_again), "task": runner(task_m)}, x[:1],
+                        args.rounds)
+    res["latency"] = dict(base_ms=round(1e3 * statistics.median(times["base"]), 2),
+                          task_ms=round(1e3 * statistics.median(times["task"]), 2),
+                          task_over_base=paired(times, "task", "base"), aa=paired(times, "base_again", "base"),
+                          rounds=args.rounds)
+    print(json.dumps(res), flush=True)
+    del base_m, base_again, task_m
+    res["rss_mb"] = memory(f, x[:1])
+    return res
+
+
+def memory(f: dict, x) -> dict:
+    """RSS growth (MB) with n programs loaded and run once: n tasks on one base.ptd vs n loads of the base."""
+    out = {}
+    for kind, pte in (("tasks", f["task.pte"]), ("full_models", f["base.pte"])):
+        start, held = rss(), []
+        for n in range(1, 9):
+            held.append(load_pte(pte, data_path=f["base.ptd"]))
+            held[-1].execute((x,))
+            if n in (1, 4, 8):
+                out[f"{kind}_{n}"] = round((rss() - start) / 2**20, 1)
+        del held
+    return out
+
+
+def int8(tmp: str) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from data import build_datasets
+    from tasks.deploy import parse_json_meta
+
+    path = os.path.join(args.int8, "merged.safetensors")
+    with safe_open(path, "pt") as fh:
+        meta = {k: parse_json_meta(fh.metadata(), k) for k in fh.metadata()}
+    run_args = json.load(open(os.path.join(args.int8, "args.json")))
+    S = int(meta["img_size"])
+    net = build_model(meta["model"], head="cls", num_classes=int(meta["num_classes"]), img_size=S,
+                      model_cfg=meta.get("model_cfg") or {})
+    net.load_state_dict(load_file(path), strict=True)
+    net.eval()
+    a = run_args
+    train, val = build_datasets(a["data"], a.get("data_root"), img_size=S, mean=meta["mean"], std=meta["std"],
+                                crop_pct=meta.get("crop_pct", 0.95), interpolation=meta.get("interpolation", "bicubic"),
+                                synthetic_cfg=dict(num_classes=a.get("synthetic_classes", 10),
+                                                   train_per_class=a.get("synthetic_train", 200),
+                                                   val_per_class=a.get("synthetic_val", 50),
+                                                   test_per_class=a.get("synthetic_val", 50)))[:2]
+    calib = torch.stack([train[i][0] for i in range(min(args.calib, len(train)))])
+    xs = torch.stack([val[i][0] for i in range(len(val))])
+    ys = torch.tensor([val[i][1] for i in range(len(val))])
+    f = {"fp32": os.path.join(tmp, "fp32.pte"), "int8": os.path.join(tmp, "int8.pte")}
+    export_pte(net, xs[:8], f["fp32"], batch_sizes=(1, 8))
+    export_pte(net, xs[:8], f["int8"], batch_sizes=(1, 8), quantize="int8", calibration=calib.split(8))
+    one_thread()
+    methods = {k: load_pte(v) for k, v in f.items()}
+    with torch.no_grad():
+        logits = {"pytorch": torch.cat([net(b) for b in xs.split(8)])}
+        for k, m in methods.items():
+            logits[k] = torch.cat([m.execute((b,))[0] for b in xs.split(8)])
+    top1 = {k: round(100 * float((v.argmax(1) == ys).float().mean()), 2) for k, v in logits.items()}
+    drift = float((logits["int8"] - logits["fp32"]).norm() / logits["fp32"].norm())
+    changed = int((logits["int8"].argmax(1) != logits["fp32"].argmax(1)).sum())
+    methods["int8_again"] = load_pte(f["int8"])
+    times = round_robin({k: runner(m) for k, m in methods.items()}, xs[:1], args.rounds)
+    return dict(run=args.int8, model=meta["model"], img_size=S, val_images=len(ys), calib_images=len(calib),
+                top1=top1, predictions_changed=changed, logit_drift=round(drift, 4),
+                bytes={k: os.path.getsize(v) for k, v in f.items()},
+                latency=dict(fp32_ms=round(1e3 * statistics.median(times["fp32"]), 3),
+                             int8_ms=round(1e3 * statistics.median(times["int8"]), 3),
+                             int8_over_fp32=paired(times, "int8", "fp32"), aa=paired(times, "int8_again", "int8"),
+                             rounds=args.rounds))
+
+
+with tempfile.TemporaryDirectory() as tmp:
+    result = int8(tmp) if args.int8 else share(tmp)
+result.update(torch=torch.__version__, executorch=__import__("executorch.version").version.__version__,
+              cpu_count=os.cpu_count(), finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               "results_pte_int8.json" if args.int8 else "results_pte.json")
+print(json.dumps(result, indent=1))
+with open(out, "w") as fh:
+    json.dump(result, fh, indent=1)
