@@ -350,7 +350,8 @@ def main() -> None:
     env = run("env_worker", dict(plan.common))
     results["meta"].update(env)
     print(f"bench_peft: {results['meta']['date']}, {args.device}, torch {env.get('torch')}, timm {env.get('timm')}, "
-          f"peft {env.get('peft')}, {env.get('threads')} threads, {results['meta']['machine']}\n"
+          f"peft {env.get('peft')}, {env.get('threads')} threads, {results['meta']['machine']}"
+          + (f", {env['gpu']}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}" if env.get("gpu") else "") + "\n"
           f"command: {results['meta']['command']}", flush=True)
     for name in SECTIONS:  # in the order of the questions, whatever the order of --sections
         if name in args.sections:

@@ -9,10 +9,10 @@
     python bench/gpu_steps.py summary    OUT                          # OUT/summary.md from every step's JSON
     python bench/gpu_steps.py peak JSON -- SCRIPT [ARGS...]           # SCRIPT run in this process; its peak memory
 
-Every step writes OUT/<step>.json with "ok" (its check passed), "skipped" (parts left out, each with the reason: a
-flag the scripts do not have yet) and its numbers, and exits 1 when its check failed. The training runs write
-into OUT/runs/. --smoke: the tiny presets (ef_tiny, vit_tiny / efl_tiny, sam_tiny) and a few steps, on the CPU
-when there is no CUDA, so that tests/test_gpu_check.py runs every step here. Not a test itself: a driver.
+Every step writes OUT/<step>.json with "ok" (its check passed) and its numbers, and exits 1 when its check
+failed. The training runs write into OUT/runs/. --smoke: the tiny presets (ef_tiny, vit_tiny / efl_tiny,
+sam_tiny) and a few steps, on the CPU when there is no CUDA, so that tests/test_gpu_check.py runs every step
+here. Not a test itself: a driver.
 """
 import argparse
 import json
@@ -67,17 +67,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-_HELP: dict[str, str] = {}
-
-
-def has_flag(script: str, flag: str) -> bool:
-    """Whether `script --help` lists `flag` (the training-controls flags land while this check is prepared)."""
-    if script not in _HELP:
-        _HELP[script] = subprocess.run([PY, str(ROOT / script), "--help"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout
-    return flag in _HELP[script].replace(",", " ").split()
-
-
 def run(cmd: list[str], log: Path, env: dict | None = None) -> int:
     """Run cmd from the repository root, stdout and stderr appended to `log`; its exit status."""
     with open(log, "a") as f:
@@ -100,9 +89,7 @@ def cls_args(cfg: dict, method: str, out: Path, device: str) -> list[str]:
             "--synthetic-train", str(cfg["per_class"]), "--synthetic-val", str(cfg["val_per_class"]),
             "--epochs", str(cfg["epochs"]), "--warmup-epochs", "1" if cfg["epochs"] > 1 else "0",
             "--eval-every", str(cfg["eval_every"]), "--workers", str(cfg["workers"]), "--device", device,
-            "--out", str(out)]
-    if has_flag("train_cls.py", "--amp"):
-        args += ["--amp", "bf16" if device == "cuda" else "off"]
+            "--amp", "bf16" if device == "cuda" else "off", "--out", str(out)]
     return args
 
 
@@ -128,14 +115,17 @@ def step_pytest(out: Path, device: str, smoke: bool) -> dict:
 # ---- b. train_cls.py: the loss falls, merged predicts what unmerged does ---------------------------------
 
 def check_cls_run(run_dir: Path) -> dict:
-    """From a finished run's log.jsonl: the per-epoch training losses, the merge check, the speed."""
+    """From a finished run's log.jsonl: the per-epoch training losses, the merge check, the speed, and on CUDA the
+    peak memory the script logs per epoch (torch.cuda.max_memory_allocated, evaluation included)."""
     rows = read_jsonl(run_dir / "log.jsonl")
     epochs = [r for r in rows if not r.get("summary")]
     summary = next((r for r in rows if r.get("summary")), None)
     losses = [r["train_loss"] for r in epochs]
     out = dict(train_loss=losses, steps=summary and summary["steps"], img_per_s=[r["img_per_s"] for r in epochs],
                eval_acc=summary and summary["eval_acc"], merged_acc=summary and summary["merged_acc"],
-               merged_pred_diff=summary and summary["merged_pred_diff"])
+               merged_pred_diff=summary and summary["merged_pred_diff"],
+               cuda_max_allocated_mb=max((r["cuda_max_allocated_mb"] for r in epochs if "cuda_max_allocated_mb" in r),
+                                         default=None))
     out["loss_falls"] = len(losses) >= 2 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     out["merged_equal"] = summary is not None and summary["merged_pred_diff"] == 0
     return out
@@ -179,25 +169,23 @@ def step_torchrun(out: Path, device: str, smoke: bool) -> dict:
 
 def step_seg_memory(out: Path, device: str, smoke: bool) -> dict:
     cfg = (SMOKE if smoke else FULL)["seg"]
-    rows, skipped = [], []
+    rows = []
     for ckpt in (False, True):
-        if ckpt and not has_flag("train_seg.py", "--grad-ckpt"):
-            skipped.append("--grad-ckpt: flag missing in train_seg.py")
-            continue
         tag = "ckpt" if ckpt else "plain"
         run_dir, peak = fresh(out / "runs" / f"seg_{tag}"), out / "runs" / f"seg_{tag}_peak.json"
         args = ["--model", cfg["model"], "--method", "lora", "--learn-interp", "--data", "synthetic",
                 "--img-size", str(cfg["img_size"]), "--batch-size", str(cfg["batch_size"]), "--iters",
                 str(cfg["iters"]), "--synthetic-train", str(cfg["per_class"]), "--synthetic-val",
                 str(cfg["val_per_class"]), "--eval-every", "1000", "--vis-images", "0", "--workers",
-                str(cfg["workers"]), "--device", device, "--out", str(run_dir)] + (["--grad-ckpt"] if ckpt else [])
-        if has_flag("train_seg.py", "--amp"):
-            args += ["--amp", "bf16" if device == "cuda" else "off"]
+                str(cfg["workers"]), "--device", device, "--amp", "bf16" if device == "cuda" else "off",
+                "--out", str(run_dir)] + (["--grad-ckpt"] if ckpt else [])
         rc = run([PY, str(Path(__file__).resolve()), "peak", str(peak), "--", "train_seg.py", *args],
                  out / "d_seg_memory.log")
         measured = json.loads(peak.read_text()) if peak.exists() else {}
-        summary = next((r for r in read_jsonl(run_dir / "log.jsonl") if r.get("summary")), None)
-        rows.append(dict(grad_ckpt=ckpt, rc=rc, finished=summary is not None,
+        log = read_jsonl(run_dir / "log.jsonl")
+        logged = [r["cuda_max_allocated_mb"] for r in log if "cuda_max_allocated_mb" in r]  # the script's own
+        rows.append(dict(grad_ckpt=ckpt, rc=rc, finished=any(r.get("summary") for r in log),
+                         logged_cuda_max_mb=max(logged, default=None),
                          **{k: v for k, v in measured.items() if k not in ("rc", "script")}))
     ok = all(r["rc"] == 0 and r["finished"] for r in rows)
     by = {r["grad_ckpt"]: r for r in rows}
@@ -205,7 +193,7 @@ def step_seg_memory(out: Path, device: str, smoke: bool) -> dict:
     if True in by and False in by and by[False].get("cuda_peak_mb"):
         ratio = by[True]["cuda_peak_mb"] / by[False]["cuda_peak_mb"]
         ok = ok and ratio < 1  # checkpointing exists to lower the activation memory
-    return dict(ok=ok, config=cfg, rows=rows, ckpt_over_plain=ratio, skipped=skipped)
+    return dict(ok=ok, config=cfg, rows=rows, ckpt_over_plain=ratio)
 
 
 def step_peak(json_path: Path, argv: list[str]) -> int:
@@ -297,13 +285,13 @@ def summary(out: Path) -> str:
              f"{env.get('torch')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, Python {env.get('python')}, "
              f"timm {env.get('timm')}, peft {env.get('peft')}; git {env.get('git')}"
              f"{'; --smoke' if env.get('smoke') else ''}", "",
-             "| step | status | rc | s | skipped |", "|---|---|---|---|---|"]
+             "| step | status | rc | s |", "|---|---|---|---|"]
     for s in steps:
         r = load(s["step"])
         # a step's JSON says ok (gpu_profile.py's numbers have no verdict: its exit status is the check)
         status = "ok" if s["rc"] == 0 and r and r.get("ok", True) else (
             "timed out" if s["rc"] in (124, 137) else "FAILED")
-        lines.append(f"| {s['step']} | {status} | {s['rc']} | {s['seconds']} | {'; '.join(r.get('skipped', []))} |")
+        lines.append(f"| {s['step']} | {status} | {s['rc']} | {s['seconds']} |")
     a = load("a_pytest")
     if a:
         dry = " (bodies run on the CPU: dry run)" if a["dry_run_on_cpu"] else ""
@@ -315,7 +303,7 @@ def summary(out: Path) -> str:
                      f"{' -> '.join(fmt(x, '.3f') for x in r['train_loss'][:1] + r['train_loss'][-1:])}, top-1 "
                      f"{fmt(r['eval_acc'], '.3f')} / merged {fmt(r['merged_acc'], '.3f')}, "
                      f"{r['merged_pred_diff']} predictions differ, {fmt(max(r['img_per_s'], default=None), '.0f')} "
-                     f"img/s")
+                     f"img/s, max_memory_allocated {fmt(r['cuda_max_allocated_mb'], '.0f')} MiB")
     c = load("c_torchrun")
     if c:
         lines.append(f"c. torchrun --nproc_per_node 1 ({c['backend']}): rc {c['rc']}, {c['steps']} steps")
@@ -323,7 +311,8 @@ def summary(out: Path) -> str:
     for r in d.get("rows", []):
         lines.append(f"d. train_seg {d['config']['model']} at {d['config']['img_size']}, batch "
                      f"{d['config']['batch_size']}, grad_ckpt {r['grad_ckpt']}: max_memory_allocated "
-                     f"{fmt(r.get('cuda_peak_mb'), '.0f')} MiB, peak RSS {fmt(r.get('peak_rss_mb'), '.0f')} MiB")
+                     f"{fmt(r.get('cuda_peak_mb'), '.0f')} MiB over the run ({fmt(r['logged_cuda_max_mb'], '.0f')} "
+                     f"MiB in log.jsonl), peak RSS {fmt(r.get('peak_rss_mb'), '.0f')} MiB")
     e = load("e_bench_peft")
     if e.get("train"):
         lines += ["", "| e. model | method | batch | ours ms | floor ms | timm+peft ms | step/floor | ours/ref |",
@@ -365,10 +354,10 @@ def main() -> int:
     if args.step == "summary":
         print(summary(args.out), end="")
         return 0
-    result = dict(step=FILES[args.step], ok=False, skipped=[])
+    result = dict(step=FILES[args.step], ok=False)
     result.update(STEPS[args.step](args.out.resolve(), args.device, args.smoke))
     write_json(args.out / f"{FILES[args.step]}.json", result)
-    print(json.dumps({k: v for k, v in result.items() if k in ("step", "ok", "skipped", "rc")}))
+    print(json.dumps({k: v for k, v in result.items() if k in ("step", "ok", "rc")}))
     return 0 if result["ok"] else 1
 
 

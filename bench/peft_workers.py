@@ -71,7 +71,8 @@ def env_worker(spec: dict) -> dict:
     """Versions and threads as the workers see them."""
     cuda = spec["device"].startswith("cuda")
     return dict(torch=torch.__version__, timm=timm.__version__, peft=peft.__version__, threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name() if cuda else None)
+                gpu=torch.cuda.get_device_name() if cuda else None, cuda=torch.version.cuda if cuda else None,
+                cudnn=torch.backends.cudnn.version() if cuda else None)
 
 
 def paper_params(key: str, label: str) -> int | None:
