@@ -9,6 +9,7 @@ the output directory) run one. Tiny settings: ef_tiny at 32 px, 2 classes, 4 tra
 """
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -39,17 +40,17 @@ TINY = ["--model", "ef_tiny", "--method", "petah", "--data", "synthetic", "--img
         "--warmup-epochs", "0", "--batch-size", "4", "--workers", "0", "--device", "cpu"]
 
 
-def run(*argv) -> tuple[int, str, str]:
-    """train_cls.py with argv, in this process: (exit code, stdout, stderr); an exception other than SystemExit
-    ends it with code 1 and its traceback in stderr, as the interpreter would print it."""
+def run(*argv, script: str = SCRIPT) -> tuple[int, str, str]:
+    """train_cls.py (or `script`) with argv, in this process: (exit code, stdout, stderr); an exception other than
+    SystemExit ends it with code 1 and its traceback in stderr, as the interpreter would print it."""
     out, err = io.StringIO(), io.StringIO()
     old = sys.argv
-    sys.argv = [SCRIPT, *map(str, argv)]
+    sys.argv = [script, *map(str, argv)]
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_path(SCRIPT, run_name="__main__")
+                runpy.run_path(script, run_name="__main__")
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             except Exception:  # noqa: BLE001
@@ -60,13 +61,13 @@ def run(*argv) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def check(code, out, err, expect, phrase):
+def check(code, out, err, expect, phrase, prog="train_cls.py"):
     text = out + err
     assert "Traceback" not in err, err[-3000:]
     assert code == expect, f"exit {code}, expected {expect}:\n{text[-3000:]}"
     assert phrase in text, f"{phrase!r} not in:\n{text[-3000:]}"
     if expect == 2:  # argparse-style: usage, then "train_cls.py: error: <message>"
-        assert "usage: train_cls.py" in err and "train_cls.py: error:" in err
+        assert f"usage: {prog}" in err and f"{prog}: error:" in err
 
 
 # -----------------------------------------------------------------------------
@@ -106,14 +107,76 @@ CALL_SITE_ROWS = [  # library errors the script reports argparse-style: extra ar
     (["--method", "lora", "--r", "100"], "LoRA rank r=100 is out of range"),
     (["--img-size", "33"], "must be a positive multiple of 32"),
     (["--weights", "GARBAGE"], "garbage.pth"),  # a file that is no checkpoint
+    # issue 23: a negative width; a size whose model cannot be built (a tensor of more than 2^63 bytes); one whose
+    # attention-bias index buffer alone, (N, N) int64 for N = (32768 / 32)^2 tokens, is 1048576^2 * 8 B = 8796.1 GB
+    (["--model-cfg", '{"embed_dims": [-1, 2, 3, 4]}'], "embed_dims=[-1, 2, 3, 4]: every entry must be an integer >= 1"),
+    (["--img-size", "1048576", "--count-only", "--num-classes", "2"], "would need more than 2^63 bytes"),
+    (["--img-size", "32768", "--count-only", "--num-classes", "2"],
+     "the largest is stages.3.blocks.2.token_mixer.attention_bias_idxs (1048576, 1048576) int64 (8,796.1 GB)"),
+    (["--mask", "PICKLE"], "pickle.bin is not a readable safetensors file: it is a torch.save / pickle file"),
+    (["--weights", "NAN"], "tensors hold NaN or inf values (e.g. head.bias"),
 ]
+
+
+def make_input(name, tmp_path):
+    """The file a CALL_SITE_ROWS placeholder stands for: no checkpoint, a pickle, ef_tiny's weights all NaN."""
+    if name == "GARBAGE":
+        (tmp_path / "garbage.pth").write_text("garbage")
+        return tmp_path / "garbage.pth"
+    if name == "PICKLE":  # a plain pickle, as torch.save's legacy format or any other tool writes it
+        import pickle
+        (tmp_path / "pickle.bin").write_bytes(pickle.dumps({"stem.conv1.weight": [True, False]}))
+        return tmp_path / "pickle.bin"
+    if name == "NAN":  # every float tensor NaN (a diverged run's checkpoint), the shapes of the TINY model
+        from safetensors.torch import save_file
+
+        from models import create_model
+        sd = create_model("ef_tiny", num_classes=2, img_size=32).state_dict()
+        save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in sd.items()},
+                  tmp_path / "nan.safetensors")
+        return tmp_path / "nan.safetensors"
+    return name
 
 
 @pytest.mark.parametrize("extra, phrase", CALL_SITE_ROWS, ids=[" ".join(r[0]) for r in CALL_SITE_ROWS])
 def test_library_error_at_a_call_site(tmp_path, extra, phrase):
-    (tmp_path / "garbage.pth").write_text("garbage")
-    extra = [str(tmp_path / "garbage.pth") if a == "GARBAGE" else a for a in extra]
+    extra = [make_input(a, tmp_path) for a in extra]
     check(*run(*TINY, *extra, "--out", tmp_path / "o"), 2, phrase)
+
+
+def test_task_file_as_weights(finished, tmp_path):
+    """--weights OUT/adapters.safetensors: it is a task file, and how to use one (no strict=False: no such flag)."""
+    task = finished / "done" / "adapters.safetensors"
+    code, out, err = run(*TINY, "--weights", task, "--out", tmp_path / "o")
+    check(code, out, err, 2, f"'{task}' is a task file (the adapters and head of a trained run, model='ef_tiny', "
+                             f"method='petah'")
+    assert f"predict_cls.py --weights BASE --tasks NAME={task}" in err
+    assert f"export.py --weights BASE --task {task}" in err
+    assert "strict" not in err
+
+
+# the script flags issue 23 found silently accepted (their checks: training/cli.py)
+SEG_TINY = ["--model", "ef_tiny", "--method", "lora", "--data", "synthetic", "--img-size", "32", "--synthetic-train",
+            "2", "--synthetic-val", "1", "--fpn-channels", "16", "--fpn-head-channels", "16", "--epochs", "1",
+            "--batch-size", "2", "--workers", "0"]
+DET_TINY = ["--model", "ef_tiny", "--method", "petah", "--data", "synthetic", "--img-size", "96", "--fpn-channels",
+            "32", "--fc-dim", "128", "--mask-channels", "32", "--roi-batch", "64", "--rpn-batch", "64", "--workers",
+            "0", "--batch-size", "4", "--warmup-iters", "5", "--lr", "3e-3", "--synthetic-train", "8",
+            "--synthetic-val", "2", "--epochs", "2"]
+SCRIPT_FLAG_ROWS = [  # script, argv, phrase
+    ("train_cls.py", [*TINY, "--method", "ia3", "--learn-interp"], "--learn-interp belongs to LoRA"),
+    ("train_seg.py", [*SEG_TINY, "--method", "ia3", "--learn-interp"], "--learn-interp belongs to LoRA"),
+    ("train_seg.py", [*SEG_TINY, "--vis-images", "-1"], "--vis-images -1 must be >= 0"),
+    ("train_det.py", [*DET_TINY, "--lr-steps", "-1"], "--lr-steps -1 must be >= 1"),
+    ("train_det.py", [*DET_TINY, "--lr-steps", "8", "0"], "--lr-steps 0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("script, argv, phrase", SCRIPT_FLAG_ROWS,
+                         ids=[f"{r[0]} {' '.join(r[1][-3:])}" for r in SCRIPT_FLAG_ROWS])
+def test_script_flag_refused(tmp_path, script, argv, phrase):
+    check(*run(*argv, "--out", tmp_path / "o", script=str(ROOT / script)), 2, phrase, prog=script)
+    assert not (tmp_path / "o").exists()  # refused before --out is touched
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -245,8 +308,8 @@ def test_damaged_last_epoch_with_an_older_one_still_there(finished, tmp_path):
     for f in ("epoch_0001.safetensors", "epoch_0001.pt"):
         shutil.copy(finished / "stopped" / "ckpt" / f, out / "ckpt" / f)
     truncate(out / "ckpt" / "epoch_0002.safetensors")
-    check(*run(*TINY, "--epochs", "2", "--out", out, "--resume"), 2, "Epoch 1's files are still there: to resume "
-                                                                     "from it, delete last.json and the files of epoch 2")
+    check(*run(*TINY, "--epochs", "2", "--out", out, "--resume"), 2,
+          "Epoch 1's files are still there: to resume from it, delete last.json and the files of epoch 2")
     assert (out / "ckpt" / "epoch_0001.pt").exists()
     for f in ("last.json", "epoch_0002.safetensors", "epoch_0002.pt"):
         (out / "ckpt" / f).unlink()
@@ -443,3 +506,291 @@ def test_save_adapters_on_a_model_without_adapters(tmp_path):
     assert not (tmp_path / "a.safetensors").exists()
     lora.save_adapters(Tiny(), tmp_path / "a.safetensors", allow_no_adapters=True)  # deliberate: every parameter
     assert len(lora.read_safetensors(tmp_path / "a.safetensors")[0]) == 4
+
+
+# -----------------------------------------------------------------------------
+# the library: bad input to the public API (issue 23), each a clear exception naming the problem
+
+def tiny_task(tmp_path, seed=0):
+    """A task file of Tiny (LoRA r 2 on fc, the head trained) and its base model."""
+    from tasks.task_file import save_task
+    torch.manual_seed(seed)
+    base = Tiny()
+    m = copy.deepcopy(base)
+    lora.add_lora(m, {"fc": 2})
+    lora.mark_trainable(m, modules=("head",))
+    save_task(m, tmp_path / "t.safetensors", meta=dict(task_type="cls", model="tiny", method="lora"))
+    return base, tmp_path / "t.safetensors"
+
+
+def peft_dir(tmp_path, config: str, weights: bytes):
+    d = tmp_path / "peft"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(config)
+    (d / "adapter_model.safetensors").write_bytes(weights)
+    return d
+
+
+def call_task_bank(tmp_path):
+    from tasks.bank import TaskBank
+    TaskBank("hello")
+
+
+def call_corrupt_peft_weights(tmp_path):
+    from tasks.peft_io import task_from_peft
+    d = peft_dir(tmp_path, json.dumps(dict(peft_type="LORA", r=2, lora_alpha=4)), b"\x08\0\0\0\0\0\0\0{broken")
+    task_from_peft(d, Tiny(), tmp_path / "t.safetensors", meta=dict(task_type="cls", model="tiny", method="lora"))
+
+
+def call_peft_config_not_json(tmp_path):
+    from tasks.peft_io import task_from_peft
+    d = peft_dir(tmp_path, "peft_type: LORA\n", b"")
+    task_from_peft(d, Tiny(), tmp_path / "t.safetensors", meta=dict(task_type="cls", model="tiny", method="lora"))
+
+
+def call_load_masks_pickle(tmp_path):
+    from methods.sparse import load_masks
+    torch.save({"fc.weight": torch.ones(4, 4, dtype=torch.bool)}, tmp_path / "masks.safetensors")
+    load_masks(tmp_path / "masks.safetensors")
+
+
+def call_masks_of_another_model(tmp_path):
+    from methods.sparse import apply_masks, load_masks, save_masks
+    save_masks({"blocks.0.weight": torch.ones(4, 4, dtype=torch.bool)}, tmp_path / "m.safetensors")
+    apply_masks(Tiny(), load_masks(tmp_path / "m.safetensors"))
+
+
+def call_read_task_list_adapters(tmp_path):
+    from tasks.task_file import read_task
+    _, path = tiny_task(tmp_path)
+    tensors, metadata = lora.read_safetensors(path)
+    lora.write_safetensors(tensors, path, {**metadata, "adapters": json.dumps(["fc"])})
+    read_task(path)
+
+
+def call_read_task_directory(tmp_path):
+    from tasks.task_file import read_task
+    read_task(tmp_path)
+
+
+def call_export_peft_other_base(tmp_path):
+    from tasks.peft_io import export_peft
+    _, path = tiny_task(tmp_path, seed=0)
+    torch.manual_seed(1)
+    export_peft(path, Tiny(), tmp_path / "peft")  # another base: other random weights
+
+
+def call_load_pretrained_nan(tmp_path):
+    from models import load_pretrained
+    sd = Tiny().state_dict()
+    sd["fc.weight"][1, 2] = float("nan")  # one NaN is enough to make every output NaN
+    load_pretrained(Tiny(), sd, verbose=False)
+
+
+def call_load_pretrained_task_file(tmp_path):
+    from models import load_pretrained
+    base, path = tiny_task(tmp_path)
+    load_pretrained(base, path, verbose=False)
+
+
+def call_create_model(**kw):
+    def call(tmp_path):
+        from models import create_model
+        create_model("ef_tiny", **kw)
+    return call
+
+
+API_ROWS = [  # id, call(tmp_path), exception type, phrase ("{tmp}": tmp_path)
+    ("TaskBank('hello')", call_task_bank, TypeError, "model must be the base model, an nn.Module"),
+    ("task_from_peft, corrupt weights", call_corrupt_peft_weights, ValueError,
+     "{tmp}/peft/adapter_model.safetensors is not a readable safetensors file"),
+    ("task_from_peft, config not JSON", call_peft_config_not_json, ValueError,
+     "{tmp}/peft/adapter_config.json is not valid JSON"),
+    ("load_masks of a pickle", call_load_masks_pickle, ValueError,
+     "mask file {tmp}/masks.safetensors is not a readable safetensors file: it is a torch.save / pickle file"),
+    ("masks of another model", call_masks_of_another_model, ValueError,
+     "masks name parameters the model does not have: ['blocks.0.weight']"),
+    ("read_task, adapters a list", call_read_task_list_adapters, ValueError,
+     "task file {tmp}/t.safetensors: its 'adapters' metadata must be {module name: adapter config"),
+    ("read_task of a directory", call_read_task_directory, ValueError, "task file {tmp} is a directory, not a file"),
+    ("export_peft, another base", call_export_peft_other_base, ValueError,
+     "task {tmp}/t.safetensors was trained on another base model"),
+    ("load_pretrained, a NaN", call_load_pretrained_nan, ValueError,
+     "checkpoint 'state_dict': 1 of 4 tensors hold NaN or inf values (e.g. fc.weight)"),
+    ("load_pretrained of a task file", call_load_pretrained_task_file, ValueError,
+     "'{tmp}/t.safetensors' is a task file (the adapters and head of a trained run, model='tiny', method='lora'"),
+    ("create_model, negative width", call_create_model(embed_dims=(16, -24, 32, 48)), ValueError,
+     "create_model('ef_tiny'): embed_dims=(16, -24, 32, 48): every entry must be an integer >= 1"),
+    ("create_model, bool depth", call_create_model(depths=(1, True, 1, 2)), ValueError,
+     "depths=(1, True, 1, 2): every entry must be an integer >= 0"),
+    ("create_model, rate", call_create_model(drop_path_rate=1.0), ValueError,
+     "drop_path_rate=1.0 must be a probability in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("call, error, phrase", [r[1:] for r in API_ROWS], ids=[r[0] for r in API_ROWS])
+def test_public_api_on_bad_input(tmp_path, call, error, phrase):
+    with pytest.raises(error) as e:
+        call(tmp_path)
+    assert type(e.value) is error  # not a subclass the scripts' user_errors would miss (KeyError, ...)
+    assert phrase.replace("{tmp}", str(tmp_path)) in str(e.value), str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# crash safety (issue 23): kill -9 of train_det.py mid-epoch and while writing its checkpoint, then --resume; two
+# runs started on one --out at once; kill -9 of the torchrun launcher. Real processes; every wait ends with the
+# process (bounded by the run's steps), none by a clock.
+
+KILL_HOOK = '''
+"""Loaded by the interpreter at start (sitecustomize): SIGKILL this process at a chosen point of the run, as kill -9
+or a power cut would. KILL_AFTER_STEP=N: right after the N-th optimizer step. KILL_WHILE_WRITING=NAME: while the file
+whose name ends with NAME is being written (its temporary half written, before os.replace)."""
+import os
+import signal
+
+if os.environ.get("KILL_AFTER_STEP"):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _steps = [0]
+
+    def _after_step(optimizer, args, kwargs):
+        _steps[0] += 1
+        if _steps[0] == int(os.environ["KILL_AFTER_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    register_optimizer_step_post_hook(_after_step)
+
+if os.environ.get("KILL_WHILE_WRITING"):
+    import tasks.atomic as _atomic
+
+    _write = _atomic.atomic_write
+
+    def atomic_write(path, write):
+        if not str(path).endswith(os.environ["KILL_WHILE_WRITING"]):
+            return _write(path, write)
+        tmp = _atomic._tmp_path(str(path))
+        with open(tmp, "wb") as f:
+            write(f)
+        os.truncate(tmp, os.path.getsize(tmp) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    _atomic.atomic_write = atomic_write
+'''
+
+
+def det(out, *extra, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train_det.py"), *DET_TINY, "--out", str(out), *extra],
+                          cwd=ROOT, env=env or ENV, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def det_reference(tmp_path_factory):
+    """train_det.py uninterrupted: 2 epochs of 2 steps (8 images, batch 4)."""
+    out = tmp_path_factory.mktemp("det") / "ref"
+    r = det(out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+KILLS = [  # id, environment of the killed run (see KILL_HOOK), the leftovers --resume reports
+    ("mid-epoch 2", dict(KILL_AFTER_STEP="3"), None),
+    ("writing epoch 2's adapters", dict(KILL_WHILE_WRITING="epoch_0002.safetensors"), "removed 1 leftover(s)"),
+    ("writing epoch 2's state", dict(KILL_WHILE_WRITING="epoch_0002.pt"), "removed 2 leftover(s)"),
+    ("writing epoch 1's last.json", dict(KILL_WHILE_WRITING="last.json"), "removed 1 leftover(s)"),
+]
+
+
+@pytest.mark.parametrize("kill, leftovers", [r[1:] for r in KILLS], ids=[r[0] for r in KILLS])
+def test_train_det_killed_then_resumed(det_reference, tmp_path, kill, leftovers):
+    """kill -9 at that moment, then --resume: the uninterrupted run's losses, COCO metrics and merged model, bit for
+    bit; the half-written temporaries and the epoch files last.json does not name are removed and counted."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    out = tmp_path / "run"
+    killed = det(out, env=dict(ENV, PYTHONPATH=f"{hook}{os.pathsep}{ROOT}", **kill))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert not (out / "merged.safetensors").exists()
+    r = det(out, "--resume")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "took over the lock of pid" in r.stdout + r.stderr  # the killed run's lock
+    if leftovers:
+        assert f"{leftovers} of an interrupted run in {out}" in r.stdout + r.stderr
+    assert not [p for p in out.rglob("*") if ".tmp." in p.name]
+    ref, ours = ([json.loads(line) for line in open(d / "log.jsonl")] for d in (det_reference, out))
+    assert [e["train_loss"] for e in ours[:-1]] == [e["train_loss"] for e in ref[:-1]]
+    keys = [k for k in ref[-1] if k.startswith(("bbox_", "segm_"))]
+    assert keys and {k: ours[-1][k] for k in keys} == {k: ref[-1][k] for k in keys}
+    from safetensors.torch import load_file
+    a, b = load_file(str(det_reference / "merged.safetensors")), load_file(str(out / "merged.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def hold_lock_while_creating(out) -> subprocess.Popen:
+    """A process in the middle of taking OUT/.lock (created, flocked, nothing written yet), then waiting on stdin."""
+    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, "-c", code, str(out / ".lock")], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline() == "held\n"
+    return p
+
+
+@pytest.mark.xfail(strict=True, reason="training/run_dir.py takes an empty lock over; flock fix requested of "
+                                       "scripts in /work/coord/requests.md at 17:50")
+def test_lock_being_created_is_not_taken_over(tmp_path):
+    """Two runs started on one --out at the same moment: the second finds the first's lock file created but still
+    empty (the first is between creating and writing it). It must not take it over as a killed run's."""
+    out = tmp_path / "o"
+    out.mkdir()
+    other = hold_lock_while_creating(out)
+    try:
+        code, o, e = run(*TINY, "--out", out)
+    finally:
+        other.communicate("")
+    check(code, o, e, 2, f"--out {out} is in use by another run")
+    assert not (out / "merged.safetensors").exists()
+
+
+def test_two_runs_started_at_once(tmp_path):
+    """Two train_cls.py processes on one --out, released at the same instant: exactly one runs, the other exits 2
+    naming the first; the winner's result is complete."""
+    out = tmp_path / "o"
+    gate = ("import os, sys, runpy; sys.stdin.read(1); sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    procs = [subprocess.Popen([sys.executable, "-c", gate, SCRIPT, *TINY, "--out", str(out)], cwd=ROOT, env=ENV,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:  # both are started and waiting on stdin (their imports done): release them together
+        p.stdin.write("go")
+    for p in procs:
+        p.stdin.close()
+    results = [(p.wait(), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 2], results
+    winner = next(r for r in results if r[0] == 0)
+    loser = next(r for r in results if r[0] == 2)
+    assert "done: top-1" in winner[1] + winner[2] and f"--out {out} is in use by another run" in loser[2]
+    assert "Traceback" not in loser[2] and (out / "merged.safetensors").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="training/distributed.py does not watch the launcher; requested of scripts "
+                                       "in /work/coord/requests.md at 17:50")
+def test_torchrun_launcher_killed(tmp_path):
+    """kill -9 of torchrun itself (it cannot stop its workers then): the workers notice and stop, instead of
+    training on and writing into --out. Without that they would run all 30 epochs and write merged.safetensors."""
+    out = tmp_path / "o"
+    i = TINY.index("--epochs")
+    args = [*TINY[:i], *TINY[i + 2:], "--epochs", "30", "--synthetic-train", "8", "--batch-size", "8"]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          SCRIPT, *args, "--out", str(out)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:  # rank 0 reports each epoch; after the first, kill the launcher
+        if line.startswith("epoch 1:"):
+            break
+    p.kill()
+    out_text, err = p.communicate()  # the pipes close when the last worker has exited
+    assert p.returncode == -9
+    assert err.count("the torchrun launcher (pid") == 2, err[-3000:]
+    assert not (out / "merged.safetensors").exists()
+    assert json.load(open(out / "ckpt" / "last.json"))["epoch"] < 30
