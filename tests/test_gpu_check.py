@@ -34,11 +34,15 @@ def test_gpu_check_smoke(tmp_path):
     a = result["a_pytest"]
     assert a["dry_run_on_cpu"] and a["passed"] >= 20 and a["failures"] == a["errors"] == 0
     # b: each method trained 3 epochs x 20 steps, its loss fell, the merged model predicted exactly as the adapted
+    # (fp32 here), and the adapters' merge in a TaskBank on the run's base is exact in fp32
     b = result["b_train_cls"]["runs"]
     assert set(b) == {"petah", "lora", "full"}
     for method, r in b.items():
         assert r["rc"] == 0 and r["steps"] == 60 and len(r["train_loss"]) == 3, (method, r)
         assert r["train_loss"][-1] < r["train_loss"][0] and r["merged_pred_diff"] == 0, (method, r)
+        if method != "full":
+            mc = r["merge_fp32"]
+            assert mc["exact"] and mc["max_abs_diff"] <= 1e-4 * mc["scale"] < mc["adapter_effect"], (method, mc)
     # c: one process under torchrun (gloo here, NCCL on the GPU) finished its epoch
     c = result["c_torchrun"]
     assert c["backend"] == "gloo" and c["process_group_line_seen"] and c["steps"] == 5  # 10 x 8 images / 16
