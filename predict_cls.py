@@ -114,7 +114,7 @@ for name, path in task_files.items():
     except (ValueError, FileNotFoundError) as e:
         parser.error(f"--tasks {name}={path}: {e}")
     meta = tasks[name].meta
-    task_type = meta.get("task_type", meta.get("kind"))
+    task_type = meta.get("task_type")
     if task_type != "cls":
         parser.error(f"--tasks {name}={path} is a {task_type!r} task; predict_cls.py runs classification "
                      f"tasks (train_cls.py); use predict_seg.py for segmentation")

@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
                     p.add_(torch.randn_like(p) * (2.0 if p.ndim == 2 and p.shape[0] == nc else 0.2))
         dc = m.data_cfg
         save_task(m, d / f"{name}.safetensors", meta=dict(
-            kind="cls", model="ef_tiny", model_cfg={}, method=method, num_classes=nc, img_size=64,
+            task_type="cls", model="ef_tiny", model_cfg={}, method=method, num_classes=nc, img_size=64,
             class_names=[f"{name}_{i}" for i in range(nc)], mean=list(dc["mean"]), std=list(dc["std"]),
             interpolation=dc["interpolation"], crop_pct=dc["crop_pct"]))
         merged[name] = merge_and_unload(m).eval()
