@@ -20,8 +20,20 @@ into place).
 Formats:
     onnx  ONNX (opset of torch.onnx's exporter), dynamic batch dimension, checked with onnxruntime (<= 1e-4).
           Needs the optional packages: pip install onnx onnxruntime onnxscript
-    pt2   a torch.export program (torch.export.save), reloaded with torch.export.load and run (<= 1e-5): the
-          entry point of ExecuTorch and other PyTorch-native mobile stacks. Dynamic batch dimension too.
+    pt2   a torch.export program decomposed to the core ATen operators (dialect "ATEN", the form coremltools and
+          ExecuTorch's to_edge take as it is), torch.export.save'd, reloaded with torch.export.load and run
+          (<= 1e-5). Dynamic batch dimension too.
+    pte   ExecuTorch, lowered with the XNNPACK partitioner (tasks/pte.py), batches 1 and 2, run by ExecuTorch's
+          runtime (<= 1e-4). Needs: pip install executorch
+
+A deployment bundle: one shared base and a small graph per task (tasks/bundle.py; run it with run_bundle.py):
+    python export.py --bundle bundle/ --weights efficientformer_l7.pth --format onnx \
+        --task cub=runs/cub/adapters.safetensors --task cars=runs/cars/adapters.safetensors
+    # later, one more task: the base files are not rewritten; --replace replaces a task of the same name
+    python export.py --bundle bundle/ --weights efficientformer_l7.pth --format onnx \
+        --task pets=runs/pets/adapters.safetensors
+A run trained without --weights saves its random base as OUT/base.safetensors: without --weights, export.py uses
+the base.safetensors beside the task file (and says so).
 
 Models: every family the training scripts write: EfficientFormer and ViT classifiers (train_cls.py),
 EfficientFormer + Semantic FPN and SAM's prompt-free segmentation (train_seg.py); the exported graph takes a
@@ -36,6 +48,7 @@ import copy
 import json
 import os
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -100,6 +113,13 @@ parser.add_argument("--out", default=None, metavar="PATH",
 parser.add_argument("--opset", type=int, default=None,
                     help=f"--format onnx: ONNX opset, {OPSETS[0]}..{OPSETS[1]}; default: the exporter's "
                          f"({OPSETS[0]})")
+parser.add_argument("--quantize", default=None, choices=("int8",),
+                    help="--format onnx, one task: static int8 (QDQ, onnxruntime.quantization; weights per channel), "
+                         "calibrated on --calib; the int8 file's drift from the fp32 one is printed")
+parser.add_argument("--calib", default=None, metavar="DIR",
+                    help="--quantize: calibration images (a folder, searched recursively; the first 64, sorted), "
+                         "prepared as the task evaluates; default: the synthetic set's validation images of a "
+                         "task trained on --data synthetic")
 parser.add_argument("--repeats", type=int, default=10,
                     help="timed runs per latency number (median, after 2 warm-up runs); 0 skips timing; default 10")
 parser.add_argument("--seed", type=int, default=0, help="seed of the random check inputs; default 0")
@@ -121,9 +141,9 @@ if args.img_size is not None and args.img_size < 1:
 if args.repeats < 0:
     parser.error(f"--repeats {args.repeats} must be >= 0 (0 = no timing)")
 if args.bundle is not None:
-    if args.format == "pt2":
-        parser.error("--bundle holds graphs a runtime runs: --format onnx (onnxruntime) or pte (ExecuTorch); a .pt2 "
-                     "program is one model (drop --bundle)")
+    if args.format != "onnx":  # tasks/pte.py can lower a base .pte + .ptd and task programs on it; not wired yet
+        parser.error(f"--bundle is built for --format onnx (onnxruntime) only; --format {args.format} exports one "
+                     f"model (drop --bundle)")
     if args.out is not None:
         parser.error(f"--out is for one exported file; a bundle is written into --bundle {args.bundle} (drop --out)")
     if not args.task:
@@ -140,6 +160,13 @@ else:
         parser.error(f"--out {args.out} does not end in .{args.format}: --format {args.format} writes a "
                      f".{args.format} file (name it e.g. {os.path.splitext(args.out)[0]}.{args.format})")
 args.task = args.task[0] if args.task and args.bundle is None else args.task
+if args.quantize and (args.format != "onnx" or args.bundle is not None):
+    parser.error("--quantize int8 is built for one --format onnx file here (per-task quantized merged model); drop "
+                 "--bundle / use --format onnx")
+if args.calib is not None and not args.quantize:
+    parser.error("--calib belongs to --quantize int8; drop it")
+if args.calib is not None and not os.path.isdir(args.calib):
+    parser.error(f"--calib {args.calib} is not a folder of images")
 if args.format == "pte":
     try:
         from tasks.pte import require_executorch
@@ -276,7 +303,9 @@ wmeta = safetensors_meta(args.weights) if args.weights else {}
 if "adapters" in wmeta:
     parser.error(f"--weights {args.weights} is a task file (adapters only); pass it as --task and the base checkpoint "
                  f"it was trained on as --weights")
-merged_file = "model" in wmeta  # train_cls.py / train_seg.py write the model name into merged.safetensors
+# train_cls.py / train_seg.py write the model name and the task's settings into merged.safetensors; the random base
+# of a run without --weights (OUT/base.safetensors) carries the model name, its seed and a note, no task settings
+merged_file = "model" in wmeta and any(k in wmeta for k in ("arch", "method", "num_classes"))
 if merged_file and args.task:
     parser.error(f"--weights {args.weights} is a merged model: its task is already in the weights. Drop --task, or "
                  f"pass the base checkpoint the task was trained on as --weights")
@@ -390,6 +419,35 @@ if img_size != build_size:
     print(f"note: exported at {img_size} but trained at {build_size}: the attention-bias tables are resampled to the "
           f"new token grid inside the graph (an extra bicubic resize per call)", flush=True)
 
+
+
+def calibration_batches(model, meta: dict, size: int, count: int = 64, batch: int = 8) -> list:
+    """--quantize: up to `count` images from --calib (or the synthetic validation set), as the task evaluates them
+    (data.build_transform with its mean / std / crop / interpolation), in numpy batches."""
+    from data import IMG_EXTENSIONS, CorruptImageError, build_datasets, build_transform, read_image
+    dc = {**getattr(model, "data_cfg", {}), **{k: meta[k] for k in ("mean", "std", "crop_pct", "interpolation")
+                                               if meta.get(k) is not None}}
+    cfg = dict(img_size=size, mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"],
+               interpolation=dc["interpolation"])
+    if args.calib is not None:
+        files = sorted(p for p in Path(args.calib).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS)[:count]
+        if not files:
+            parser.error(f"--calib {args.calib} holds no {'/'.join(IMG_EXTENSIONS)} images")
+        transform = build_transform(train=False, **cfg)
+        try:
+            images = [transform(read_image(p)) for p in files]
+        except CorruptImageError as e:
+            parser.error(f"--calib: {e}")
+    elif meta.get("data") == "synthetic":
+        _, val_ds, _, _ = build_datasets("synthetic", synthetic_cfg=dict(num_classes=int(meta["num_classes"])),
+                                         **cfg)
+        images = [val_ds[i][0] for i in range(min(count, len(val_ds)))]
+    else:
+        parser.error("--quantize int8 needs calibration images: pass --calib DIR (a few dozen images of the task)")
+    return [torch.stack(images[i:i + batch]).numpy() for i in range(0, len(images), batch)]
+
+
+calib = calibration_batches(unmerged, tmeta, img_size) if args.quantize else None
 gen = torch.Generator().manual_seed(args.seed)
 inputs = {B: torch.randn(B, 3, img_size, img_size, generator=gen) for B in (1, 2)}
 try:
@@ -413,6 +471,13 @@ try:
 
         def run(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    elif args.format == "pte":  # XNNPACK; the program runs batches 1..2, checked at both below
+        from tasks.pte import export_pte, load_pte
+        export_pte(net, inputs[2], tmp, batch_sizes=(1, 2))
+        method = load_pte(tmp)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return method.execute((x.contiguous(),))[0].clone()
     else:
         export_pt2(net, inputs[2], tmp)
         program = torch.export.load(tmp).module()
@@ -443,7 +508,30 @@ try:
         raise SystemExit(f"export.py: error: the merged model differs from the unmerged adapted one by "
                          f"{max(diffs_adapted.values()):.2e} (outputs up to {scale:.3g}): a merge bug; nothing "
                          f"written to {args.out}")
-    os.replace(tmp, out)
+    if args.quantize:  # the fp32 file passed its checks: quantize it, then measure what int8 changed
+        from tasks.deploy import quantize_onnx_int8
+        fp32_session = session
+        qtmp = f"{out}.tmp.{os.getpid()}.int8.onnx"
+        try:
+            quantize_onnx_int8(tmp, qtmp, calib)
+            session = ort.InferenceSession(qtmp, opts, providers=["CPUExecutionProvider"])
+            drift, agree, total = 0.0, 0, 0
+            for xb in calib:
+                f = fp32_session.run(None, {"image": xb})[0]
+                q = session.run(None, {"image": xb})[0]
+                drift = max(drift, float(abs(q - f).max() / max(abs(f).max(), 1e-12)))
+                agree += int((q.argmax(1) == f.argmax(1)).sum())
+                total += q.shape[0] * (q[0, 0].size if q.ndim == 4 else 1)
+            int8_stats = dict(int8_rel_drift=round(drift, 4), int8_argmax_agreement=round(agree / total, 4),
+                              calib_images=sum(len(b) for b in calib))
+            print(f"int8: max |int8 - fp32| / max |fp32| = {drift:.3f} on {int8_stats['calib_images']} calibration "
+                  f"images; argmax agreement {100 * agree / total:.1f}%", flush=True)
+            os.replace(qtmp, out)
+        finally:
+            if os.path.exists(qtmp):
+                os.remove(qtmp)
+    else:
+        os.replace(tmp, out)
 except OSError as e:  # the disk, not the model: full, read-only, permissions
     raise SystemExit(f"export.py: error: cannot write {args.out} ({e}); choose a writable --out") from None
 finally:
@@ -457,7 +545,8 @@ size_mb = os.path.getsize(out) / 2**20
 x1 = inputs[1]
 flops_merged = count_flops(net, x1)[0] / 1e9
 flops_unmerged = count_flops(ref_net, x1)[0] / 1e9
-result = dict(out=args.out, format=args.format, model=name, head=head, img_size=img_size, fold_bn=args.fold_bn,
+result = dict(**(int8_stats if args.quantize else {}), quantize=args.quantize, out=args.out, format=args.format,
+              model=name, head=head, img_size=img_size, fold_bn=args.fold_bn,
               task=args.task, max_abs_diff=max(diffs.values()), max_abs_diff_vs_unmerged=max(diffs_adapted.values()),
               size_mb=round(size_mb, 3), gflops=round(flops_merged, 4), gflops_unmerged=round(flops_unmerged, 4),
               threads=torch.get_num_threads())
@@ -467,7 +556,9 @@ if args.format == "onnx":
     ops = onnx_op_counts(out)
     result["onnx_nodes"] = sum(ops.values())
     print(f"ONNX graph: {sum(ops.values())} nodes, " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)), flush=True)
-if args.repeats:
+if not args.repeats:
+    print("latency: not measured (--repeats 0)", flush=True)
+else:
     with torch.no_grad():
         t_unmerged = median_time(ref_net, x1, repeats=args.repeats)
         t_merged = median_time(net, x1, repeats=args.repeats)

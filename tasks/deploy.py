@@ -5,6 +5,7 @@
     add_task_adapters(model, adapters)                            the task file's adapters, rebuilt from their configs
     fold_all_bn(model)                                            every conv -> BatchNorm pair folded into the conv
     export_onnx(net, x, path), export_pt2(net, x, path)           the two exporters, batch dimension dynamic
+                                                                  (the .pt2: core ATen, edge-ready)
     exportable(model, head)                                       what the exporters trace: the model, or for SAM
     Segment(model=sam)                                            forward(x) = sam.segment(x) (the prompt-free path)
     onnx_op_counts(path), median_time(fn, x)                      the structural check and the latency numbers
@@ -175,10 +176,13 @@ def export_onnx(net: nn.Module, example: torch.Tensor, path, *, opset: int | Non
 
 
 def export_pt2(net: nn.Module, example: torch.Tensor, path) -> None:
-    """torch.export.export with a dynamic batch dimension, saved with torch.export.save (`path` ends in .pt2)."""
+    """torch.export.export with a dynamic batch dimension, then run_decompositions() to the core ATen operator set
+    (the program's dialect becomes "ATEN", from torch.export's "TRAINING"): the program coremltools.convert and
+    ExecuTorch's to_edge take as it is. Saved with torch.export.save (`path` ends in .pt2)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
-        torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: batch},)), str(path))
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},)).run_decompositions()
+    torch.export.save(program, str(path))
 
 
 def onnx_op_counts(path) -> Counter:
@@ -212,3 +216,28 @@ def parse_json_meta(meta: dict, key: str, default=None):
         return json.loads(v)
     except (json.JSONDecodeError, TypeError):
         return v
+
+
+def quantize_onnx_int8(src, dst, batches) -> None:
+    """Static int8 quantization of the ONNX model `src` into `dst` with onnxruntime.quantization: QDQ format,
+    weights int8 per output channel, activations int8 (s8s8: the scheme with the least drift in onnxruntime's
+    CPU kernels), ranges from min / max over `batches` (numpy arrays (B, 3, S, S)), input "image"."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(batches)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"image": x}
+
+    import logging
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a line per 1-D weight it does not quantize per channel
+    try:
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)

@@ -66,7 +66,7 @@ def make_task(folder: Path, kind: str, name: str, method: str, num_classes: int,
                 p.normal_(0, 0.1) if n.endswith(("lora_B", "ia3_l")) else p.add_(0.1 * torch.randn_like(p))
     random_bn_stats(model.decode_head if kind == "fpn" else nn.Identity())  # the new head's BNs train
     task_file = folder / f"{kind}_task.safetensors"
-    save_task(model, task_file, meta=dict(kind="cls" if kind == "cls" else "seg", model=name, method=method,
+    save_task(model, task_file, meta=dict(task_type="cls" if kind == "cls" else "seg", model=name, method=method,
                                           num_classes=num_classes, img_size=size, model_cfg={}))
     return base_file, task_file, model.eval()
 
@@ -103,7 +103,7 @@ def test_onnx_task_equals_adapted_model_and_has_the_base_graph(tasks, tmp_path, 
     out = tmp_path / "task.onnx"
     res = run_export(["--weights", str(base), "--task", str(task), "--fold-bn", "--format", "onnx",
                       "--out", str(out)], capsys)
-    assert res["max_abs_diff"] <= 1e-4 and res["kind"] == "cls"
+    assert res["max_abs_diff"] <= 1e-4 and res["head"] == "cls"
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     for B in (1, 3):  # 3: a batch size the export never saw (dynamic batch dimension)
         x = torch.randn(B, 3, S, S)
@@ -125,7 +125,7 @@ def test_pt2_sam_task_equals_adapted_model(tasks, tmp_path, capsys):
     base, task, adapted = tasks[kind]
     out = tmp_path / f"{kind}.pt2"
     res = run_export(["--weights", str(base), "--task", str(task), "--format", "pt2", "--out", str(out)], capsys)
-    assert res["max_abs_diff"] <= 1e-5 and res["kind"] == kind
+    assert res["max_abs_diff"] <= 1e-5 and res["head"] == kind
     program = torch.export.load(str(out)).module()
     x = torch.randn(3, 3, 80, 80)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_merged_model_exports_from_its_metadata(tasks, tmp_path, capsys):
                                                                        img_size=S))
     out = tmp_path / "m.pt2"
     res = run_export(["--weights", str(path), "--fold-bn", "--format", "pt2", "--out", str(out)], capsys)
-    assert res["model"] == "ef_tiny" and res["kind"] == "fpn" and res["img_size"] == S and res["max_abs_diff"] <= 1e-5
+    assert res["model"] == "ef_tiny" and res["head"] == "fpn" and res["img_size"] == S and res["max_abs_diff"] <= 1e-5
     x = torch.randn(1, 3, S, S)
     with torch.no_grad():  # merged, BN-folded, exported vs the unmerged adapted model: fp32 reassociation only
         assert (torch.export.load(str(out)).module()(x) - reference(adapted, "fpn", x)).abs().max().item() <= 1e-4
@@ -182,8 +182,7 @@ def test_a_wrong_merge_is_caught(tasks, tmp_path, capsys, monkeypatch):
 
 
 def cli(*argv, env=None):
-    return subprocess.run([sys.executable, SCRIPT, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=env or ENV)
+    return subprocess.run([sys.executable, SCRIPT, *argv], cwd=ROOT, capture_output=True, text=True, env=env or ENV)
 
 
 def test_bad_input_as_a_process(tasks, tmp_path):
@@ -221,3 +220,100 @@ def test_bad_input(tasks, tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and phrase in err, (argv, err[-2000:])
     assert os.listdir(tmp_path) == []
+
+
+def test_bad_input_issue23(tasks, tmp_path, capsys):
+    """Issue 23's export.py cases: each a clear parser error (exit 2) and nothing written."""
+    base, task, _ = tasks["cls"]
+    ef_task = ["--weights", str(base), "--task", str(task)]
+    for argv, phrases in [
+            ([*ef_task, "--format", "onnx", "--opset", "99", "--out", str(tmp_path / "x.onnx")], ["--opset 99", "18"]),
+            ([*ef_task, "--format", "onnx", "--opset", "1", "--out", str(tmp_path / "x.onnx")], ["--opset 1", "18"]),
+            ([*ef_task, "--format", "onnx", "--img-size", "0", "--out", str(tmp_path / "x.onnx")],
+             ["--img-size 0", "positive"]),
+            ([*ef_task, "--format", "onnx", "--img-size", "-32", "--out", str(tmp_path / "x.onnx")],
+             ["--img-size -32"]),
+            ([*ef_task, "--format", "onnx", "--out", str(tmp_path / "x.pt2")], ["does not end in .onnx", "x.onnx"]),
+            ([*ef_task, "--format", "pt2", "--out", str(tmp_path / "x.onnx")], ["does not end in .pt2"]),
+            ([*ef_task, "--format", "pt2", "--opset", "18", "--out", str(tmp_path / "x.pt2")], ["--opset is an ONNX"]),
+            ([*ef_task, "--format", "onnx"], ["--out"]),
+            ([*ef_task, "--format", "onnx", "--replace", "--out", str(tmp_path / "x.onnx")], ["--replace"])]:
+        with pytest.raises(SystemExit) as e:
+            run_export(argv, capsys)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and all(p in err for p in phrases), (argv, err[-2000:])
+    assert os.listdir(tmp_path) == []
+
+
+def test_repeats_zero_says_latency_not_measured(tasks, tmp_path, capsys):
+    base, task, _ = tasks["cls"]
+    old = sys.argv
+    sys.argv = [SCRIPT, "--weights", str(base), "--task", str(task), "--format", "pt2", "--out",
+                str(tmp_path / "t.pt2"), "--repeats", "0"]
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    finally:
+        sys.argv = old
+    out = capsys.readouterr().out
+    assert "latency: not measured (--repeats 0)" in out and "ms_exported" not in out
+
+
+def test_pt2_is_the_core_aten_program(tasks, tmp_path, capsys):
+    """The saved .pt2 is edge-ready: dialect ATEN (torch.export's own is TRAINING, which coremltools refuses) and
+    every op a core ATen operator, and it still computes the adapted model."""
+    import operator
+    base, task, adapted = tasks["cls"]
+    out = tmp_path / "t.pt2"
+    run_export(["--weights", str(base), "--task", str(task), "--format", "pt2", "--out", str(out)], capsys)
+    program = torch.export.load(str(out))
+    assert program.dialect == "ATEN"
+    ops = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    not_core = [op for op in ops if op is not operator.getitem and torch.Tag.core not in op.tags]
+    assert ops and not not_core, not_core
+    x = torch.randn(3, 3, S, S)
+    with torch.no_grad():
+        assert (program.module()(x) - reference(adapted, "cls", x)).abs().max().item() <= 1e-4
+
+
+def test_random_base_of_a_run_without_weights(tasks, tmp_path, capsys):
+    """A run without --weights saves OUT/base.safetensors (metadata: model, seed, note): export.py takes it as
+    --weights (not as a merged model), and finds it beside the task file when --weights is omitted."""
+    import shutil
+
+    from safetensors.torch import load_file
+    base, task, adapted = tasks["cls"]
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(load_file(str(base)), str(run / "base.safetensors"),
+              metadata=dict(model="ef_tiny", seed="0", note="random base of a run without --weights"))
+    shutil.copy(task, run / "adapters.safetensors")
+    for argv in (["--weights", str(run / "base.safetensors")], []):
+        out = tmp_path / f"t{len(argv)}.pt2"
+        res = run_export([*argv, "--task", str(run / "adapters.safetensors"), "--format", "pt2", "--out", str(out)],
+                         capsys)
+        assert res["max_abs_diff_vs_unmerged"] <= 1e-4
+        x = torch.randn(2, 3, S, S)
+        with torch.no_grad():
+            assert (torch.export.load(str(out)).module()(x) - reference(adapted, "cls", x)).abs().max() <= 1e-4
+    old = sys.argv
+    sys.argv = [SCRIPT, "--task", str(run / "adapters.safetensors"), "--format", "pt2", "--out",
+                str(tmp_path / "t.pt2"), "--repeats", "0"]
+    try:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    finally:
+        sys.argv = old
+    assert f"no --weights: using {run / 'base.safetensors'}" in capsys.readouterr().out
+
+
+def test_pte_task_runs_in_executorch_at_batch_1_and_2(tasks, tmp_path, capsys):
+    pytest.importorskip("executorch")
+    from tasks.pte import run_pte
+    base, task, adapted = tasks["cls"]
+    out = tmp_path / "t.pte"
+    res = run_export(["--weights", str(base), "--task", str(task), "--format", "pte", "--out", str(out)], capsys)
+    assert res["format"] == "pte" and res["max_abs_diff"] <= 1e-4
+    for B in (1, 2):
+        x = torch.randn(B, 3, S, S)
+        y = torch.from_numpy(run_pte(out, x))
+        assert y.shape == (B, 10) and (y - reference(adapted, "cls", x)).abs().max().item() <= 1e-4
+    assert sorted(os.listdir(tmp_path)) == ["t.pte"]
