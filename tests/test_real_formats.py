@@ -105,16 +105,20 @@ def _ucc(root, bad_split, make):
             write_png(m.contiguous()[None], str(root / "ann" / split / f"{i}.png"))
 
 
-CASES = [  # issue 23, tracebacks 6, 7 and 8
-    ("size", [], lambda m: m[:20, :24], r"is 32x32 \(WxH\) but its mask .*1\.png is 24x20"),
-    ("binary 7", [], lambda m: torch.where(m == 1, 7, m), r"holds values \[7\] outside the class ids 0..1"),
-    ("labels >= K", ["--num-classes", "3"], lambda m: m * 5, r"holds values \[5\] outside the class ids 0..2"),
+SIZE = (lambda m: m[:20, :24], r"is 32x32 \(WxH\) but its mask .*1\.png is 24x20")
+CASES = [  # issue 23, tracebacks 6, 7 and 8; in the training split (the training loop) and the validation split
+    ("size, train", "train", [], *SIZE),
+    ("size, valid", "valid", [], *SIZE),
+    ("binary 7, valid", "valid", [], lambda m: torch.where(m == 1, 7, m),
+     r"holds values \[7\] outside the class ids 0..1"),
+    ("labels >= K, train", "train", ["--num-classes", "3"], lambda m: m * 5,
+     r"holds values \[5\] outside the class ids 0..2"),
 ]
 
 
-@pytest.mark.parametrize("case, extra, make, phrase", CASES, ids=[c[0] for c in CASES])
-def test_train_seg_mask_that_does_not_fit_is_named(tmp_path, case, extra, make, phrase):
-    _ucc(tmp_path / "data", "train", make)
+@pytest.mark.parametrize("case, split, extra, make, phrase", CASES, ids=[c[0] for c in CASES])
+def test_train_seg_mask_that_does_not_fit_is_named(tmp_path, case, split, extra, make, phrase):
+    _ucc(tmp_path / "data", split, make)
     r = script("train_seg.py", *SEG_TINY, "--data", "folder", "--data-root", tmp_path / "data", "--epochs", "1",
                *extra, "--out", tmp_path / "run")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
