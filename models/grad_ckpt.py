@@ -40,7 +40,9 @@ def _running_stats_kept(bns: list[nn.Module]):
 def run_block(block: nn.Module, *args) -> torch.Tensor:
     """block(*args) with its activations recomputed in the backward pass instead of stored."""
     bns = [m for m in block.modules() if isinstance(m, _BN_TYPES) and m.training and m.track_running_stats]
-    if not bns:
+    if not bns or torch.compiler.is_compiling():
+        # torch.compile traces the block once: the statistics' update is applied by the forward graph, and the
+        # backward graph recomputes only what it needs (and it accepts no context_fn of this kind)
         return checkpoint(block, *args, use_reentrant=False)
     contexts = lambda: (contextlib.nullcontext(), _running_stats_kept(bns))  # noqa: E731  (first pass, recompute)
     return checkpoint(block, *args, use_reentrant=False, context_fn=contexts)
