@@ -85,11 +85,11 @@ step() {
 
 STEPS="$PY bench/gpu_steps.py"
 step env 25 $STEPS env "$OUT" --device "$DEVICE" $SMOKE
-step a_pytest 100 $STEPS pytest "$OUT" --device "$DEVICE" $SMOKE
-step b_train_cls 95 $STEPS train_cls "$OUT" --device "$DEVICE" $SMOKE
+step a_pytest 95 $STEPS pytest "$OUT" --device "$DEVICE" $SMOKE
+step b_train_cls 110 $STEPS train_cls "$OUT" --device "$DEVICE" $SMOKE
 step c_torchrun 30 $STEPS torchrun "$OUT" --device "$DEVICE" $SMOKE
 step d_seg_memory 60 $STEPS seg_memory "$OUT" --device "$DEVICE" $SMOKE
-step e_bench_peft 130 $STEPS bench_peft "$OUT" --device "$DEVICE" $SMOKE
+step e_bench_peft 120 $STEPS bench_peft "$OUT" --device "$DEVICE" $SMOKE
 step f_profile 30 "$PY" bench/gpu_profile.py --out "$OUT/f_profile.txt" --device "$DEVICE" $SMOKE
 "$PY" bench/gpu_steps.py summary "$OUT" > /dev/null || FAILED=1
 echo "summary: $OUT/summary.md"
