@@ -198,10 +198,6 @@ def read_task(path) -> Task:
             raise ValueError(f"task file {path}: its {key!r} metadata must be {want}, got {str(value)[:100]}; the file "
                              f"was not written by save_task, or was edited")
     meta = _task_type_from_kind(meta, f"task file {path}: the metadata")
-    if "task_type" in meta:
-        # compatibility: predict_cls.py, export.py and tests/test_train_seg.py still read meta["kind"]; remove this
-        # line when they read "task_type" (requested in /work/coord/requests.md)
-        meta["kind"] = meta["task_type"]
     prefixes = tuple(f"{m}." for m in adapters)
     stray = [k for k in tensors if k not in trainable and not k.startswith(prefixes)]
     if stray:

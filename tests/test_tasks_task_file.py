@@ -33,8 +33,7 @@ def test_task_file(tmp_path, petah):
     base, trained, path = petah
     t = read_task(path)
     assert t.task_type == "cls" and t.num_classes == 7
-    assert {k: v for k, v in t.meta.items() if k != "kind"} == dict(task_type="cls", model="ef_tiny", method="petah",
-                                                                   num_classes=7)
+    assert t.meta == dict(task_type="cls", model="ef_tiny", method="petah", num_classes=7)
     assert torch.equal(t.tensors["head.weight"], trained.head.weight)
     assert "stem.norm1.running_mean" in t.tensors and "stem.conv1.lora_A" in t.tensors  # BN stats + conv-LoRA
     assert t.adapters["stem.conv1"]["type"] == "conv_lora" and t.adapters["stem.conv1"]["r"] == 2
@@ -80,7 +79,7 @@ def test_task_type_and_the_older_kind(tmp_path, petah):
     assert user_meta(tmp_path / "k.safetensors") == dict(task_type="seg", model="ef_tiny", method="petah")
     assert read_task(tmp_path / "k.safetensors").task_type == "seg"
     old = rewrite(path, tmp_path / "old.safetensors", user=dict(kind="det", model="ef_tiny", method="petah"))
-    assert read_task(old).task_type == "det"
+    assert read_task(old).meta == dict(task_type="det", model="ef_tiny", method="petah")  # "kind" read as task_type
     with pytest.raises(ValueError, match="task_type 'cls' and kind 'seg'"):
         save_task(m, tmp_path / "x.safetensors", meta=dict(task_type="cls", kind="seg", model="a", method="b"))
     with pytest.raises(ValueError, match=r"meta\['task_type'\] must be one of"):

@@ -354,28 +354,43 @@ def test_folder_dataset(tmp_path, classes, phrase):
 # a disk that fills up, a read-only file system: real processes in a user + mount namespace with a small tmpfs
 # (skipped where the kernel does not allow unprivileged namespaces); a file-size limit everywhere
 
-def in_namespace(script: str, timeout=300) -> subprocess.CompletedProcess:
+def in_namespace(script: str) -> subprocess.CompletedProcess:
     probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("no unprivileged user + mount namespace here (unshare -rm): " + probe.stderr.decode()[:200])
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=ENV, capture_output=True, text=True)
 
 
-def cli(out) -> str:
-    return " ".join([sys.executable, SCRIPT, *TINY, "--out", str(out)])
+def cli(out, weights=None) -> str:
+    """The TINY run as a shell command; with `weights` (a base checkpoint outside `out`) it writes no
+    OUT/base.safetensors (~860 KB: what a run without --weights keeps of its random base)."""
+    extra = ["--weights", str(weights)] if weights else []
+    return " ".join([sys.executable, SCRIPT, *TINY, "--out", str(out), *extra])
 
 
-@pytest.mark.parametrize("size, file", [("64k", "epoch_0001.safetensors"), ("200k", "epoch_0001.pt")])
+def tiny_base(tmp_path):
+    """A base checkpoint of the TINY model (random weights), written outside the small file systems."""
+    from safetensors.torch import save_file
+
+    from models import create_model
+    save_file(create_model("ef_tiny", num_classes=2, img_size=32).state_dict(), tmp_path / "base.safetensors")
+    return tmp_path / "base.safetensors"
+
+
+@pytest.mark.parametrize("size, file", [("64k", "epoch_0001.safetensors"), ("200k", "epoch_0001.pt"),
+                                        ("64k", "base.safetensors")])
 def test_disk_full(tmp_path, size, file):
-    """The adapters (~100 KB) or the state (torch.save, ~220 KB) do not fit: 'disk full', naming the file, never
-    'inline_container.cc ... unexpected pos'; no temporary is left."""
+    """The adapters (~100 KB), the state (torch.save, ~220 KB) or the random base of a run without --weights
+    (~860 KB) do not fit: 'disk full', naming the file, never 'inline_container.cc ... unexpected pos'; no temporary
+    is left."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    r = in_namespace(f"mount -t tmpfs -o size={size} tmpfs {mnt} && {cli(mnt / 'run')}; echo EXIT $?; "
+    weights = None if file == "base.safetensors" else tiny_base(tmp_path)
+    r = in_namespace(f"mount -t tmpfs -o size={size} tmpfs {mnt} && {cli(mnt / 'run', weights)}; echo EXIT $?; "
                      f"ls -R {mnt}")
     assert "Traceback" not in r.stderr and "inline_container" not in r.stderr, r.stderr[-3000:]
-    assert "EXIT 2" in r.stdout and f"disk full while writing {mnt / 'run' / 'ckpt' / file}" in r.stderr
+    where = mnt / "run" / (file if file == "base.safetensors" else f"ckpt/{file}")
+    assert "EXIT 2" in r.stdout and f"disk full while writing {where}" in r.stderr, r.stdout + r.stderr[-3000:]
     assert "free space or choose another --out" in r.stderr and ".tmp." not in r.stdout.split("EXIT")[1]
 
 
@@ -390,8 +405,8 @@ def test_read_only_file_system(tmp_path):
 
 def test_file_size_limit(tmp_path):
     """ulimit -f (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails with EFBIG): a clear message."""
-    r = subprocess.run(["sh", "-c", f"ulimit -f 150 && {cli(tmp_path / 'run')}"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["sh", "-c", f"ulimit -f 150 && {cli(tmp_path / 'run', tiny_base(tmp_path))}"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "file too large while writing" in r.stderr and "choose another --out" in r.stderr
     assert not [f for f in os.listdir(tmp_path / "run" / "ckpt") if ".tmp." in f]
