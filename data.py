@@ -95,7 +95,8 @@ def read_image(path):
     """Decode an image file into a uint8 RGB tensor (3, H, W); the error names the file.
 
     An animated GIF decodes to (frames, 3, H, W): its first frame is the image, as PIL's Image.open (and so
-    torchvision's ImageFolder) reads it.
+    torchvision's ImageFolder) reads it. A 16-bit PNG is scaled to 8 bits; grey, RGBA, palette and CMYK images
+    come out as RGB (torchvision.io's RGB mode).
     """
     try:
         image = decode_image(str(path), mode=ImageReadMode.RGB)
@@ -105,6 +106,8 @@ def read_image(path):
             f"(--skip-corrupt) to skip unreadable images and count them.") from e
     if image.ndim == 4:  # (frames, 3, H, W): an animated GIF
         image = image[0]
+    if image.dtype != torch.uint8:  # a 16-bit PNG decodes to uint16: to 8 bits, as every transform here expects
+        image = v2.functional.to_dtype(image, torch.uint8, scale=True)
     return image
 
 

@@ -488,3 +488,18 @@ def test_symlink_loop_in_a_class_folder_is_read_once(tmp_path):
         tr, *_ = build_datasets("folder", tmp_path, img_size=8, mean=MEAN, std=STD)
     # a: its 2 images once; b: its 2 + the 2 of a reached through the link `more` (another folder: read)
     assert sorted(tr.targets) == [0, 0, 1, 1, 1, 1]
+
+
+def test_real_photos_in_several_formats_read_as_rgb_uint8(tmp_path):
+    """Grey, RGBA, palette, CMYK and 16-bit files of real photographs (tests/realdata.py) come out as uint8 RGB."""
+    from PIL import Image
+    from realdata import photo_sources, write_photos
+    sizes = write_photos(tmp_path)
+    for name, (h, w) in sizes.items():
+        x = data.read_image(tmp_path / name)
+        assert x.shape == (3, h, w) and x.dtype == torch.uint8, name
+    # the 16-bit PNG holds grey * 257: scaled to 8 bits it is the 8-bit grey photo exactly
+    Image.open(photo_sources()[0]).convert("L").save(tmp_path / "grey8.png")
+    assert torch.equal(data.read_image(tmp_path / "hopper_16bit.png"), data.read_image(tmp_path / "grey8.png"))
+    grey = data.read_image(tmp_path / "china_grey.png")
+    assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])

@@ -159,3 +159,25 @@ def test_unreadable_images_skipped_and_named_base_found_and_leftover_removed(set
     assert "Traceback" not in r.stderr and not (tmp_path / "strict.jsonl").exists()
     r = run("--tasks", f"birds={run_dir / 'adapters.safetensors'}", "--images", imgs, "--out", tmp_path)
     assert r.returncode == 2 and "is a folder; --out names the JSON-lines file" in r.stderr
+
+
+def test_real_photos_in_several_formats_and_sizes(setup, tmp_path):
+    """matplotlib's and scikit-learn's sample photographs (tests/realdata.py) as JPEG, CMYK JPEG, RGBA / grey / 16-bit
+    PNG, WebP, GIF at several sizes: every one predicted, as the merged model predicts it."""
+    from realdata import write_photos
+    d, base, merged = setup
+    sizes = write_photos(tmp_path / "photos")
+    out = tmp_path / "preds.jsonl"
+    r = run("--weights", d / "base.safetensors", "--tasks", f"birds={d / 'birds.safetensors'}", "--images",
+            tmp_path / "photos", "--workers", 0, "--out", out)
+    assert r.returncode == 0 and "skipped" not in r.stderr, r.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(os.path.relpath(row["image"], tmp_path / "photos") for row in rows) == sorted(sizes)
+    dc = base.data_cfg
+    tf = build_transform(train=False, img_size=64, mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"],
+                         interpolation=dc["interpolation"])
+    x = torch.stack([tf(read_image(row["image"])) for row in rows])
+    with torch.no_grad():
+        p = merged["birds"](x).softmax(-1)
+    for row, want in zip(rows, p):
+        assert row["top"][0]["index"] == int(want.argmax()) and abs(row["top"][0]["prob"] - float(want.max())) <= 1e-5

@@ -136,3 +136,17 @@ def test_eval_mask_that_does_not_fit_is_a_clear_error(seg_run, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "Traceback" not in err and "DataLoader worker" not in err
     assert re.search(phrase, err), err
+
+
+def test_real_photos_in_several_formats_and_sizes(seg_run, tmp_path, capsys):
+    """matplotlib's and scikit-learn's sample photographs as JPEG, CMYK JPEG, RGBA / grey / 16-bit PNG, WebP, GIF."""
+    from realdata import write_photos
+    sizes = write_photos(tmp_path / "photos")
+    out = tmp_path / "pred"
+    assert run(PREDICT, "--checkpoint", seg_run / "adapters.safetensors", "--images", tmp_path / "photos", "--out", out,
+               "--workers", "0") == 0
+    text = capsys.readouterr().out
+    assert f"wrote {len(sizes)} masks" in text and "skipped" not in text
+    for name, (h, w) in sizes.items():
+        mask = decode_image(str(out / Path(name).with_suffix(".png")))
+        assert mask.shape == (1, h, w) and set(mask.unique().tolist()) <= {0, 1}
