@@ -90,6 +90,7 @@ from training.cli import (
 from training.controls import (
     add_control_args,
     apply_model_controls,
+    check_accum_steps,
     check_control_args,
     control_settings,
     control_state,
@@ -301,6 +302,7 @@ if args.num_classes is not None and args.num_classes < 2:
     parser.error(f"--num-classes {args.num_classes}: count the background too (2 = binary)")
 if args.batch_size % dist.world_size:
     parser.error(f"--batch-size {args.batch_size} must be divisible by the number of processes ({dist.world_size})")
+check_accum_steps(parser, args, dist)  # --accum-steps divides each process' batch
 model_cfg = parse_model_cfg(parser, preset_cfg, args.model_cfg, example='{"encoder_depth": 4}')
 stride = model_cfg.get("patch_size", 16) if is_sam else 32
 if args.img_size % stride:

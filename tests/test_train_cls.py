@@ -231,7 +231,7 @@ def test_torchrun_two_cpu_processes(uninterrupted, tmp_path):
     assert [r["step"] for r in multi[:-1]] == [r["step"] for r in single[:-1]] == [3, 6, 9]
     assert multi[-1]["merged_acc"] == multi[-1]["eval_acc"] and multi[-1]["merged_pred_diff"] == 0
     assert run.stdout.count('"summary": true') == 1  # rank 0 alone reports
-    assert "2 process(es) on cpu: 8 images per process" in run.stdout
+    assert "2 process(es) on cpu, --amp off: 8 images per process" in run.stdout
 
 
 def readme_torchrun_line() -> list[str]:
@@ -269,7 +269,8 @@ def test_readme_torchrun_line_runs_as_printed(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     used = json.load(open(tmp_path / "run" / "args.json"))
     assert (used["method"], used["r"], used["rc"], used["model"]) == ("petah", 8, 2, "ef_tiny")
-    assert "2 process(es) on cpu: 2 images per process" in run.stdout and read_log(tmp_path / "run")[-1]["summary"]
+    assert "2 process(es) on cpu, --amp off: 2 images per process" in run.stdout
+    assert read_log(tmp_path / "run")[-1]["summary"]
 
 
 @pytest.mark.parametrize("argv", [["--", "--r", "8"], ["--r", "8"]])

@@ -11,6 +11,10 @@
 add_control_args puts them in --help, check_control_args checks them (argparse-style errors) and resolves
 --amp's default, apply_model_controls applies --grad-ckpt / --channels-last to the model; control_state and
 resume_controls carry the GradScaler, the EMA and the run record (training/record.py) through the checkpoint.
+
+--resume may change --amp, --accum-steps, --grad-ckpt, --compile and --channels-last: they decide how a step is
+computed (memory, speed, rounding), not what it computes, and a run resumed on other hardware may need other values.
+--clip-grad and --ema change the result: the scripts keep them in their RESUME_KEYS.
 """
 import math
 
@@ -21,11 +25,6 @@ from models.grad_ckpt import set_grad_checkpointing
 from training.ema import EMA
 from training.precision import AMP_CHOICES, check_amp, default_amp, grad_scaler, load_scaler_state
 from training.record import record_differences, run_record
-
-# --resume may change these: they decide how a step is computed (memory, speed, rounding), not what it computes,
-# and a run resumed on other hardware may need other values. --clip-grad and --ema change the result: the scripts
-# keep them in their RESUME_KEYS.
-HARDWARE_CONTROLS = ("amp", "accum_steps", "grad_ckpt", "compile", "channels_last")
 
 
 def add_control_args(parser) -> None:
@@ -65,11 +64,8 @@ def check_control_args(parser, args, dist) -> None:
     """parser.error for a control out of range or impossible here; sets args.amp to the mode used."""
     if args.accum_steps < 1:
         parser.error(f"--accum-steps {args.accum_steps} must be >= 1")
-    per_rank = args.batch_size // dist.world_size
-    if per_rank % args.accum_steps:
-        parser.error(f"--accum-steps {args.accum_steps} must divide the per-process batch ({per_rank} = --batch-size "
-                     f"{args.batch_size} / {dist.world_size} process(es)) into equal micro-batches; choose a "
-                     f"divisor of {per_rank}")
+    if args.batch_size is not None:  # train_seg.py fills its recipe's default later, then calls check_accum_steps
+        check_accum_steps(parser, args, dist)
     if args.clip_grad is not None and not args.clip_grad > 0:
         parser.error(f"--clip-grad {args.clip_grad} must be > 0 (a gradient norm)")
     if args.ema is not None and not 0 <= args.ema < 1:
@@ -80,6 +76,15 @@ def check_control_args(parser, args, dist) -> None:
     problem = check_amp(args.amp, dist.device)
     if problem:
         parser.error(problem)
+
+
+def check_accum_steps(parser, args, dist) -> None:
+    """parser.error unless --accum-steps divides each process' share of --batch-size into equal micro-batches."""
+    per_rank = args.batch_size // dist.world_size
+    if per_rank % args.accum_steps:
+        parser.error(f"--accum-steps {args.accum_steps} must divide the per-process batch ({per_rank} = --batch-size "
+                     f"{args.batch_size} / {dist.world_size} process(es)) into equal micro-batches; choose a "
+                     f"divisor of {per_rank}")
 
 
 def apply_model_controls(parser, args, model: nn.Module) -> None:
