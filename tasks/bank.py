@@ -14,6 +14,7 @@ What a task file holds, and save_task / read_task, are in tasks/task_file.py.
 """
 
 import copy
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -308,6 +309,9 @@ class TaskBank:
         if name in self.tasks:
             raise ValueError(f"a task named {name!r} is already loaded (loaded: {self.names}); remove it first or "
                              f"pick another name")
+        if not isinstance(task, (Task, str, os.PathLike)):
+            raise TypeError(f"bank.add({name!r}, task): task must be a task file's path (OUT/adapters.safetensors) or "
+                            f"a Task of tasks.task_file.read_task, got {type(task).__name__}")
         task = task if isinstance(task, Task) else read_task(task)
         where = f"task {name!r} ({task.path})"
         loaded = self._build(task, where)  # every check, and every variant built, before the model is touched

@@ -551,6 +551,11 @@ def call_task_bank(tmp_path):
     TaskBank("hello")
 
 
+def call_bank_add_a_model(tmp_path):
+    from tasks.bank import TaskBank
+    TaskBank(Tiny()).add("t", Tiny())  # a model where the task file belongs
+
+
 def call_corrupt_peft_weights(tmp_path):
     from tasks.peft_io import task_from_peft
     d = peft_dir(tmp_path, json.dumps(dict(peft_type="LORA", r=2, lora_alpha=4)), b"\x08\0\0\0\0\0\0\0{broken")
@@ -617,6 +622,8 @@ def call_create_model(**kw):
 
 API_ROWS = [  # id, call(tmp_path), exception type, phrase ("{tmp}": tmp_path)
     ("TaskBank('hello')", call_task_bank, TypeError, "model must be the base model, an nn.Module"),
+    ("bank.add of a model", call_bank_add_a_model, TypeError,
+     "bank.add('t', task): task must be a task file's path (OUT/adapters.safetensors) or a Task"),
     ("task_from_peft, corrupt weights", call_corrupt_peft_weights, ValueError,
      "{tmp}/peft/adapter_model.safetensors is not a readable safetensors file"),
     ("task_from_peft, config not JSON", call_peft_config_not_json, ValueError,
