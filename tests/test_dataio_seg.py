@@ -504,3 +504,30 @@ def test_mask_names_never_collide():
     names = ["x.jpg", "x.png", "x.jpg.jpeg"]  # x.jpg.jpeg would take x.jpg.png: every name in full
     assert mask_names(names) == ["x.jpg.png", "x.png.png", "x.jpg.jpeg.png"]
     assert len(set(mask_names(["a/x.jpg", "a/x.png", "a/x.gif", "b/x.jpg"]))) == 4
+
+
+def test_ade20k_fixture_files_read_as_mmsegmentation_reads_them():
+    """tests/fixtures/ade20k: the release layout (JPEG images, 8-bit PNG ADE ids, objectInfo150.txt) through
+    build_seg_datasets: every validation mask is the PNG's ids minus 1 (0 -> 255) at the original size, the image
+    resized keeping its ratio; the training pairs come out as S x S crops."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    root = Path(__file__).resolve().parent / "fixtures" / "ade20k"
+    tr, va, te, k = build_seg_datasets("ade20k", root, img_size=32, mean=MEAN, std=STD)
+    assert (len(tr), len(va), te, k) == (3, 2, None, 150)
+    assert tr.classes[:4] == ["wall", "thing2", "floor", "thing4"]  # objectInfo150.txt, first synonym
+    for i, (image_path, mask_path) in enumerate(va.samples):
+        ids = torch.from_numpy(np.array(Image.open(mask_path))).long()  # (H, W) ADE ids, read by PIL
+        x, m = va[i]
+        want = torch.where(ids == 0, torch.full_like(ids, 255), ids - 1)
+        assert torch.equal(m, want)  # at the original size, per pixel
+        H, W = ids.shape
+        f = min(4 * 32 / max(H, W), 32 / min(H, W))
+        assert x.shape == (3, int(H * f + 0.5), int(W * f + 0.5))
+    torch.manual_seed(0)
+    for i in range(len(tr)):
+        x, m = tr[i]
+        assert x.shape == (3, 32, 32) and m.shape == (32, 32)
+        assert set(m.unique().tolist()) <= {0, 2, 12, 149, 255}  # ids 1, 3, 13, 150 and "other" / padding
