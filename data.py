@@ -9,6 +9,11 @@ an int. `val_ds` is the split evaluated every epoch: the official validation spl
 (Aircraft, DTD, Food101's 50-per-class hold-out), otherwise the test split itself, as the paper reports test
 accuracy for CUB, Cars and Pets (then `test_ds` is None). Class names are in `train_ds.classes`.
 
+Your own images (`folder`): ROOT/train/<class>/ with ROOT/val/ and/or ROOT/test/, or ROOT/<class>/ (or train/
+alone) split per class with `val_split` (stratified_split; split_record describes it); class names from
+ROOT/classes.txt, ROOT/classes.json or `classes_file` (read_class_names) where a folder cannot hold them.
+find_images lists what the predict tools read (files and folders, recursively; broken links reported).
+
 Splits (PETAH, train/val/test): CUB 5994/-/5794, Cars 8144/-/8041, Pets 3680/-/3669, Aircraft 3334/3333/3333,
 DTD 1880/1880/1880 (partition 1), Food101 70700/5050/25250.
 

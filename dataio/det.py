@@ -22,6 +22,9 @@ torchvision.datasets.CocoDetection + wrap_dataset_for_transforms_v2. Annotation 
   - crowd annotations (iscrowd = 1) are not training targets (COCOeval still uses them to ignore detections);
   - training images left without a target are skipped (mmdetection's filter_empty_gt); validation keeps every
     image (COCOeval scores false positives on images without objects).
+Refused by name before training: an annotation file without 'categories', with annotations of undefined category
+ids, or listing images its folder does not hold. A COCO-format set under its own names: the train_ann / val_ann /
+train_images / val_images keywords of build_det_datasets (coco_paths).
 
 Synthetic (`--data synthetic`, no files): procedurally drawn scenes of 2-4 non-overlapping objects on a textured
 background; the class (1..3) is the shape (rectangle, ellipse, triangle), each class with its own hue range, sizes

@@ -1,7 +1,7 @@
 """
 A miniature of PETAH's classification tables (Tables 2, 3 and 5) that a 2-core CPU runs end to end.
 
-    python experiments/replicate.py            # everything: 19 min on 2 idle cores; all of it cached in experiments/cache/
+    python experiments/replicate.py            # everything: 19 min on 2 idle cores; cached in experiments/cache/
     python experiments/replicate.py --quick    # smoke test of the whole pipeline (CI), under a minute
 
 What it does, top to bottom:
@@ -370,7 +370,8 @@ def run_jobs(jobs: list[Job], workers: int) -> dict:
                     print(f"runs: {len(results)}/{len(jobs)} done ({job.key}{', cached' if job.cached else ''})",
                           file=sys.stderr, flush=True)
             # long pretraining runs: show their epoch in the bar
-            status = [f"{j.desc}: epoch {_epochs_done(j.out)}" for j, _ in running.values() if j.key.startswith("pretrain")]
+            status = [f"{j.desc}: epoch {_epochs_done(j.out)}" for j, _ in running.values()
+                      if j.key.startswith("pretrain")]
             pbar.set_postfix_str("; ".join(status))
     pbar.close()
     return results
