@@ -156,7 +156,7 @@ else:
     for flag, given in (("--replace", args.replace),):
         if given:
             parser.error(f"{flag} belongs to --bundle; drop it")
-    if not args.out.endswith("." + args.format):
+    if not args.out.endswith("." + args.format) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} does not end in .{args.format}: --format {args.format} writes a "
                      f".{args.format} file (name it e.g. {os.path.splitext(args.out)[0]}.{args.format})")
 args.task = args.task[0] if args.task and args.bundle is None else args.task

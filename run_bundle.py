@@ -11,7 +11,8 @@ Each file a task uses is checked against the sha256 in the manifest before it is
 Classification tasks write predict_cls.py's JSON lines to --out (one per image and task, images in the order
 given, folders sorted and searched recursively):
     {"image": "photos/a.jpg", "task": "cub", "top": [{"class": "Laysan_Albatross", "index": 1, "prob": 0.93}, ...]}
-Segmentation tasks write predict_seg.py's mask PNGs (class ids, each image's own size) to --masks/TASK/NAME.png.
+Segmentation tasks write predict_seg.py's mask PNGs (class ids, each image's own size) to --masks/TASK/NAME.png
+(NAME: the image's path relative to the folder given, its extension replaced by .png).
 Needs: pip install onnxruntime numpy pillow
 """
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")  # what predict_cls.py reads
 
@@ -72,18 +74,30 @@ for path, what in ((args.out, "--out"),) if cls_tasks else ():
 # -----------------------------------------------------------------------------
 # images, as predict_cls.py lists them
 
-paths = []
+paths, rel = [], []  # rel: each image's name relative to what was given (the mask's name)
 for item in args.images:
-    if os.path.isdir(item):
-        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs
-                       if f.lower().endswith(IMG_EXTENSIONS))
+    if os.path.isdir(item):  # predict_cls.py's order: each folder's files sorted, then its subfolders, sorted
+        found = []
+        for d, subdirs, fs in os.walk(item, followlinks=True):
+            subdirs.sort()
+            found += [str(Path(d) / f) for f in sorted(fs) if f.lower().endswith(IMG_EXTENSIONS)]
         if not found:
             parser.error(f"--images {item}: the folder holds no {'/'.join(IMG_EXTENSIONS)} files")
         paths += found
+        rel += [os.path.relpath(p, item) for p in found]
     elif os.path.isfile(item):
-        paths.append(item)
+        paths.append(str(Path(item)))
+        rel.append(os.path.basename(item))
     else:
         parser.error(f"--images {item}: no such file or folder")
+
+
+def mask_names(names: list[str]) -> list[str]:
+    """predict_seg.py's mask names: the name with its extension replaced by .png where no other image gets that
+    name; else (x.jpg and x.png in one folder) the whole name + .png."""
+    stems = [os.path.splitext(n)[0] + ".png" for n in names]
+    out = [s if stems.count(s) == 1 else f"{n}.png" for n, s in zip(names, stems)]
+    return out if len(set(out)) == len(out) else [f"{n}.png" for n in names]
 
 
 def read_rgb(path: str) -> "Image.Image":
@@ -205,14 +219,15 @@ def segment() -> None:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
             parser.error(f"cannot create {folder} ({e.strerror or e}); choose another --masks")
-        for p in paths:
+        for p, mask_name in zip(paths, mask_names(rel)):
             im = read_rgb(p)
             W, H = im.size
             x, (h, w) = prepare_seg(im, t["preprocess"])
             y = sessions[n].run(None, {t["input"]: x[None]})[0][0, :, :h, :w]  # (K, h, w) the image's part
             y = upsample_bilinear(y, H, W)  # (K, H, W)
             mask = (y[0] > 0) if y.shape[0] == 1 else y.argmax(0)  # K = 1: logit > 0 is class 1
-            out = os.path.join(folder, os.path.splitext(os.path.basename(p))[0] + ".png")
+            out = os.path.join(folder, mask_name)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
             Image.fromarray(mask.astype(np.uint8), mode="L").save(out)
         print(f"wrote {len(paths)} masks to {folder}", file=sys.stderr, flush=True)
 

@@ -64,8 +64,8 @@ def tables(res: dict) -> str:
                      f"{b1['aa_ratio']} ({b1['aa_band'][0]}-{b1['aa_band'][1]}) | {b16['img_per_s']['base']} | "
                      f"{b16['task_over_base']} ({b16['task_over_base_rounds'][0]}-{b16['task_over_base_rounds'][1]}) "
                      f"| {b16['aa_ratio']} ({b16['aa_band'][0]}-{b16['aa_band'][1]}) |")
-    lines += ["", "| model | BN-folded / not, b1 | b16 | PyTorch unmerged b1 ms | PyTorch merged b1 ms | ONNX task b1 ms | "
-              "unmerged PyTorch / ONNX task, b1 | b16 |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | BN-folded / not, b1 | b16 | PyTorch unmerged b1 ms | PyTorch merged b1 ms | "
+              "ONNX task b1 ms | unmerged PyTorch / ONNX task, b1 | b16 |", "|---|---|---|---|---|---|---|---|"]
     for name, r in res["models"].items():
         b1, b16 = r["b1"], r["b16"]
         fold1 = b1["folded_over_unfolded"] if b1["folded_over_unfolded"] is not None else "-"
