@@ -282,7 +282,8 @@ args.head = None if is_sam else (args.head or "fpn")
 if args.rc is not None and (is_sam or args.method != "petah") and master:
     warnings.warn(f"--rc {args.rc} is ignored: conv-LoRA belongs to --method petah on EfficientFormer only")
 args.rc = 1 if args.rc is None else args.rc
-if args.learn_interp and args.method not in ("lora", "lora_mlp", "petah") and master:
+# (ia3 with --learn-interp is refused by check_common_args below: no warning first)
+if args.learn_interp and args.method not in ("lora", "lora_mlp", "petah", "ia3") and master:
     warnings.warn(f"--learn-interp is ignored: --method {args.method} has no LoRA layers")
 peft_sam = is_sam and args.method in ("lora", "ia3")  # PETRAS trains norms and biases with the adapters
 args.train_biases = peft_sam if args.train_biases is None else args.train_biases

@@ -4,6 +4,9 @@ dataset over the ranks."""
 
 import os
 import random
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +26,35 @@ class Dist:
     master: bool         # rank 0: logs, evaluates for the record, writes files
 
 
+def _stop_with_the_launcher(rank: int) -> None:
+    """torchrun's workers are its child processes. A launcher killed with kill -9 cannot stop them: re-parented,
+    they would keep training and writing into --out. A daemon thread watches the parent and ends this worker
+    (os._exit: no cleanup that could block on the other ranks) once the launcher is gone. A worker whose collective
+    fails first (another worker stopped a moment earlier) ends the same way, with the same message instead of the
+    collective's traceback."""
+    launcher = os.getppid()
+
+    def stop():
+        print(f"rank {rank}: the torchrun launcher (pid {launcher}) is gone; this worker stops so that it does not "
+              f"keep writing into --out (continue with --resume)", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        stop()
+
+    previous = sys.excepthook
+
+    def excepthook(*exc_info):
+        if os.getppid() != launcher:
+            stop()
+        previous(*exc_info)
+
+    sys.excepthook = excepthook
+    threading.Thread(target=watch, name="watch-torchrun", daemon=True).start()
+
+
 def setup_distributed(device: str | None = None) -> Dist:
     """Detect torchrun from RANK/LOCAL_RANK/WORLD_SIZE and initialise the process group.
 
@@ -38,6 +70,8 @@ def setup_distributed(device: str | None = None) -> Dist:
     if not ddp:
         return Dist(False, 0, 0, 1, torch.device("cuda" if use_cuda else "cpu"), True)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun (not by hand with RANK set)
+        _stop_with_the_launcher(rank)
     world_size = int(os.environ["WORLD_SIZE"])
     if use_cuda:
         dev = torch.device(f"cuda:{local_rank}")

@@ -32,7 +32,6 @@ from training.distributed import Dist, all_reduce_sum, cleanup_distributed
 
 LOCK_NAME = ".lock"
 _HOST = socket.gethostname()
-_released = set()
 
 
 def _proc_start(pid: int) -> str | None:
@@ -65,48 +64,64 @@ def _read_json(path: str):
         return None
 
 
+_held = {}  # out -> the open file descriptor holding OUT/.lock's flock (closing it would release the lock)
+
+
 def _acquire_lock(out: str) -> str | None:
-    """Create OUT/.lock (pid, host, start time, command), or take over a lock whose process is gone (or is
-    this very process: an earlier run executed in-process). Another live run -> ValueError naming it."""
+    """Hold OUT/.lock for this run: an exclusive flock on it (the kernel drops a flock when its process ends,
+    kill -9 included, and grants it to one process only, so two runs started at the same moment cannot both
+    win), the file naming the holder (pid, host, start time, command) for the message another run gets. A lock
+    file that names a live process of this host that holds no flock (a run of older code) is refused as well."""
+    import fcntl
     path = os.path.join(out, LOCK_NAME)
-    me = dict(pid=os.getpid(), host=_HOST, proc_start=_proc_start(os.getpid()),
-              started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv))
-    note = None
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-    except FileExistsError:
-        other = _read_json(path)
-        if not isinstance(other, dict) or not isinstance(other.get("pid"), int):
-            note = f"took over {path}: unreadable (a run killed while creating it)"
-        elif other.get("host") == _HOST and other["pid"] == os.getpid():
-            pass  # this process: an earlier run in it (runpy) stopped without releasing
-        elif other.get("host") != _HOST:
+    if out in _held:  # this process: an earlier run in it (runpy) stopped without releasing
+        return None
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = _read_json(path)
+            other = other if isinstance(other, dict) else {}
+            raise ValueError(f"--out {out} is in use by another run: pid {other.get('pid', '?')}, started "
+                             f"{other.get('started', 'just now')} ({other.get('command', 'starting')}). Two runs "
+                             f"must not write one directory: wait for it to finish or stop it (kill "
+                             f"{other.get('pid', '<pid>')}; under torchrun, its workers too), or choose another --out.")
+        try:  # the holder may have removed the file between our open and flock: lock the file that is there now
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    other, note = _read_json(path), None
+    if isinstance(other, dict) and isinstance(other.get("pid"), int) and other["pid"] != os.getpid():
+        if other.get("host") not in (None, _HOST) or _alive(other["pid"], other.get("proc_start")):
+            os.close(fd)
             raise ValueError(f"--out {out} is in use by another run: pid {other['pid']} on host {other.get('host')}, "
                              f"started {other.get('started')} ({other.get('command')}). Two runs must not write one "
                              f"directory: wait for it, or choose another --out. If that run is gone, delete {path}.")
-        elif _alive(other["pid"], other.get("proc_start")):
-            raise ValueError(f"--out {out} is in use by another run: pid {other['pid']}, started {other.get('started')}"
-                             f" ({other.get('command')}). Two runs must not write one directory: wait for it to finish"
-                             f" or stop it (kill {other['pid']}; under torchrun, its workers too), or choose another "
-                             f"--out.")
-        else:
-            note = f"took over the lock of pid {other['pid']} (no longer running) in {out}"
-        atomic_write_text(json.dumps(me), path)
-    if out not in _released:
-        atexit.register(release_out_dir, out)
-    _released.add(out)
+        note = f"took over the lock of pid {other['pid']} (no longer running) in {out}"
+    elif other is None and os.path.getsize(path):
+        note = f"took over {path}: unreadable (a run killed while creating it)"
+    me = dict(pid=os.getpid(), host=_HOST, proc_start=_proc_start(os.getpid()),
+              started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), command=" ".join(sys.argv))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    _held[out] = fd
+    atexit.register(release_out_dir, out)
     return note
 
 
 def release_out_dir(out: str) -> None:
-    """Remove OUT/.lock if this process holds it (the scripts call this at the end; also at exit)."""
-    path = os.path.join(out, LOCK_NAME)
-    held = _read_json(path)
-    if isinstance(held, dict) and held.get("pid") == os.getpid() and held.get("host") == _HOST:
+    """Remove OUT/.lock and drop its flock if this process holds it (the scripts call this at the end; also at
+    exit)."""
+    fd = _held.pop(out, None)
+    if fd is not None:
         with contextlib.suppress(OSError):
-            os.remove(path)
+            os.remove(os.path.join(out, LOCK_NAME))
+        os.close(fd)
 
 
 def _finished(out: str) -> bool:
