@@ -70,8 +70,8 @@ SHARED_MIN_BYTES = 1024
 class InGraphMerge(nn.Module):
     """forward(x) = the layer run with its merged weight, computed from W0 and the adapter inside the graph.
 
-    The arithmetic is the layers' merged_weight / merged_params without their dtype casts (an fp32 model needs
-    none, and onnxruntime cannot constant-fold the CastLike nodes a cast exports to).
+    The arithmetic is the layers' merged_weight (and (IA)^3's merged_bias) without their dtype casts (an fp32
+    model needs none, and onnxruntime cannot constant-fold the CastLike nodes a cast exports to).
 
     Args:
         layer: a LoRALinear / LoRAConv2d or an IA3Linear / IA3Conv2d, unmerged.

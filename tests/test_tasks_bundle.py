@@ -235,3 +235,38 @@ def test_manifest_is_json_with_the_format(ef):
     manifest = json.loads((ef["bundle"] / "manifest.json").read_text())
     assert manifest["format"] == "petah-bundle" and manifest["version"] == 1 and manifest["runtime"] == "onnx"
     assert set(manifest["base"]["files"]) == {"base.onnx", "base.data"}
+
+
+def test_in_graph_merge_computes_the_merged_layer():
+    """InGraphMerge (what a task graph computes: the merged weight from W0 and the adapter) equals each adapter
+    layer's own merge, for every adapter form: LoRA on all rows / on qkv rows, with and without the learned
+    interpolation; conv-LoRA (grouped conv too); (IA)^3 out (rows) and in, Linear and Conv2d."""
+    import torch.nn as nn
+
+    from conv_lora import LoRAConv2d
+    from ia3 import IA3Conv2d, IA3Linear
+    from lora import LoRALinear
+    from tasks.bundle import InGraphMerge
+    torch.manual_seed(0)
+    lin, conv = nn.Linear(12, 18), nn.Conv2d(8, 6, 3, padding=1, groups=2)
+    layers = [LoRALinear.from_module(lin, r=2, alpha=4), LoRALinear.from_module(lin, r=2, learn_interp=True),
+              LoRALinear.from_module(lin, r=2, rows=list(range(6, 18))),
+              LoRALinear.from_module(lin, r=2, rows=[0, 1, 2, 9], learn_interp=True),
+              LoRAConv2d.from_module(conv, r=2, alpha=1), LoRAConv2d.from_module(conv, r=2, learn_interp=True),
+              IA3Linear.from_module(lin, mode="out", rows=[3, 4, 5]), IA3Linear.from_module(lin, mode="in"),
+              IA3Conv2d.from_module(conv, mode="out"), IA3Conv2d.from_module(conv, mode="in")]
+    for layer in layers:
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                if n.startswith(("lora_", "ia3_")):
+                    p.copy_(torch.randn_like(p) * 0.3 + (0.5 if n == "lora_interp" else 0))
+        x = torch.randn(2, 12) if isinstance(layer, nn.Linear) else torch.randn(2, 8, 5, 5)
+        with torch.no_grad():
+            w, b = InGraphMerge(layer).weights()
+            want_w = layer.merged_weight()
+            want_b = layer.merged_bias() if hasattr(layer, "merged_bias") else layer.bias
+            # the same fp32 products and sums as the layer's merge: equal to rounding
+            assert torch.allclose(w, want_w, rtol=0, atol=1e-6), type(layer).__name__
+            assert torch.allclose(b, want_b, rtol=0, atol=1e-6)
+            y, ref = InGraphMerge(layer)(x), layer(x)  # and the unmerged layer's output
+            assert (y - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), type(layer).__name__
