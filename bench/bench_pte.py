@@ -14,8 +14,8 @@ the low-rank paths run beside the base layers). Reported:
     latency      batch 1, XNNPACK on one thread, this process's CPU time per call; base, a second load of the base
                  (the A/A band: the spread of base / base ratios) and the task timed round-robin, one call each per
                  round, the order rotated between rounds; medians over rounds, ratios medians of per-round ratios
-    memory       resident set size after loading and running 1, 4 and 8 task programs on the one base.ptd, against
-                 as many loads of the base program (each a full model, what a merged task costs)
+    memory       resident set growth of a fresh process that loads and runs 1, 4 and 8 task programs on the one
+                 base.ptd, against as many loads of the base program (each a full model, what a merged task costs)
 int8 (--int8 RUN): RUN/merged.safetensors (train_cls.py) exported fp32 and int8 (XNNPACK PT2E, calibrated on
 --calib training images), both run by ExecuTorch on the validation split; top-1 of each, the PyTorch model's top-1,
 the files' bytes, the relative logit drift (L2) and the latency at batch 1 as above.
@@ -42,6 +42,11 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--model", default="efl7", help="EfficientFormer name (efl1, efl3, efl7, ef_tiny); default efl7")
 parser.add_argument("--img-size", type=int, default=224)
 parser.add_argument("--rounds", type=int, default=15, help="latency rounds (median); default 15")
+parser.add_argument("--calls", type=int, default=1,
+                    help="calls per timing (a tiny model's call is below the CPU clock's resolution); default 1")
+parser.add_argument("--merge-up-to", default="0", metavar="N[,N...]",
+                    help="one task per value: adapted layers of at most N weight elements merged (the task owns them, "
+                         "tasks.pte.deployable); memory is measured for the first; default 0")
 parser.add_argument("--int8", default=None, metavar="RUN", help="a train_cls.py --out folder: the int8 part instead")
 parser.add_argument("--calib", type=int, default=64, help="--int8: calibration images from the train split")
 parser.add_argument("--out", default=None, help="JSON results file; default bench/results_pte[_int8].json")
@@ -49,15 +54,16 @@ args = parser.parse_args()
 
 
 def round_robin(fns: dict, x, rounds: int) -> dict:
-    """Every round's CPU seconds per call of each fn: one call each per round, the order rotated from round to
-    round, after one warm-up round."""
+    """Every round's CPU seconds per call of each fn: one timing (of --calls calls) each per round, the order
+    rotated from round to round, after one warm-up round."""
     times, keys = {k: [] for k in fns}, list(fns)
     for r in range(rounds + 1):
         for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.process_time()
-            fns[k](x)
+            for _ in range(args.calls):
+                fns[k](x)
             if r:
-                times[k].append(time.process_time() - t0)
+                times[k].append((time.process_time() - t0) / args.calls)
     return times
 
 
@@ -65,11 +71,6 @@ def paired(times: dict, a: str, b: str) -> dict:
     """Median and range of the per-round ratios a / b."""
     ratios = [x / y for x, y in zip(times[a], times[b])]
     return dict(median=round(statistics.median(ratios), 3), range=[round(min(ratios), 3), round(max(ratios), 3)])
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def one_thread() -> None:
@@ -101,51 +102,73 @@ def share(tmp: str) -> dict:
     task.eval()
     merged = merge_and_unload(copy.deepcopy(task)).eval()
     x = torch.randn(2, 3, S, S)
-    f = {k: os.path.join(tmp, k) for k in ("base.pte", "base.ptd", "task.pte")}
+    limits = [int(v) for v in args.merge_up_to.split(",")]
+    f = {k: os.path.join(tmp, k) for k in ("base.pte", "base.ptd")}
+    f |= {f"task_{n}": os.path.join(tmp, f"task_{n}.pte") for n in limits}
     t0 = time.time()
     export_pte_base(base, x, f["base.pte"], data_path=f["base.ptd"])
-    t1 = time.time()
-    info = export_pte_task(task, x, f["task.pte"], base=base, base_data_path=f["base.ptd"])
-    t2 = time.time()
+    res = dict(model=args.model, img_size=S, lower_s=dict(base=round(time.time() - t0)), shared_tensors={})
+    for n in limits:
+        t0 = time.time()
+        info = export_pte_task(task, x, f[f"task_{n}"], base=base, base_data_path=f["base.ptd"], merge_up_to=n)
+        res["lower_s"][f"task_{n}"], res["shared_tensors"][f"task_{n}"] = round(time.time() - t0), info["shared"]
     size = {k: os.path.getsize(v) for k, v in f.items()}
-    res = dict(model=args.model, img_size=S, bytes=size, shared_tensors=info["shared"],
-               task_over_base=round(size["task.pte"] / (size["base.ptd"] + size["base.pte"]), 4),
-               lower_s=dict(base=round(t1 - t0), task=round(t2 - t1)))
+    res["bytes"] = size
+    res["task_over_base"] = {f"task_{n}": round(size[f"task_{n}"] / (size["base.ptd"] + size["base.pte"]), 4)
+                             for n in limits}
     print(json.dumps(res), flush=True)
 
     one_thread()
-    base_m = load_pte(f["base.pte"], data_path=f["base.ptd"])
-    base_again = load_pte(f["base.pte"], data_path=f["base.ptd"])
-    task_m = load_pte(f["task.pte"], data_path=f["base.ptd"])
+    programs = {"base": load_pte(f["base.pte"], data_path=f["base.ptd"]),
+                "base_again": load_pte(f["base.pte"], data_path=f["base.ptd"])}
+    programs |= {f"task_{n}": load_pte(f[f"task_{n}"], data_path=f["base.ptd"]) for n in limits}
     with torch.no_grad():
-        exact = {}
+        res["exact"] = {}
         for B in (1, 2):
             ref = merged(x[:B])
-            exact[f"b{B}"] = float((task_m.execute((x[:B],))[0] - ref).abs().max() / ref.abs().max())
-    res["exact"] = exact
-    times = round_robin({"base": runner(base_m), "base_again": runner(base_again), "task": runner(task_m)}, x[:1],
-                        args.rounds)
+            res["exact"][f"b{B}"] = max(float((programs[f"task_{n}"].execute((x[:B],))[0] - ref).abs().max()
+                                              / ref.abs().max()) for n in limits)
+    times = round_robin({k: runner(m) for k, m in programs.items()}, x[:1], args.rounds)
     res["latency"] = dict(base_ms=round(1e3 * statistics.median(times["base"]), 2),
-                          task_ms=round(1e3 * statistics.median(times["task"]), 2),
-                          task_over_base=paired(times, "task", "base"), aa=paired(times, "base_again", "base"),
-                          rounds=args.rounds)
+                          aa=paired(times, "base_again", "base"), rounds=args.rounds, calls=args.calls)
+    for n in limits:
+        res["latency"][f"task_{n}"] = dict(ms=round(1e3 * statistics.median(times[f"task_{n}"]), 2),
+                                           over_base=paired(times, f"task_{n}", "base"))
     print(json.dumps(res), flush=True)
-    del base_m, base_again, task_m
-    res["rss_mb"] = memory(f, x[:1])
+    del programs
+    res["rss_mb"] = memory(f | {"task.pte": f[f"task_{limits[0]}"]})
     return res
 
 
-def memory(f: dict, x) -> dict:
-    """RSS growth (MB) with n programs loaded and run once: n tasks on one base.ptd vs n loads of the base."""
+MEMORY_CHILD = r"""
+import sys, torch
+from tasks.pte import load_pte
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+pte, ptd, n, S = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+x = torch.randn(1, 3, S, S)
+load_pte(pte, data_path=ptd).execute((x,))  # the runtime's own first-use allocations, then the baseline
+start, held = rss(), []
+for _ in range(n):
+    held.append(load_pte(pte, data_path=ptd))
+    held[-1].execute((x,))
+print((rss() - start) / 2**20)
+"""
+
+
+def memory(f: dict) -> dict:
+    """RSS growth (MB) of a fresh process that loads and runs n programs (after one load it then drops): n tasks
+    on the one base.ptd, against n loads of the base program (each a full model, what a merged task costs)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = {}
     for kind, pte in (("tasks", f["task.pte"]), ("full_models", f["base.pte"])):
-        start, held = rss(), []
-        for n in range(1, 9):
-            held.append(load_pte(pte, data_path=f["base.ptd"]))
-            held[-1].execute((x,))
-            if n in (1, 4, 8):
-                out[f"{kind}_{n}"] = round((rss() - start) / 2**20, 1)
-        del held
+        for n in (1, 4, 8):
+            r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, pte, f["base.ptd"], str(n), str(args.img_size)],
+                               cwd=root, capture_output=True, text=True, check=True)
+            out[f"{kind}_{n}"] = round(float(r.stdout.strip().splitlines()[-1]), 1)
     return out
 
 
@@ -195,7 +218,7 @@ def int8(tmp: str) -> dict:
                 latency=dict(fp32_ms=round(1e3 * statistics.median(times["fp32"]), 3),
                              int8_ms=round(1e3 * statistics.median(times["int8"]), 3),
                              int8_over_fp32=paired(times, "int8", "fp32"), aa=paired(times, "int8_again", "int8"),
-                             rounds=args.rounds))
+                             rounds=args.rounds, calls=args.calls))
 
 
 with tempfile.TemporaryDirectory() as tmp:

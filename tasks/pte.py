@@ -13,6 +13,7 @@ and many tasks sharing ONE base weights file (ExecuTorch's program / data separa
                                          holds the graph and what the task owns, and reads every tensor it shares
                                          with the base from base_data_path, which it never writes
     deployable(net)                      the copy export_pte_task lowers: BatchNorms folded, adapters kept
+                                         as LowRank layers (base layer + A + B, all constants)
     edge_ready(exported_program)         ep.run_decompositions({}): the ATen-dialect program Core ML / ExecuTorch take
     ptd_keys(path)                       the names of the tensors a .ptd file holds
 
@@ -33,12 +34,12 @@ changes), and stores it in the .pte or, when the constant's node is tagged, in t
 export_pte_base tags every delegated constant of the base; export_pte_task tags a task's constant only when it
 equals, bit for bit, a tensor of the (BatchNorm-folded) base, so the task program names exactly the base file's
 entries and its .pte keeps the rest: the low-rank factors, the head, the tensors it trained. For the names to
-match, the task's graph must feed the base tensors unchanged to the same ops: deployable() folds each BatchNorm
-into the frozen conv before it (W0' = s W0, the very arithmetic of tasks.deploy.fold_all_bn on the base) and
-scales the conv-LoRA factor B by the same s, so that conv(x, W0') + s B (A x) = BN(conv(x, W0) + B A x), and
-makes conv-LoRA take its factored path (two small convs beside the base conv, no W0 + dW formed at run time).
-Other adapters on a conv with a BatchNorm after it (e.g. (IA)^3) are merged into that conv: the task then owns
-it. ExecuTorch's Python runtime takes ONE data file per program, so a task's own tensors stay in its .pte.
+match, the task's graph must feed the base tensors unchanged to the same ops: deployable() turns each LoRA /
+conv-LoRA layer into LowRank, the base layer beside two small maps (A, then B: y = base(x) + B (A x)), folds
+each BatchNorm into the frozen conv before it (W0' = s W0, the very arithmetic of tasks.deploy.fold_all_bn on the
+base) and scales B by the same s, so that conv(x, W0') + s B (A x) = BN(conv(x, W0) + B A x). Other adapters on
+a conv with a BatchNorm after it (e.g. (IA)^3) are merged into that conv: the task then owns it. ExecuTorch's
+Python runtime takes ONE data file per program, so a task's own tensors stay in its .pte.
 
 int8 (quantize="int8"): XNNPACK's PT2E flow (XNNPACKQuantizer, symmetric, weights per channel, activations per
 tensor, calibrated on `calibration`: an iterable of (B, 3, S, S) batches), then lowered as above; per-task merged
@@ -59,6 +60,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from conv_lora import LoRAConv2d, fold_bn
+from lora import LoRALinear
 from tasks.atomic import atomic_write
 from tasks.deploy import BN_PAIRS, fold_all_bn
 
@@ -229,44 +231,126 @@ def run_pte(path, x, *, data_path=None):
 # many tasks on one base: the base .ptd, and a task's .pte reading it
 
 
-def _fold_lora_conv(conv: LoRAConv2d, bn: nn.BatchNorm2d) -> LoRAConv2d:
-    """BN(conv-LoRA(x)) as a conv-LoRA on the folded base conv: W0' and b' exactly as fold_bn makes them for the
-    base model, B' = s B (s = gamma / sqrt(var + eps), the BatchNorm's per-channel scale); factored path."""
+class LowRank(nn.Module):
+    """The deployed form of an adapted layer: y = m * base(x) + up(down(x)), every tensor a stored constant.
+
+    `base` is the frozen layer itself (its W0 and b unchanged, or BatchNorm-folded exactly as the base model's),
+    `down` the rank-r map A (a conv with the layer's kernel, stride, padding and groups, or a linear), `up` the
+    map B with the scale (alpha / r), the folded BatchNorm's scale and the interpolation (1 - a) inside, plus
+    the bias (1 - m) b that an interpolated layer needs; m (None, or a scalar / per-channel vector) is PETRAS'
+    interpolation a. No tensor is computed from another at run time: XNNPACK delegates only ops whose weights
+    are constants (a kernel formed by view / repeat of a parameter would fall back to the portable kernels).
+
+    Args:
+        base: nn.Linear or nn.Conv2d holding the base tensors.
+        down, up: the low-rank maps (same kind as base).
+        m: None or the scale of base(x) (a 0-d tensor or one value per output channel).
+    """
+
+    def __init__(self, *, base: nn.Module, down: nn.Module, up: nn.Module, m: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.base, self.down, self.up = base, down, up
+        self.register_buffer("m", m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) or (..., in) -> the base layer's output
+        y = self.base(x)
+        if self.m is not None:
+            y = y * (self.m.view(-1, 1, 1) if y.dim() == 4 and self.m.dim() else self.m)
+        return y + self.up(self.down(x))
+
+
+def _bn_scale(bn: nn.BatchNorm2d | None, n: int) -> torch.Tensor:
+    """s = gamma / sqrt(var + eps) in float64, the BatchNorm's per-channel scale (ones without a BatchNorm)."""
+    if bn is None:
+        return torch.ones(n, dtype=torch.float64)
+    s = bn.running_var.double().add(bn.eps).rsqrt()
+    return s * bn.weight.double() if bn.weight is not None else s
+
+
+def _interp(layer, n: int, rows) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(m, k): the scale of base(x) (None without interpolation) and the factor of the update, per output row."""
+    if not layer.learn_interp:
+        return None, torch.ones(n, dtype=torch.float64)
+    a = layer.lora_interp.detach().double()
+    m = torch.ones(n, dtype=torch.float64)
+    m[rows] = a
+    return m, 1 - m
+
+
+@torch.no_grad()
+def _deploy_lora_conv(conv: LoRAConv2d, bn: nn.BatchNorm2d | None) -> LowRank:
+    """A conv-LoRA (and the BatchNorm after it, if any) as LowRank: BN(conv(x, W0) + dW x) with the BatchNorm
+    folded into W0 exactly as fold_bn folds the base model's conv, and its scale s into B."""
     if conv.merged:
         raise ValueError("deployable() takes the unmerged adapted model; this conv-LoRA is merged")
-    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+    g, (kh, kw), c_out, r = conv.groups, conv.kernel_size, conv.out_channels, conv.r
+    plain = nn.Conv2d(conv.in_channels, c_out, conv.kernel_size, conv.stride, conv.padding, conv.dilation, g,
+                      conv.bias is not None, conv.padding_mode, device="meta")
     plain.weight, plain.bias = conv.weight, conv.bias
-    base = fold_bn(plain, bn)  # the same float64 arithmetic as on the base model: the same bytes
-    out = LoRAConv2d.from_module(base, r=conv.r, alpha=conv.alpha, learn_interp=conv.learn_interp, path="factored")
-    s = bn.running_var.double().add(bn.eps).rsqrt()                        # (c_out,)
-    if bn.weight is not None:
-        s = s * bn.weight.double()
-    with torch.no_grad():
-        out.lora_A.copy_(conv.lora_A)
-        out.lora_B.copy_((conv.lora_B.double() * s[:, None]).to(conv.lora_B.dtype))  # (c_out, r)
-        if conv.learn_interp:
-            out.lora_interp.copy_(conv.lora_interp)
-    return out
+    base = fold_bn(plain, bn) if bn is not None else plain  # the same float64 arithmetic as on the base model
+    m, k = _interp(conv, c_out, slice(None))
+    dtype = conv.weight.dtype
+    down = nn.Conv2d(conv.in_channels, g * r, conv.kernel_size, conv.stride, conv.padding, conv.dilation, g, False,
+                     conv.padding_mode, dtype=dtype)
+    down.weight.copy_(conv.lora_A.view(r, conv.in_channels // g, kh, kw).repeat(g, 1, 1, 1))  # A for every group
+    up = nn.Conv2d(g * r, c_out, 1, groups=g, bias=m is not None and base.bias is not None, dtype=dtype)
+    scale = _bn_scale(bn, c_out) * k * conv.scaling                             # (c_out,)
+    up.weight.copy_((conv.lora_B.double() * scale[:, None]).view(c_out, r, 1, 1))
+    if up.bias is not None:  # a * base(x) keeps a b of the bias: the update adds (1 - a) b
+        up.bias.copy_((1 - m) * base.bias.double())
+    return LowRank(base=base, down=down, up=up, m=None if m is None else m.to(dtype))
 
 
-def deployable(net: nn.Module) -> nn.Module:
-    """A copy of the unmerged adapted model for export_pte_task: every conv -> BatchNorm pair folded (a conv-LoRA
-    keeps its factors, see the module docstring; other adapted convs are merged, then folded), every conv-LoRA on
-    its factored path. The base model's counterpart is tasks.deploy.fold_all_bn."""
+@torch.no_grad()
+def _deploy_lora_linear(layer: nn.Module) -> LowRank:
+    """A LoRA linear as LowRank; an update on some rows only (a fused qkv's q and v) is a B with zero rows."""
+    if layer.merged:
+        raise ValueError("deployable() takes the unmerged adapted model; this LoRA layer is merged")
+    out, r = layer.out_features, layer.r
+    rows = slice(None) if layer.lora_rows is None else layer.lora_rows
+    base = nn.Linear(layer.in_features, out, layer.bias is not None, device="meta")
+    base.weight, base.bias = layer.weight, layer.bias
+    m, k = _interp(layer, out, rows)
+    dtype = layer.weight.dtype
+    down = nn.Linear(layer.in_features, r, bias=False, dtype=dtype)
+    down.weight.copy_(layer.lora_A)
+    up = nn.Linear(r, out, bias=m is not None and base.bias is not None, dtype=dtype)
+    b_full = torch.zeros(out, r, dtype=torch.float64)
+    b_full[rows] = layer.lora_B.double() * layer.scaling
+    up.weight.copy_(b_full * k[:, None])
+    if up.bias is not None:
+        up.bias.copy_((1 - m) * base.bias.double())
+    return LowRank(base=base, down=down, up=up, m=None if m is None else m.to(dtype))
+
+
+def deployable(net: nn.Module, *, merge_up_to: int = 0) -> nn.Module:
+    """A copy of the unmerged adapted model for export_pte_task: every LoRA / conv-LoRA layer a LowRank (its
+    BatchNorm, if one follows, folded into the base conv and into B), every other conv -> BatchNorm pair folded
+    (tasks.deploy.fold_all_bn, the base model's counterpart; other adapters there are merged first).
+
+    merge_up_to: an adapted layer whose weight has at most this many elements is merged instead (the task then
+    owns its merged weight). The low-rank path's cost is memory-bound work on the layer's input and output maps
+    (a pass over each, an add), largest where the maps are large and the channels few: an EfficientFormer's
+    stem and first stages, whose weights are the smallest. Merging those buys most of the time for few bytes."""
     import copy
 
     net = copy.deepcopy(net).eval()
+    small = lambda layer: layer.weight.numel() <= merge_up_to
     for parent in list(net.modules()):
         for c, b in BN_PAIRS:
             conv, bn = getattr(parent, c, None), getattr(parent, b, None)
-            if isinstance(conv, LoRAConv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(parent, c, _fold_lora_conv(conv, bn))
+            if isinstance(conv, LoRAConv2d) and isinstance(bn, nn.BatchNorm2d) and not small(conv):
+                setattr(parent, c, _deploy_lora_conv(conv, bn))
                 setattr(parent, b, nn.Identity())
-    fold_all_bn(net)  # the plain convs (and other adapters, merged by fold_bn)
-    for m in net.modules():
-        if isinstance(m, LoRAConv2d):
-            m.path = "factored"
+    fold_all_bn(net)  # merges the small conv-LoRAs (fold_bn merges an adapter first)
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (LoRAConv2d, LoRALinear)) and small(child):
+                setattr(parent, name, child.to_base())
+            elif isinstance(child, LoRAConv2d):
+                setattr(parent, name, _deploy_lora_conv(child, None))
+            elif isinstance(child, LoRALinear):
+                setattr(parent, name, _deploy_lora_linear(child))
     return net
 
 
@@ -300,7 +384,7 @@ def export_pte_base(base: nn.Module, example: torch.Tensor, pte_path, *, data_pa
 
 
 def export_pte_task(net: nn.Module, example: torch.Tensor, pte_path, *, base: nn.Module, base_data_path,
-                    batch_sizes=(1, 2)) -> dict:
+                    batch_sizes=(1, 2), merge_up_to: int = 0) -> dict:
     """A task's .pte on the shared base .ptd (written by export_pte_base from `base`; never written here).
 
     Args:
@@ -310,6 +394,7 @@ def export_pte_task(net: nn.Module, example: torch.Tensor, pte_path, *, base: nn
         base: the base model the task was trained on (the one export_pte_base exported).
         base_data_path: the base .ptd.
         batch_sizes: as export_pte.
+        merge_up_to: adapted layers with at most this many weight elements are merged (deployable()).
     Returns {"shared": tensors read from the base .ptd, "own_bytes": the .pte's size}.
     ValueError when the task needs a base tensor the .ptd lacks (a .ptd of another base).
     """
@@ -319,7 +404,7 @@ def export_pte_task(net: nn.Module, example: torch.Tensor, pte_path, *, base: nn
     fold_all_bn(folded)
     base_digests = {_digest(t) for t in folded.state_dict().values() if t.numel()}
     tag_of = lambda t: BASE_TAG if t.numel() and _digest(t) in base_digests else None
-    program = _lower(deployable(net), example, batch_sizes=batch_sizes, tag_of=tag_of)
+    program = _lower(deployable(net, merge_up_to=merge_up_to), example, batch_sizes=batch_sizes, tag_of=tag_of)
     shared = _data_files(program).get(BASE_TAG)
     needed = _blob_keys(bytes(shared)) if shared is not None else set()
     missing = needed - ptd_keys(base_data_path)
