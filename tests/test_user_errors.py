@@ -758,8 +758,6 @@ def hold_lock_while_creating(out) -> subprocess.Popen:
     return p
 
 
-@pytest.mark.xfail(strict=True, reason="training/run_dir.py takes an empty lock over; flock fix requested of "
-                                       "scripts in /work/coord/requests.md at 17:50")
 def test_lock_being_created_is_not_taken_over(tmp_path):
     """Two runs started on one --out at the same moment: the second finds the first's lock file created but still
     empty (the first is between creating and writing it). It must not take it over as a killed run's."""
@@ -796,8 +794,6 @@ def test_two_runs_started_at_once(tmp_path):
     assert "Traceback" not in loser[2] and (out / "merged.safetensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="training/distributed.py does not watch the launcher; requested of scripts "
-                                       "in /work/coord/requests.md at 17:50")
 def test_torchrun_launcher_killed(tmp_path):
     """kill -9 of torchrun itself (it cannot stop its workers then): the workers notice and stop, instead of
     training on and writing into --out. Without that they would run all 30 epochs and write merged.safetensors."""
@@ -813,6 +809,8 @@ def test_torchrun_launcher_killed(tmp_path):
     p.kill()
     out_text, err = p.communicate()  # the pipes close when the last worker has exited
     assert p.returncode == -9
-    assert err.count("the torchrun launcher (pid") == 2, err[-3000:]
-    assert not (out / "merged.safetensors").exists()
+    # every worker has exited (the pipes closed) without finishing; the one that notices first says why (the other
+    # may end in its next collective, its partner gone, before its own watcher speaks)
+    assert "the torchrun launcher (pid" in err, err[-3000:]
+    assert "Traceback" not in err and not (out / "merged.safetensors").exists()
     assert json.load(open(out / "ckpt" / "last.json"))["epoch"] < 30
