@@ -32,6 +32,7 @@ A deployment bundle: one shared base and a small graph per task (tasks/bundle.py
     # later, one more task: the base files are not rewritten; --replace replaces a task of the same name
     python export.py --bundle bundle/ --weights efficientformer_l7.pth --format onnx \
         --task pets=runs/pets/adapters.safetensors
+--format pte makes an ExecuTorch bundle: base.pte + base.ptd, each task a .pte reading base.ptd (tasks/pte.py).
 A run trained without --weights saves its random base as OUT/base.safetensors: without --weights, export.py uses
 the base.safetensors beside the task file (and says so).
 
@@ -141,9 +142,9 @@ if args.img_size is not None and args.img_size < 1:
 if args.repeats < 0:
     parser.error(f"--repeats {args.repeats} must be >= 0 (0 = no timing)")
 if args.bundle is not None:
-    if args.format != "onnx":  # tasks/pte.py can lower a base .pte + .ptd and task programs on it; not wired yet
-        parser.error(f"--bundle is built for --format onnx (onnxruntime) only; --format {args.format} exports one "
-                     f"model (drop --bundle)")
+    if args.format == "pt2":
+        parser.error("--bundle holds programs a runtime runs: --format onnx (onnxruntime) or pte (ExecuTorch); a "
+                     ".pt2 program is one model (drop --bundle)")
     if args.out is not None:
         parser.error(f"--out is for one exported file; a bundle is written into --bundle {args.bundle} (drop --out)")
     if not args.task:
@@ -275,14 +276,16 @@ def export_bundle() -> None:
         entry = dict(task_type="cls" if head == "cls" else "seg", head=head, num_classes=int(t.meta["num_classes"]),
                      class_names=t.meta.get("class_names"), img_size=img_size, preprocess=prep,
                      method=t.meta.get("method"), source=bundle.file_entry(t.path))
-        entries.append(dict(name=tname, net=exportable(bundle.merge_in_graph(model), head), reference=reference,
-                            entry=entry))
+        unmerged = exportable(copy.deepcopy(model), head) if args.format == "pte" else None
+        entries.append(dict(name=tname, unmerged=unmerged, net=exportable(bundle.merge_in_graph(model), head),
+                            reference=reference, entry=entry))
     base_head = "sam" if "sam" in {e["entry"]["head"] for e in entries} else "cls"
     base_net = exportable(bundle.build_base(name, head=base_head, model_cfg=model_cfg, img_size=img_size,
                                             weights=args.weights), base_head)
     try:
-        manifest = bundle.add_onnx_tasks(args.bundle, manifest, base_net=base_net, base=base, tasks=entries,
-                                         opset=args.opset, seed=args.seed, log=lambda m: print(m, flush=True))
+        manifest = bundle.add_tasks(args.bundle, manifest, base_net=base_net, base=base, tasks=entries,
+                                    runtime=args.format, opset=args.opset, seed=args.seed,
+                                    log=lambda m: print(m, flush=True))
     except bundle.BundleError as e:
         raise SystemExit(f"export.py: error: {e}") from None
     except OSError as e:

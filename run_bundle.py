@@ -54,9 +54,11 @@ if args.threads < 0:
     parser.error(f"--threads {args.threads} must be >= 0")
 try:
     manifest = read_manifest(args.bundle)
-    if manifest.get("runtime") != "onnx":
+    if manifest.get("runtime") != "onnx":  # ExecuTorch's Python runtime (the executorch wheel) imports torch
         parser.error(f"--bundle {args.bundle} is a {manifest.get('runtime')!r} bundle; run_bundle.py runs ONNX "
-                     f"bundles (export.py --bundle ... --format onnx)")
+                     f"bundles without PyTorch (export.py --bundle ... --format onnx). Run a pte task with PyTorch "
+                     f"installed: tasks.pte.run_pte(DIR/<task graph>, x, data_path=DIR/base.ptd), or with "
+                     f"ExecuTorch's C++ / Android / iOS runtime")
     names = args.task or list(manifest["tasks"])
     verify_files(args.bundle, manifest, names)  # an unknown task name, a missing or changed file
 except BundleError as e:

@@ -28,6 +28,7 @@ manifest.json:
         with zeros to size x size after normalising; the logits of the image's part are resized back (bilinear).
 
     check_name, read_manifest, verify_files (tasks/manifest.py, torch-free)         reading a bundle, safely
+    add_tasks(folder, manifest, base_net=..., base=..., tasks=[...], runtime="onnx" | "pte")   writing one
     merge_in_graph(model), onnx_graph(net, example)                                  a task's graph
     write_base(folder, proto) / base_index(folder, manifest) / share_base(proto, index)   the shared external data
 """
@@ -322,52 +323,99 @@ def open_for_adding(folder: str, base: dict, names, *, replace: bool, runtime: s
     return manifest
 
 
-def add_onnx_tasks(folder: str, manifest: dict | None, *, base_net: nn.Module, base: dict, tasks: list[dict],
-                   opset: int | None = None, seed: int = 0, log=print) -> dict:
+PTE_GRAPH, PTE_DATA = "base.pte", "base.ptd"
+
+
+def _make_base(runtime: str, folder: str, base_net: nn.Module, base: dict, example, *, opset, log) -> tuple:
+    """A new bundle's base files; returns (manifest without tasks, what the tasks need: the ONNX index or None)."""
+    if runtime == "onnx":
+        return _new_bundle(folder, base_net, base, example, opset=opset, log=log)
+    from tasks.pte import export_pte_base
+    export_pte_base(base_net, example, os.path.join(folder, PTE_GRAPH), data_path=os.path.join(folder, PTE_DATA),
+                    batch_sizes=(1, 3))
+    files = {n: file_entry(os.path.join(folder, n)) for n in (PTE_GRAPH, PTE_DATA)}
+    log(f"base: {PTE_DATA} {files[PTE_DATA]['bytes'] / 2**20:.2f} MB, {PTE_GRAPH} "
+        f"{files[PTE_GRAPH]['bytes'] / 2**20:.3f} MB")
+    return dict(format=FORMAT, version=VERSION, runtime="pte",
+                base=dict(base, graph=PTE_GRAPH, data=PTE_DATA, files=files), tasks={}), None
+
+
+def _make_task(runtime: str, folder: str, t: dict, tmp: str, index, base_net, example, *, opset) -> tuple:
+    """Write task t's graph to tmp; returns (what it shares with the base, in words; bytes it keeps)."""
+    from tasks.atomic import atomic_write
+    if runtime == "onnx":
+        proto = onnx_graph(t["net"], example, opset=opset)
+        shared, own = share_base(proto, index)
+        atomic_write(tmp, lambda f: f.write(proto.SerializeToString()))
+        return f"{shared / 2**20:.2f} MB", own
+    from tasks.pte import export_pte_task
+    info = export_pte_task(t["unmerged"], example, tmp, base=base_net, base_data_path=os.path.join(folder, PTE_DATA),
+                           batch_sizes=(1, 3))
+    return f"{info['shared']} tensors", info["own_bytes"]
+
+
+def _check(runtime: str, folder: str, tmp: str, reference: nn.Module, inputs: dict) -> dict:
+    if runtime == "onnx":
+        return _check_graph(tmp, reference, inputs)
+    from tasks.pte import run_pte
+    result = {}
+    for B, x in inputs.items():
+        with torch.no_grad():
+            want = reference(x).numpy()
+        got = run_pte(tmp, x, data_path=os.path.join(folder, PTE_DATA))
+        if got.shape != want.shape:
+            raise BundleError(f"{os.path.basename(tmp)} returns {got.shape} for batch {B}, PyTorch {want.shape}")
+        result[B] = (float(np.abs(got - want).max()), float(np.abs(want).max()))
+    return result
+
+
+def add_tasks(folder: str, manifest: dict | None, *, base_net: nn.Module, base: dict, tasks: list[dict],
+              runtime: str = "onnx", opset: int | None = None, seed: int = 0, log=print) -> dict:
     """Create the bundle (manifest None: `folder` new or empty) or add to it; returns the new manifest.
 
     Args:
-        base_net: the base model (exportable form), for base.onnx (new bundles only).
+        base_net: the base model (exportable form), for the base files (new bundles; pte: also each task's).
         base: the manifest's base description: model, model_cfg, img_size, fingerprint.
-        tasks: one dict per task: name, net (merge_in_graph'ed, exportable), reference (the merged PyTorch model,
-            exportable), entry (its manifest fields: task_type, head, num_classes, class_names, preprocess, ...).
+        tasks: one dict per task: name, net (merge_in_graph'ed, exportable; onnx), unmerged (the adapted model,
+            exportable; pte), reference (the merged PyTorch model, exportable), entry (its manifest fields:
+            task_type, head, num_classes, class_names, preprocess, ...).
+        runtime: "onnx" (onnxruntime, base.data + base.onnx) or "pte" (ExecuTorch with XNNPACK, tasks/pte.py:
+            base.ptd + base.pte, each task a .pte reading base.ptd).
         opset: ONNX opset (None: the exporter's).
-    Each task's graph is run by onnxruntime at batch 1 and 3 and compared with its merged PyTorch model (max abs
+    Each task is run by the runtime at batch 1 and 3 and compared with its merged PyTorch model (max abs
     difference <= 1e-4 of the output's scale) before anything is moved into place. On any failure nothing of
     this call is left behind (a new bundle's folder included) and an existing bundle is unchanged."""
-    from tasks.atomic import atomic_write, atomic_write_text
+    from tasks.atomic import atomic_write_text
     S = base["img_size"]
     gen = torch.Generator().manual_seed(seed)
     inputs = {B: torch.randn(B, 3, S, S, generator=gen) for B in (1, 3)}
-    created = not os.path.exists(folder)
-    new = manifest is None
+    created, new = not os.path.exists(folder), manifest is None
     temps, written, old_files, renames = [], [], [], []
     try:
         if new:
             os.makedirs(folder, exist_ok=True)
-            written += [os.path.join(folder, n) for n in (BASE_DATA, BASE_GRAPH)]
-            manifest, index = _new_bundle(folder, base_net, base, inputs[3][:2], opset=opset, log=log)
+            written += [os.path.join(folder, n) for n in ((BASE_DATA, BASE_GRAPH) if runtime == "onnx"
+                                                            else (PTE_DATA, PTE_GRAPH))]
+            manifest, index = _make_base(runtime, folder, base_net, base, inputs[3][:2], opset=opset, log=log)
         else:
-            index = base_index(folder, manifest)
+            index = base_index(folder, manifest) if runtime == "onnx" else None
         manifest = json.loads(json.dumps(manifest))  # a copy: the caller's stays the old bundle's
         for t in tasks:
-            proto = onnx_graph(t["net"], inputs[3][:2], opset=opset)
-            shared, own = share_base(proto, index)
-            tmp = os.path.join(folder, f".task-{t['name']}.tmp.{os.getpid()}.onnx")
+            tmp = os.path.join(folder, f".task-{t['name']}.tmp.{os.getpid()}.{runtime}")
             temps.append(tmp)
-            atomic_write(tmp, lambda f, p=proto: f.write(p.SerializeToString()))
-            checks = _check_graph(tmp, t["reference"], inputs)
+            shared, own = _make_task(runtime, folder, t, tmp, index, base_net, inputs[3][:2], opset=opset)
+            checks = _check(runtime, folder, tmp, t["reference"], inputs)
             scale = max(s for _, s in checks.values())
             worst = max(d for d, _ in checks.values())
-            log(f"task {t['name']}: " + ", ".join(f"batch {B} max |onnxruntime - merged PyTorch| {d:.2e}"
+            log(f"task {t['name']}: " + ", ".join(f"batch {B} max |{runtime} - merged PyTorch| {d:.2e}"
                                                   for B, (d, _) in checks.items())
-                + f" (allowed {1e-4 * scale:.1e} = 1e-4 of the output scale {scale:.3g}); own tensors "
-                  f"{own / 2**20:.3f} MB, shared with the base {shared / 2**20:.2f} MB")
+                + f" (allowed {1e-4 * scale:.1e} = 1e-4 of the output scale {scale:.3g}); own {own / 2**20:.3f} "
+                  f"MB, shared with the base {shared}")
             if worst > 1e-4 * scale:
-                raise BundleError(f"task {t['name']}: onnxruntime on the shared base differs from the merged PyTorch "
+                raise BundleError(f"task {t['name']}: {runtime} on the shared base differs from the merged PyTorch "
                                   f"model by {worst:.2e} > 1e-4 x {scale:.3g}; nothing written")
             entry = file_entry(tmp)
-            fname = f"task-{t['name']}.{entry['sha256'][:8]}.onnx"
+            fname = f"task-{t['name']}.{entry['sha256'][:8]}.{runtime}"
             renames.append((tmp, os.path.join(folder, fname)))
             if t["name"] in manifest["tasks"]:
                 old_files += [f for f in manifest["tasks"][t["name"]]["files"] if f != fname]

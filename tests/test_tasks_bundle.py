@@ -270,3 +270,35 @@ def test_in_graph_merge_computes_the_merged_layer():
             assert torch.allclose(b, want_b, rtol=0, atol=1e-6)
             y, ref = InGraphMerge(layer)(x), layer(x)  # and the unmerged layer's output
             assert (y - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item()), type(layer).__name__
+
+
+@pytest.fixture(scope="module")
+def pte(tmp_path_factory):
+    pytest.importorskip("executorch")
+    d = tmp_path_factory.mktemp("pte")
+    base = make_base(d / "base.safetensors")
+    task = make_task(d / "a.safetensors", base, "cls", "petah")
+    export("--bundle", d / "bundle", "--weights", base, "--task", f"a={task}", "--format", "pte")
+    return dict(dir=d, base=base, files={"a": task}, bundle=d / "bundle")
+
+
+def test_pte_bundle_task_on_the_shared_ptd_equals_merged_pytorch(pte):
+    """--format pte: base.pte + base.ptd, each task a .pte that reads the base's tensors from base.ptd
+    (tasks/pte.py), run by ExecuTorch's runtime at batch 1 and 3 (the batches its memory is planned for)."""
+    from tasks.pte import run_pte
+    manifest = read_manifest(pte["bundle"])
+    verify_files(pte["bundle"], manifest)
+    assert manifest["runtime"] == "pte" and set(manifest["base"]["files"]) == {"base.pte", "base.ptd"}
+    entry = manifest["tasks"]["a"]
+    net, _ = merged_reference(pte["files"]["a"], pte["base"])
+    for B in (1, 3):
+        x = torch.randn(B, 3, S, S)
+        with torch.no_grad():
+            want = net(x).numpy()
+        got = run_pte(pte["bundle"] / entry["graph"], x, data_path=pte["bundle"] / "base.ptd")
+        assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    own = sum(e["bytes"] for e in entry["files"].values())
+    assert own < manifest["base"]["files"]["base.ptd"]["bytes"]
+    p = subprocess.run([sys.executable, str(ROOT / "run_bundle.py"), "--bundle", str(pte["bundle"]), "--images",
+                        str(pte["dir"])], capture_output=True, text=True, env=ENV)
+    assert_user_error(p, "'pte' bundle", "run_pte")
