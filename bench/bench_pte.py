@@ -195,6 +195,7 @@ def int8(tmp: str) -> dict:
                                                    train_per_class=a.get("synthetic_train", 200),
                                                    val_per_class=a.get("synthetic_val", 50),
                                                    test_per_class=a.get("synthetic_val", 50)))[:2]
+    torch.manual_seed(0)  # the training split's random crops: the same calibration images every run
     calib = torch.stack([train[i][0] for i in range(min(args.calib, len(train)))])
     xs = torch.stack([val[i][0] for i in range(len(val))])
     ys = torch.tensor([val[i][1] for i in range(len(val))])

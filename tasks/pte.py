@@ -8,12 +8,12 @@ and many tasks sharing ONE base weights file (ExecuTorch's program / data separa
     run_pte(path, x, *, data_path=None) -> numpy array     load + run once (load_pte(...) keeps a loaded method)
     export_pte_base(base, example, pte_path, *, data_path, batch_sizes=(1, 2))
                                          the base model (BatchNorms folded) -> base .pte + the shared base .ptd
-    export_pte_task(net, example, pte_path, *, base, base_data_path, batch_sizes=(1, 2))
+    export_pte_task(net, example, pte_path, *, base, base_data_path, batch_sizes=(1, 2), merge_up_to=50_000)
                                          a task: `net` is the task's UNMERGED adapted model on `base`; its .pte
                                          holds the graph and what the task owns, and reads every tensor it shares
                                          with the base from base_data_path, which it never writes
-    deployable(net)                      the copy export_pte_task lowers: BatchNorms folded, adapters kept
-                                         as LowRank layers (base layer + A + B, all constants)
+    deployable(net, *, merge_up_to=0)    the copy export_pte_task lowers: BatchNorms folded, adapters kept
+                                         as LowRank layers (base layer + A + B, all constants), the small ones merged
     edge_ready(exported_program)         ep.run_decompositions({}): the ATen-dialect program Core ML / ExecuTorch take
     ptd_keys(path)                       the names of the tensors a .ptd file holds
 
@@ -384,7 +384,7 @@ def export_pte_base(base: nn.Module, example: torch.Tensor, pte_path, *, data_pa
 
 
 def export_pte_task(net: nn.Module, example: torch.Tensor, pte_path, *, base: nn.Module, base_data_path,
-                    batch_sizes=(1, 2), merge_up_to: int = 0) -> dict:
+                    batch_sizes=(1, 2), merge_up_to: int = 50_000) -> dict:
     """A task's .pte on the shared base .ptd (written by export_pte_base from `base`; never written here).
 
     Args:
@@ -394,7 +394,9 @@ def export_pte_task(net: nn.Module, example: torch.Tensor, pte_path, *, base: nn
         base: the base model the task was trained on (the one export_pte_base exported).
         base_data_path: the base .ptd.
         batch_sizes: as export_pte.
-        merge_up_to: adapted layers with at most this many weight elements are merged (deployable()).
+        merge_up_to: adapted layers with at most this many weight elements are merged (deployable()); the
+            default merges an EfficientFormer's stem and first-stage convs (BENCHMARKS.md, "ExecuTorch"); 0 keeps
+            every adapted layer on the shared base.
     Returns {"shared": tensors read from the base .ptd, "own_bytes": the .pte's size}.
     ValueError when the task needs a base tensor the .ptd lacks (a .ptd of another base).
     """
