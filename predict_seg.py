@@ -1,7 +1,7 @@
 r"""
 Use a segmentation model fine-tuned by train_seg.py: masks for a folder of images, or the evaluation of a
 checkpoint on a dataset's validation split. The model is rebuilt from the settings stored in the checkpoint's
-metadata (any adapter file of train_seg.py: final.safetensors, the task file adapters.safetensors, topk/ or
+metadata (the task file adapters.safetensors, or a checkpoint of train_seg.py: final.safetensors, topk/ or
 ckpt/ files) on the same base: pass the --weights the run used. A run without --weights saved its random base as
 OUT/base.safetensors: without --weights that file is used when it lies next to the checkpoint (or one folder
 up); a run older than that file gets its random base rebuilt from its --seed.
@@ -44,7 +44,8 @@ from training.seg_metrics import evaluate, metrics, predict_logits, to_classes
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--checkpoint", required=True, metavar="FILE",
-                    help="adapter file written by train_seg.py (final.safetensors, or a topk/ or ckpt/ file)")
+                    help="the task file (OUT/adapters.safetensors) or a checkpoint of train_seg.py (final.safetensors, "
+                         "a topk/ or ckpt/ file)")
 parser.add_argument("--weights", default=None, metavar="PATH",
                     help="the pretrained checkpoint the run started from (its --weights); default: the run's "
                          "base.safetensors next to --checkpoint (a run without --weights), else the random base "
@@ -100,7 +101,8 @@ try:
     stored = json.loads(user.get("model_args", "{}"))  # and the settings that rebuild its model
 except Exception as e:  # not a safetensors file, or metadata of another program
     parser.error(f"--checkpoint {args.checkpoint}: cannot read its metadata ({type(e).__name__}: {e}); pass an "
-                 f"adapter file written by train_seg.py (final.safetensors, topk/ or ckpt/ files)")
+                 f"the task file or a checkpoint written by train_seg.py (adapters.safetensors, final.safetensors, "
+                 f"topk/ or ckpt/ files)")
 if not stored:
     parser.error(f"--checkpoint {args.checkpoint} has no model settings in its metadata; was it written by "
                  f"train_seg.py?")

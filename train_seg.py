@@ -135,7 +135,8 @@ RECIPES = {
     "petah": dict(method="petah", img_size=512, batch_size=32, lr=2e-4, weight_decay=1e-4, schedule="poly",
                   warmup_epochs=0.0, epochs=None, iters=40000, randaug=False, scale_range=(0.5, 2.0)),
 }
-# settings that define the model's structure; stored in every adapter file so predict_seg.py can rebuild it
+# settings that define the model's structure; stored in the task file and every checkpoint (predict_seg.py
+# rebuilds the model from them)
 MODEL_KEYS = ("model", "model_cfg", "head", "method", "r", "rc", "alpha", "learn_interp", "train_biases",
               "train_norms", "num_classes", "img_size", "fpn_channels", "fpn_head_channels")
 # settings a --resume must share with the checkpoint
