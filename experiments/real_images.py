@@ -52,13 +52,16 @@ SOURCE_VAL = None  # images per class of its test set (None: all 1,000)
 TARGET_SPLITS = dict(train=30, val=20, test=100)  # MNIST-5k images per class (of 500)
 ADAPT = dict(epochs=15, batch_size=16, warmup_epochs=1, weight_decay=0.0)
 SEEDS = (0, 1, 2)
-METHODS = {"ef": ["linear", "lora", "petah2", "full"], "vit": ["linear", "lora", "full"]}
+METHODS = {"ef": ["linear", "attn", "lora", "lora_mlp", "ia3", "petah1", "petah2", "full"],
+           "vit": ["linear", "attn", "lora", "full"]}
 # (head LR, factor of the backbone (full) or adapters (PEFT) LR): the first point of each is the setting
 # experiments/replicate.py picked most often (the study's first, fixed setting); the second gives the head the LR of
 # the other group with the backbone / adapter LR unchanged (added after the first run: linear probing's head LR
 # was 10x the PEFT heads', see RESULTS.md)
 GRIDS = {"linear": [(0.05, 1.0), (0.005, 1.0)], "lora": [(0.005, 1.0), (0.05, 0.1)],
          "petah2": [(0.005, 1.0), (0.05, 0.1)], "full": [(0.005, 0.1), (0.05, 0.01)]}
+# the methods added after the second run take the grid of their kind: adapters as LoRA's, ATTN FT as full's
+GRIDS.update(lora_mlp=GRIDS["lora"], ia3=GRIDS["lora"], petah1=GRIDS["petah2"], attn=GRIDS["full"])
 
 
 def quick_config():
@@ -170,7 +173,7 @@ def build_jobs(cache: str) -> list:
         weights = os.path.join(cache, "pretrain", b, "merged.safetensors")
         for m in methods:
             def argv(lr, factor, seed, b=b, m=m, weights=weights):
-                flag = "--backbone-lr-factor" if m == "full" else "--adapter-lr-factor"
+                flag = "--backbone-lr-factor" if m in ("full", "attn") else "--adapter-lr-factor"
                 out = os.path.join(cache, "runs", b, m, f"lr{lr}_f{factor}_s{seed}")
                 return (model_args(b) + replicate.METHODS[m][1] + ["--weights", weights, "--data", "folder",
                                                                    "--data-root", target, flag, str(factor), "--seed",

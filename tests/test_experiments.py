@@ -85,9 +85,11 @@ def test_real_images_quick_pipeline(tmp_path):
     from tasks.task_file import read_task
     assert read_task(str(cache / "pretrain" / "ef" / "adapters.safetensors")).meta["class_names"][9] == "Ankle boot"
     runs = json.loads((cache / "results.json").read_text())["runs"]
-    grids = {"linear": ("0.05_f1.0", "0.005_f1.0"), "lora": ("0.005_f1.0", "0.05_f0.1"),
-             "petah2": ("0.005_f1.0", "0.05_f0.1"), "full": ("0.005_f0.1", "0.05_f0.01")}  # both LR settings, seed 0
-    methods = {"ef": ("linear", "lora", "petah2", "full"), "vit": ("linear", "lora", "full")}
+    adapters, backbone = ("0.005_f1.0", "0.05_f0.1"), ("0.005_f0.1", "0.05_f0.01")  # both LR settings, seed 0
+    grids = {"linear": ("0.05_f1.0", "0.005_f1.0"), "lora": adapters, "lora_mlp": adapters, "ia3": adapters,
+             "petah1": adapters, "petah2": adapters, "attn": backbone, "full": backbone}
+    methods = {"ef": ("linear", "attn", "lora", "lora_mlp", "ia3", "petah1", "petah2", "full"),
+               "vit": ("linear", "attn", "lora", "full")}
     assert set(runs) == {"pretrain:ef", "pretrain:vit",
                          *(f"{b}/{m}/lr{g}/s0" for b, ms in methods.items() for m in ms for g in grids[m])}
     assert all(0 <= r["test_acc"] <= 1 for k, r in runs.items() if not k.startswith("pretrain"))
