@@ -3,12 +3,11 @@
 images (issue 23: tracebacks 4-8, unclear 2). One tiny EF + FPN run trained here (no --weights: it saves
 OUT/base.safetensors); every call runs the script as `python predict_seg.py ...` would (runpy, in this process)."""
 import re
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import run_script  # tests/scripts.py
 from torchvision.io import decode_image, write_jpeg, write_png
 
 from dataio.synthetic import SyntheticVegetation
@@ -23,15 +22,7 @@ TINY = ["--model", "ef_tiny", "--method", "lora", "--data", "synthetic", "--img-
 
 
 def run(script, *argv) -> int:
-    old = sys.argv
-    sys.argv = [Path(script).name, *map(str, argv)]
-    try:
-        runpy.run_path(script, run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
+    return run_script(script, *argv)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ interpreter start and the torch import; the --count-only CLI check, the kill and
 
 import json
 import os
-import runpy
 import shlex
 import signal
 import socket
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from scripts import run_script  # tests/scripts.py
 from torch import nn
 
 import methods
@@ -45,15 +45,7 @@ VIT_TINY = dict(embed_dim=48, depth=2, num_heads=3, patch_size=8)
 
 def train_cls(*argv) -> int:
     """Run train_cls.py in this process with `argv`; return its exit code."""
-    old = sys.argv
-    sys.argv = [SCRIPT, *map(str, argv)]
-    try:
-        runpy.run_path(SCRIPT, run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
+    return run_script(SCRIPT, *argv)
 
 
 def read_log(out) -> list[dict]:

@@ -4,13 +4,13 @@ should not, fp16 + EMA + clipping + accumulation resumed bit for bit, --resume's
 --eval-only scoring a task file as the run did, channels_last computing the same function, and the user errors."""
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import run_script  # tests/scripts.py
 
 from lora import read_safetensors
 from methods import apply_method
@@ -37,15 +37,7 @@ def one_thread():
 
 def run(script: str, *argv) -> int:
     """Run a training script in this process (as tests/test_train_cls.py does); its exit code."""
-    old = sys.argv
-    sys.argv = [str(ROOT / script), *map(str, argv)]
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
+    return run_script(ROOT / script, *argv)
 
 
 def log_records(out) -> list[dict]:

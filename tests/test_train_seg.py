@@ -7,12 +7,12 @@ kept files, the merged export through a plain model, RLE through data_seg.rle_de
 
 import json
 import re
-import runpy
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import run_script  # tests/scripts.py
 from torchvision.io import decode_image, write_jpeg, write_png
 from torchvision.transforms.v2 import functional as TF
 
@@ -34,15 +34,7 @@ EF_RUN = ["--model", "ef_tiny", "--head", "fpn", "--method", "petah", *SYN, "--f
 
 def run(*argv, script=SCRIPT) -> int:
     """`python train_seg.py *argv` (or another script) in this process; returns the exit status."""
-    old = sys.argv
-    sys.argv = [Path(script).name, *map(str, argv)]
-    try:
-        runpy.run_path(script, run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
+    return run_script(script, *argv)
 
 
 def read_log(out: Path) -> tuple[list[dict], dict]:

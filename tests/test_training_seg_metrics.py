@@ -6,12 +6,11 @@ unions summed over the set, mean over the classes that occur) and must equal wha
 """
 
 import json
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import run_script  # tests/scripts.py
 from torchvision.io import decode_image, write_jpeg, write_png
 
 from lora import read_safetensors
@@ -22,15 +21,7 @@ SIZES = {"training": [(40, 72), (64, 48), (48, 48), (56, 88)], "validation": [(4
 
 
 def run(script: str, *argv) -> int:
-    old = sys.argv
-    sys.argv = [script, *map(str, argv)]
-    try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
-        return 0
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = old
+    return run_script(ROOT / script, *argv)
 
 
 def fake_ade(root: Path) -> None:
