@@ -223,6 +223,9 @@ class LoRAConv2d(nn.Conv2d):
         self.merge_mask = mask
         self.weight.data = merged
         self.merged = True
+        # autocast keeps its low-precision copy of a trainable weight for the whole `with` block, keyed by the
+        # tensor: without this, forwards later in the block would still use the weight as it was.
+        torch.clear_autocast_cache()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -232,6 +235,7 @@ class LoRAConv2d(nn.Conv2d):
         self.weight.data = self.weight_orig
         self.weight_orig, self.merge_mask = None, None
         self.merged = False
+        torch.clear_autocast_cache()  # as in merge()
 
     def to_base(self, mask: torch.Tensor | None = None) -> nn.Conv2d:
         """A new plain nn.Conv2d carrying the merged kernel (this layer is left unchanged)."""

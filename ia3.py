@@ -135,6 +135,9 @@ class _IA3Base:
             self.bias_orig = self.bias.data
             self.bias.data = b
         self.merged = True
+        # autocast keeps its low-precision copy of a trainable weight for the whole `with` block, keyed by the
+        # tensor: without this, forwards later in the block would still use the weight as it was.
+        torch.clear_autocast_cache()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -145,6 +148,7 @@ class _IA3Base:
             self.bias.data = self.bias_orig
         self.weight_orig = self.bias_orig = self.merge_mask = None
         self.merged = False
+        torch.clear_autocast_cache()  # as in merge()
 
     def adapter_config(self) -> dict:
         rows = None if self.ia3_rows is None else _row_runs(self.ia3_rows.tolist())

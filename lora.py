@@ -162,6 +162,9 @@ class LoRALinear(nn.Linear):
         self.merge_mask = mask
         self.weight.data = merged            # same Parameter object: optimizers / hooks stay attached
         self.merged = True
+        # autocast keeps its low-precision copy of a trainable weight for the whole `with` block, keyed by the
+        # tensor: without this, forwards later in the block would still use the weight as it was.
+        torch.clear_autocast_cache()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -171,6 +174,7 @@ class LoRALinear(nn.Linear):
         self.weight.data = self.weight_orig
         self.weight_orig, self.merge_mask = None, None
         self.merged = False
+        torch.clear_autocast_cache()  # as in merge()
 
     def to_base(self, mask: torch.Tensor | None = None) -> nn.Linear:
         """A new plain nn.Linear carrying the merged weight (this layer is left unchanged)."""

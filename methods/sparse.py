@@ -20,7 +20,9 @@ import re
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from lora import write_safetensors
 
 HEAD_NAMES = ("head", "head_dist")  # classifier heads are never pruned by default
 
@@ -149,8 +151,17 @@ class MaskKeeper:
 
 
 def save_masks(masks: dict, path) -> None:
-    save_file({k: v.detach().to(device="cpu", dtype=torch.bool).contiguous() for k, v in masks.items()},
-              str(path), metadata={"format": "pt", "content": "sparsity masks, True = kept"})
+    """Write the masks atomically (a temporary beside `path`, then os.replace: a killed process leaves the old
+    file or the new one), mode 0666 minus the umask as any open() gives."""
+    path = str(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write_safetensors({k: v.detach().to(device="cpu", dtype=torch.bool).contiguous() for k, v in masks.items()},
+                          tmp, metadata={"format": "pt", "content": "sparsity masks, True = kept"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_masks(path) -> dict:

@@ -77,12 +77,26 @@ def _check_kwargs(name: str, kwargs: dict) -> None:
             raise ValueError(f"create_model({name!r}): {key}={v!r} must be a finite number > 0")
 
 
+# The memory limit of this process's control group (a container, a Slurm job), cgroup v2 then v1: "max" or a
+# huge number means none. Only the root group's files are read (what a container sees as its own).
+CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def _memory_bytes() -> int | None:
-    """This machine's physical memory in bytes (None where the OS does not say)."""
+    """The memory this process may use, in bytes: the machine's physical memory, or its control group's limit
+    where that is lower (None where neither is known)."""
+    limits = []
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, OSError, ValueError):
-        return None
+        pass
+    for path in CGROUP_MEMORY_FILES:
+        try:
+            with open(path) as f:
+                limits.append(int(f.read().strip()))
+        except (OSError, ValueError):  # absent, or "max": no limit there
+            continue
+    return min(limits) if limits else None
 
 
 def _check_fits(name: str, builder, kwargs: dict) -> None:
@@ -105,8 +119,8 @@ def _check_fits(name: str, builder, kwargs: dict) -> None:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total > limit:
         key, t = max(tensors.items(), key=lambda kv: kv[1].numel() * kv[1].element_size())
-        raise ValueError(f"{call}: its parameters and buffers would take "
-                         f"{total / 1e9:,.1f} GB, more than this machine's memory ({limit / 1e9:.1f} GB); the "
+        raise ValueError(f"{call}: its parameters and buffers would take {total / 1e9:,.1f} GB, more than this "
+                         f"process may use ({limit / 1e9:.1f} GB: the machine's memory or its container's limit); the "
                          f"largest is {key} {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} "
                          f"({t.numel() * t.element_size() / 1e9:,.1f} GB): choose a smaller img_size")
 

@@ -12,6 +12,7 @@ from rounding import abs_terms, assert_rounding, rel_err
 
 import lora
 from conv_lora import LoRAConv2d
+from ia3 import IA3Conv2d, IA3Linear
 from lora import LoRALinear, add_lora, mark_trainable, qkv_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
@@ -588,3 +589,41 @@ def test_adapter_file_runs_copied_alone(file, tmp_path):
     out = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={"OMP_NUM_THREADS": "1", "PATH": ""})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+ADAPTED_LAYERS = {  # every adapter file's layers, each with an input
+    "LoRALinear": lambda: (LoRALinear(16, 12, r=4), torch.randn(5, 16)),
+    "LoRAConv2d": lambda: (LoRAConv2d(6, 8, 3, padding=1, r=2), torch.randn(2, 6, 7, 7)),
+    "IA3Linear": lambda: (IA3Linear(16, 12), torch.randn(5, 16)),
+    "IA3Conv2d-in": lambda: (IA3Conv2d(6, 8, 3, mode="in"), torch.randn(2, 6, 7, 7)),
+}
+
+
+@pytest.mark.parametrize("name", ADAPTED_LAYERS)
+def test_merge_and_unmerge_take_effect_inside_autocast(name):
+    """autocast keeps the low-precision copy of a trainable leaf weight for its whole `with` block, keyed by the
+    tensor that merge() rewrites in place: a forward after merge() (or unmerge()) in the same block must not use
+    the copy of the weight as it was. Each forward is compared bit for bit with the same layer state in a fresh
+    block (same bf16 casts, same kernels); without clearing the cache the adapter's effect is lost or doubled."""
+    torch.manual_seed(0)
+    layer, x = ADAPTED_LAYERS[name]()
+    with torch.no_grad():  # B != 0, l != 1: the update is not the identity
+        for n, p in layer.named_parameters():
+            if n in ("lora_B", "ia3_l"):
+                p.copy_(torch.randn_like(p) + (n == "ia3_l"))
+    layer.weight.requires_grad_(True)  # full fine-tuning's case; autocast caches only casts of trainable leaves
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = layer(x)
+        layer.merge()
+        merged = layer(x)
+        layer.unmerge()
+        unmerged = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.merge()
+        merged_fresh = layer(x)
+    layer.unmerge()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the frozen layer alone: what a stale copy would give
+        base = (nn.Linear if isinstance(layer, nn.Linear) else nn.Conv2d).forward(layer, x)
+    assert (merged_fresh.float() - base.float()).abs().max() > 0.1 * base.float().abs().max()
+    assert torch.equal(merged, merged_fresh)
+    assert torch.equal(unmerged, before)

@@ -1,6 +1,7 @@
 """Sparsity masks: magnitude pruning, masks kept through fine-tuning, LoRA on a sparse base, merges."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -73,7 +74,13 @@ def test_masks_save_load_and_masks_from_zeros(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     masks = sparse.magnitude_prune(model, 0.5)
-    sparse.save_masks(masks, tmp_path / "masks.safetensors")
+    old = os.umask(0o022)
+    try:
+        sparse.save_masks(masks, tmp_path / "masks.safetensors")
+    finally:
+        os.umask(old)
+    assert os.listdir(tmp_path) == ["masks.safetensors"]  # no temporary left
+    assert (tmp_path / "masks.safetensors").stat().st_mode & 0o777 == 0o644  # the umask's mode, not 0600
     back = sparse.load_masks(tmp_path / "masks.safetensors")
     assert back.keys() == masks.keys() and all(torch.equal(back[k], masks[k]) for k in masks)
     from_zeros = masks_from_zeros(model)

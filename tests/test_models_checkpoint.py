@@ -1,5 +1,7 @@
 """models.create_model's checks before building, and models/checkpoint.py's refusals: a task file given as a
 checkpoint, NaN / inf weights, a mismatch message that names keys (and no library-only option)."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -38,6 +40,22 @@ def test_memory_limit_counts_the_built_model(monkeypatch, name, kw):
         e.value)
     monkeypatch.setattr(models, "_memory_bytes", lambda: total)
     create_model(name, **kw)
+
+
+@pytest.mark.parametrize("cgroup, expect", [("max\n", "machine"), ("1048576\n", 1048576), ("", "machine"),
+                                            (None, "machine")])
+def test_memory_limit_is_the_lower_of_machine_and_container(monkeypatch, tmp_path, cgroup, expect):
+    """A container's (cgroup v2 memory.max) limit below the machine's memory is the limit; "max", an unreadable
+    or absent file leave the machine's memory. A model of 4 MB is refused under a 1 MiB container limit."""
+    machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    path = tmp_path / "memory.max"
+    if cgroup is not None:
+        path.write_text(cgroup)
+    monkeypatch.setattr(models, "CGROUP_MEMORY_FILES", (str(path),))
+    assert models._memory_bytes() == (machine if expect == "machine" else expect)
+    if expect != "machine":
+        with pytest.raises(ValueError, match="container's limit"):
+            create_model("vit_tiny", img_size=32, num_classes=100000)  # a head of 100000 x 64 floats: > 1 MiB
 
 
 def test_task_file_is_not_a_checkpoint(tmp_path):
