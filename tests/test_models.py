@@ -497,7 +497,7 @@ def test_augreg_hint_reaches_the_user_without_traceback(tmp_path):
     torch.save(TimmViT(patch_size=8, embed_dim=48, depth=2, num_heads=3, img_size=64).state_dict(), path)
     out = subprocess.run([sys.executable, "train_cls.py", "--model", "vit_tiny", "--img-size", "64", "--weights",
                           str(path), "--method", "lora", "--count-only"], cwd=root, capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 2, out.stderr[-2000:]
     assert "--model-cfg '{\"variant\": \"augreg\"}'" in out.stderr and "Traceback" not in out.stderr
 

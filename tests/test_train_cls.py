@@ -65,7 +65,7 @@ def deterministic(records: list[dict]) -> list[dict]:
 def test_count_only_cli():
     """A real command line prints one JSON line with the counts."""
     out = subprocess.run([sys.executable, SCRIPT, "--model", "efl1", "--method", "petah", "--rc", "2", "--count-only",
-                          "--num-classes", "100"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+                          "--num-classes", "100"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     counts = json.loads(out.stdout.strip().splitlines()[-1])
     backbone = 11_391_928  # EF L1 without heads: 12,289,928 parameters with both 1000-class heads
@@ -197,8 +197,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(uninterrupted, tmp_p
     proc = subprocess.Popen([sys.executable, SCRIPT, *RESUME, "--out", str(out)], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while not (out / "ckpt" / "last.json").exists() and proc.poll() is None and time.time() < deadline:
+        while not (out / "ckpt" / "last.json").exists() and proc.poll() is None:  # bounded by the run's epochs
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -215,8 +214,7 @@ def test_torchrun_two_cpu_processes(uninterrupted, tmp_path):
     """gloo on CPU, the same global batch split over 2 processes: as many optimizer steps as one process."""
     out = tmp_path / "ddp"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          SCRIPT, *RESUME, "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+                          SCRIPT, *RESUME, "--out", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     single, multi = read_log(uninterrupted), read_log(out)
     assert multi[-1]["steps"] == single[-1]["steps"] == 3 * (3 * 16 // 16)
@@ -256,7 +254,7 @@ def test_readme_torchrun_line_runs_as_printed(tmp_path):
     tiny = ["--model", "ef_tiny", "--weights", "", "--data", "synthetic", "--img-size", "32", "--synthetic-classes",
             "2", "--synthetic-train", "4", "--synthetic-val", "2", "--epochs", "1", "--warmup-epochs", "0",
             "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "run")]
-    run = subprocess.run(launcher + argv[1:] + tiny, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    run = subprocess.run(launcher + argv[1:] + tiny, cwd=ROOT, capture_output=True, text=True,
                          env=dict(ENV, PET_MASTER_PORT=str(free_port())))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     used = json.load(open(tmp_path / "run" / "args.json"))

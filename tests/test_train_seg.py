@@ -280,11 +280,12 @@ def test_folder_data_and_bad_input_errors(one_thread, tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     fails("--eval", "synthetic", "--checkpoint", tmp_path / "junk.safetensors", match="cannot read its metadata",
           script=PREDICT)
-    fails(*tiny, "--data", "folder", "--data-root", tmp_path / "missing", match="img/")
-    fails(*tiny, "--data", "synthetic", "--num-classes", "1", match="count the background")
+    o = ["--out", tmp_path / "refused"]  # (not the default runs/seg: the tests write nothing into the repository)
+    fails(*tiny, *o, "--data", "folder", "--data-root", tmp_path / "missing", match="img/")
+    fails(*tiny, *o, "--data", "synthetic", "--num-classes", "1", match="count the background")
     # an image without its mask: the error names both files
     (folder / "ann" / "train" / "tile1.png").unlink()
-    fails(*tiny, "--data", "folder", "--data-root", folder, match=f"{folder / 'img' / 'train' / 'tile1.jpg'}")
+    fails(*tiny, *o, "--data", "folder", "--data-root", folder, match=f"{folder / 'img' / 'train' / 'tile1.jpg'}")
     # a mask of another size than its image: raised while loading, naming both files
     write_png(torch.zeros(1, 10, 10, dtype=torch.uint8), str(folder / "ann" / "train" / "tile1.png"))
     capsys.readouterr()
@@ -473,7 +474,7 @@ def test_torchrun_two_processes_score_as_one(tmp_path, capsys):
                         "--r", "4", "--rc", "2", *SYN[:2], "--img-size", "32", "--synthetic-train", "4",
                         "--synthetic-val", "3", "--fpn-channels", "16", "--fpn-head-channels", "16", "--epochs", "2",
                         "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", out],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       capture_output=True, text=True, cwd=ROOT,
                        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
                             "PET_MASTER_PORT": str(free_port())})  # not 29500: other runs may hold it
     assert p.returncode == 0, p.stderr[-3000:]

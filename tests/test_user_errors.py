@@ -241,7 +241,7 @@ def test_another_live_run_holds_out(tmp_path):
     """A live process (here a sleeping child standing in for the workers of a killed torchrun) holds OUT/.lock."""
     out = tmp_path / "busy"
     out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])  # lives until killed below
     try:
         (out / ".lock").write_text(json.dumps(dict(pid=other.pid, host=socket.gethostname(), command="train_cls.py",
                                                    proc_start=run_dir._proc_start(other.pid), started="now")))
