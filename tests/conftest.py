@@ -26,14 +26,45 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's order is kept
 
 
+def _read_int(path: str, field: int = 0) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[field])
+    except (OSError, ValueError, IndexError):  # absent, or "max" / -1: no limit there
+        return None
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, lowered by its container's CPU quota (cgroup v2 cpu.max,
+    v1 cfs_quota_us / cfs_period_us), which os.cpu_count() and psutil do not see."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for quota, period in ((_read_int("/sys/fs/cgroup/cpu.max"), _read_int("/sys/fs/cgroup/cpu.max", 1)),
+                          (_read_int("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+                           _read_int("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))):
+        if quota and period and quota > 0:
+            cores = min(cores, max(1, quota // period))
+    return cores
+
+
+WORKER_GB = 3  # a worker's peak memory, with room: ~2.2 GB RSS seen while it lowers an ExecuTorch program
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one worker per usable core (xdist's own count takes psutil's physical cores, which is 1 on a 2-vCPU
+    machine with hyper-threads, and ignores container quotas), at most one per WORKER_GB of memory."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
+    limit = _read_int("/sys/fs/cgroup/memory.max") or _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    memory = min(m for m in (memory, limit) if m) if (memory or limit) else None
+    by_memory = max(1, memory // (WORKER_GB << 30)) if memory else usable_cores()
+    return max(1, min(usable_cores(), by_memory))
+
+
 def _share_cores_between_workers() -> None:
     """Under pytest-xdist each worker gets its share of the cores: with every worker (and every process a test
     starts) using all of them, OpenMP threads wait on each other's barriers longer than the work takes."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        threads = str(max(1, cores // workers))
-        os.environ.setdefault("OMP_NUM_THREADS", threads)  # the scripts the tests start as processes
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // workers)))  # the processes tests start
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
