@@ -33,3 +33,23 @@ def test_a_state_holding_a_refused_type_is_named_not_called_damaged(tmp_path):
                                          r"torch\.load\(weights_only=True\) refuses") as e:
         run_dir._load_epoch(str(tmp_path), 1, "epoch_0001.safetensors", "epoch_0001.pt", None, None)
     assert "damaged" not in str(e.value)
+
+
+def test_folders_made_for_a_run_go_again_while_empty(tmp_path):
+    """prepare_out_dir makes --out and its missing parents; release_out_dir removes them while they are empty (a run
+    refused over its data), keeps whatever holds a file, and never touches a folder that was there before."""
+    out = tmp_path / "runs" / "seg"
+    run_dir.prepare_out_dir(str(out), resume=False)
+    assert (out / run_dir.LOCK_NAME).exists()
+    run_dir.release_out_dir(str(out))
+    assert os.listdir(tmp_path) == []  # seg and runs: both made for the run, both gone
+
+    run_dir.prepare_out_dir(str(out), resume=False)
+    (out / "log.jsonl").write_text("{}\n")
+    run_dir.release_out_dir(str(out))
+    assert os.listdir(out) == ["log.jsonl"]  # the run wrote there: out and its parents stay
+
+    (tmp_path / "empty").mkdir()
+    run_dir.prepare_out_dir(str(tmp_path / "empty"), resume=False)
+    run_dir.release_out_dir(str(tmp_path / "empty"))
+    assert (tmp_path / "empty").is_dir()  # there before the run

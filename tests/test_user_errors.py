@@ -179,6 +179,16 @@ def test_script_flag_refused(tmp_path, script, argv, phrase):
     assert not (tmp_path / "o").exists()  # refused before --out is touched
 
 
+def test_run_refused_over_its_data_leaves_no_folder(tmp_path):
+    """A data error comes after --out is made (the lock first): the process exits 2 and removes the folders it
+    made, so the default runs/seg of a mistyped --data-root is not left behind empty."""
+    p = subprocess.run([sys.executable, str(ROOT / "train_seg.py"), *SEG_TINY, "--data", "folder", "--data-root",
+                        str(tmp_path / "missing"), "--out", str(tmp_path / "runs" / "seg")], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "img/" in p.stderr, p.stderr[-2000:]
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda(tmp_path):
     check(*run(*TINY, "--device", "cuda", "--out", tmp_path / "o"), 2, "use --device cpu")

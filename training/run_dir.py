@@ -65,6 +65,7 @@ def _read_json(path: str):
 
 
 _held = {}  # out -> the open file descriptor holding OUT/.lock's flock (closing it would release the lock)
+_created = {}  # out -> the folders prepare_out_dir made for it, deepest first (removed at release while empty)
 
 
 def _acquire_lock(out: str) -> str | None:
@@ -122,6 +123,11 @@ def release_out_dir(out: str) -> None:
         with contextlib.suppress(OSError):
             os.remove(os.path.join(out, LOCK_NAME))
         os.close(fd)
+    for d in _created.pop(out, []):  # a run refused before it wrote anything leaves no empty folder behind
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty (the run wrote there), or gone: keep it and its parents
+            break
 
 
 def _finished(out: str) -> bool:
@@ -165,7 +171,8 @@ def prepare_out_dir(out: str, *, resume: bool, ckpt_dir: str | None = None) -> l
     """Make `out` ready for a run and return notes for the log. Call on the master rank, before writing there.
 
     - `out` must be a directory that can be written: an existing file, a read-only file system, a full disk
-      or a missing permission raise ValueError / WriteError with the fix.
+      or a missing permission raise ValueError / WriteError with the fix. The folders it makes are removed again
+      by release_out_dir while they are empty (a run refused over its data leaves nothing behind).
     - OUT/.lock (pid, host, start, command): another live run in `out` raises ValueError naming its pid, so
       two runs (e.g. the workers of a killed torchrun and a new run) never write one directory. The lock of a
       process that is gone is taken over; release_out_dir(out) removes it at the end (and at exit).
@@ -178,8 +185,14 @@ def prepare_out_dir(out: str, *, resume: bool, ckpt_dir: str | None = None) -> l
     """
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out} is an existing file, not a directory; choose another --out")
+    missing, d = [], os.path.abspath(out)
+    while not os.path.exists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(out, exist_ok=True)
+        if missing and out not in _created:
+            _created[out] = missing
         note = _acquire_lock(out)
     except OSError as e:
         raise write_error(e, os.path.join(out, LOCK_NAME) if os.path.isdir(out) else out) from None
