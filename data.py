@@ -412,6 +412,25 @@ def split_record(train_ds, val_ds, *, root, val_split, seed):
                 train=rel(train_ds), val=rel(val_ds))
 
 
+def split_changes(saved: dict, now: dict) -> str | None:
+    """What differs between two split records (split_record), in words, or None when the images, their split
+    and the class list are the same. A --resume of a --val-split run checks its OUT/split.json with this: a folder
+    that changed since the start would move images between train and val (a seeded split of other files)."""
+    try:
+        old = {p: "train" for p in saved["train"]} | {p: "val" for p in saved["val"]}
+        classes = saved["classes"]
+    except (KeyError, TypeError):
+        return "its split.json is not a split record"
+    new = {p: "train" for p in now["train"]} | {p: "val" for p in now["val"]}
+    added, gone = sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys())
+    moved = sorted(p for p in old.keys() & new.keys() if old[p] != new[p])
+    parts = [f"{len(v)} image(s) {what} (e.g. {v[0]})" for v, what in
+             ((added, "added"), (gone, "gone"), (moved, "moved between train and val")) if v]
+    if classes != now["classes"]:
+        parts.append(f"the classes {classes} -> {now['classes']}")
+    return "; ".join(parts) or None
+
+
 def _class_folders(d):
     return sorted(e.name for e in d.iterdir() if e.is_dir() and not e.name.startswith("."))
 

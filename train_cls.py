@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from data import DATASETS, build_datasets, split_record
+from data import DATASETS, build_datasets, split_changes, split_record
 from lora import freeze_bn_stats, load_adapters, merge_and_unload
 from methods import METHODS, apply_method
 from methods.sparse import (
@@ -156,7 +156,7 @@ g.add_argument("--data-root", default="data", help="directory holding the datase
 g.add_argument("--val-split", type=float, default=None, metavar="FRACTION",
                help="--data folder: hold out this fraction of every class (stratified, seeded by --seed) as the "
                     "validation split, for a root of class folders without train/val/ (or a train/ alone); the "
-                    "split is written to OUT/split.json")
+                    "split is written to OUT/split.json, and --resume refuses a folder that no longer gives it")
 g.add_argument("--classes", default=None, metavar="FILE",
                help="--data folder: class names for the class folders, a JSON map {\"folder\": \"name\"} or a "
                     "classes.txt of 'FOLDER NAME' lines (ROOT/classes.json or ROOT/classes.txt is used by itself "
@@ -374,6 +374,21 @@ warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
 ckpt_dir = os.path.join(args.out, "ckpt")
 start_epoch, history = 0, []  # history: one record per completed epoch (log.jsonl is written from it)
+if args.resume and args.val_split is not None and os.path.isfile(os.path.join(args.out, "split.json")):
+    # the images held out must be the ones held out at the start: a folder changed since would make the seeded
+    # split draw another val set, some of whose images the run has trained on
+    try:
+        with open(os.path.join(args.out, "split.json")) as f:
+            saved_split = json.load(f)
+    except (OSError, ValueError) as e:
+        parser.error(f"--resume: cannot read {os.path.join(args.out, 'split.json')} ({e}), the split this run started "
+                     f"with; restore it or start a new run in another --out")
+    change = split_changes(saved_split, split_record(train_ds, val_ds, root=args.data_root, val_split=args.val_split,
+                                                     seed=args.seed))
+    if change:
+        parser.error(f"--resume: {args.data_root} no longer gives the split this run started with "
+                     f"({os.path.join(args.out, 'split.json')}): {change}. Restore the folder as it was, or start a "
+                     f"new run in another --out")
 if args.resume:
     # the settings that decide the result must be the checkpoint's (checked before its adapters are loaded);
     # a damaged file is named, with the epoch that can still be resumed

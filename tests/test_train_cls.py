@@ -343,3 +343,31 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys):
 def test_missing_weights_warns_loudly(tmp_path, capsys):
     assert train_cls(*TINY, "--method", "linear", "--epochs", "1", "--warmup-epochs", "0", "--out", tmp_path) == 0
     assert "no --weights" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_folder_that_no_longer_gives_its_split(tmp_path, capsys):
+    """--val-split draws the held-out images from the files found, seeded: an image added to the folder between the
+    start and a --resume would draw another val set (with images the run trained on). The resume compares with
+    OUT/split.json and refuses, naming the change; with the folder restored it resumes."""
+    from torchvision.io import write_png
+    root = tmp_path / "data"
+    g = torch.Generator().manual_seed(0)
+    for c in ("ant", "bee"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            write_png(torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=g), str(root / c / f"{i}.png"))
+    argv = ["--model", "ef_tiny", "--method", "lora", "--data", "folder", "--data-root", root, "--val-split", "0.2",
+            "--img-size", "32", "--epochs", "2", "--batch-size", "8", "--warmup-epochs", "0", "--workers", "0",
+            "--device", "cpu", "--out", tmp_path / "run"]
+    assert train_cls(*argv, "--stop-after-epoch", "1") == 0
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    extra = root / "bee" / "10.png"
+    extra.write_bytes((root / "bee" / "0.png").read_bytes())
+    capsys.readouterr()
+    assert train_cls(*argv, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "no longer gives the split this run started with" in err and "1 image(s) added (e.g. bee/10.png)" in err
+    assert "Traceback" not in err and json.loads((tmp_path / "run" / "split.json").read_text()) == split
+    extra.unlink()
+    assert train_cls(*argv, "--resume") == 0
+    assert json.loads((tmp_path / "run" / "split.json").read_text()) == split
