@@ -374,21 +374,25 @@ warmup_steps = round(args.warmup_epochs * steps_per_epoch)
 
 ckpt_dir = os.path.join(args.out, "ckpt")
 start_epoch, history = 0, []  # history: one record per completed epoch (log.jsonl is written from it)
-if args.resume and args.val_split is not None and os.path.isfile(os.path.join(args.out, "split.json")):
+# the split a --val-split run started with (OUT/split.json; for --eval-only the one beside the task file)
+split_file = (os.path.join(args.out, "split.json") if args.resume else
+              os.path.join(os.path.dirname(os.path.abspath(args.eval_only)), "split.json") if args.eval_only else None)
+if args.val_split is not None and split_file and os.path.isfile(split_file):
     # the images held out must be the ones held out at the start: a folder changed since would make the seeded
     # split draw another val set, some of whose images the run has trained on
+    flag = "--resume" if args.resume else "--eval-only"
     try:
-        with open(os.path.join(args.out, "split.json")) as f:
+        with open(split_file) as f:
             saved_split = json.load(f)
     except (OSError, ValueError) as e:
-        parser.error(f"--resume: cannot read {os.path.join(args.out, 'split.json')} ({e}), the split this run started "
-                     f"with; restore it or start a new run in another --out")
+        parser.error(f"{flag}: cannot read {split_file} ({e}), the split the run started with; restore it, or start "
+                     f"a new run in another --out")
     change = split_changes(saved_split, split_record(train_ds, val_ds, root=args.data_root, val_split=args.val_split,
                                                      seed=args.seed))
     if change:
-        parser.error(f"--resume: {args.data_root} no longer gives the split this run started with "
-                     f"({os.path.join(args.out, 'split.json')}): {change}. Restore the folder as it was, or start a "
-                     f"new run in another --out")
+        parser.error(f"{flag}: {args.data_root} no longer gives the split the run started with ({split_file}): "
+                     f"{change}. Restore the folder as it was" + (", or start a new run in another --out" if
+                                                                   args.resume else ""))
 if args.resume:
     # the settings that decide the result must be the checkpoint's (checked before its adapters are loaded);
     # a damaged file is named, with the epoch that can still be resumed

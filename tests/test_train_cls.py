@@ -348,7 +348,8 @@ def test_missing_weights_warns_loudly(tmp_path, capsys):
 def test_resume_refuses_a_folder_that_no_longer_gives_its_split(tmp_path, capsys):
     """--val-split draws the held-out images from the files found, seeded: an image added to the folder between the
     start and a --resume would draw another val set (with images the run trained on). The resume compares with
-    OUT/split.json and refuses, naming the change; with the folder restored it resumes."""
+    OUT/split.json and refuses, naming the change; with the folder restored it resumes. --eval-only of the run's
+    task file checks the split.json beside it."""
     from torchvision.io import write_png
     root = tmp_path / "data"
     g = torch.Generator().manual_seed(0)
@@ -366,8 +367,17 @@ def test_resume_refuses_a_folder_that_no_longer_gives_its_split(tmp_path, capsys
     capsys.readouterr()
     assert train_cls(*argv, "--resume") == 2
     err = capsys.readouterr().err
-    assert "no longer gives the split this run started with" in err and "1 image(s) added (e.g. bee/10.png)" in err
+    assert "--resume: " in err and "no longer gives the split the run started with" in err
+    assert "1 image(s) added (e.g. bee/10.png)" in err
     assert "Traceback" not in err and json.loads((tmp_path / "run" / "split.json").read_text()) == split
     extra.unlink()
     assert train_cls(*argv, "--resume") == 0
     assert json.loads((tmp_path / "run" / "split.json").read_text()) == split
+    # --eval-only of the task file: the split beside it, likewise (an image moved to another class folder)
+    task = tmp_path / "run" / "adapters.safetensors"
+    assert train_cls(*argv[:-2], "--eval-only", task) == 0
+    (root / "ant" / "0.png").rename(root / "bee" / "moved.png")
+    capsys.readouterr()
+    assert train_cls(*argv[:-2], "--eval-only", task) == 2
+    err = capsys.readouterr().err
+    assert "--eval-only: " in err and "1 image(s) added (e.g. bee/moved.png); 1 image(s) gone (e.g. ant/0.png)" in err
