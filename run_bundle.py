@@ -30,8 +30,8 @@ parser.add_argument("--images", required=True, nargs="+", metavar="IMG_OR_DIR",
                     help=f"image files and folders (searched recursively for {' '.join(IMG_EXTENSIONS)})")
 parser.add_argument("--task", nargs="+", default=None, metavar="NAME", help="run these tasks (default: every task)")
 parser.add_argument("--topk", type=int, default=5, help="classes per prediction, most probable first; default 5")
-parser.add_argument("--out", default="preds.jsonl", help="classification output (JSON lines); default preds.jsonl")
-parser.add_argument("--masks", default="masks", metavar="DIR",
+parser.add_argument("--out", default=None, help="classification output (JSON lines); default preds.jsonl")
+parser.add_argument("--masks", default=None, metavar="DIR",
                     help="segmentation output: DIR/TASK/<image name>.png; default ./masks")
 parser.add_argument("--batch-size", type=int, default=8, help="images per onnxruntime call; default 8")
 parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads; default 0 (its choice)")
@@ -66,6 +66,15 @@ except BundleError as e:
 tasks = {n: manifest["tasks"][n] for n in names}
 cls_tasks = [n for n, t in tasks.items() if t["task_type"] == "cls"]
 seg_tasks = [n for n, t in tasks.items() if t["task_type"] == "seg"]
+for flag, value, code, kind in (("--out", args.out, "cls", "classification"), ("--masks", args.masks, "seg",
+                                                                                "segmentation")):
+    if value is not None and not any(t["task_type"] == code for t in tasks.values()):  # an output no task writes
+        have = [n for n, t in manifest["tasks"].items() if t["task_type"] == code]
+        parser.error(f"{flag} {value} is the output of {kind} tasks, and none of the tasks run ({', '.join(tasks)}) "
+                     f"is one: drop {flag}" + (f", or add one with --task (this bundle's: {', '.join(have)})" if have
+                                                else f" (this bundle has no {kind} task)"))
+args.out = args.out or "preds.jsonl"
+args.masks = args.masks or "masks"
 for path, what in ((args.out, "--out"),) if cls_tasks else ():
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

@@ -44,6 +44,8 @@ def file_entry(path: str) -> dict:
 def read_manifest(folder: str) -> dict:
     """The manifest of the bundle in `folder`; BundleError if it is no bundle (or of another version)."""
     path = os.path.join(folder, MANIFEST)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise BundleError(f"bundle {folder} is a file, not a bundle folder (export.py --bundle DIR writes a folder)")
     if not os.path.isdir(folder):
         raise BundleError(f"bundle {folder} does not exist (export.py --bundle {folder} ... creates it)")
     if not os.path.isfile(path):

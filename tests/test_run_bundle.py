@@ -104,13 +104,23 @@ def test_segmentation_masks_match_predict_seg_pipeline(setup):
 def test_bad_input(setup, tmp_path):
     cases = [(["--images", str(setup["images"]), "--task", "nope"], "no task 'nope'"),
              (["--images", str(tmp_path / "missing")], "no such file or folder"),
-             (["--images", str(setup["images"]), "--topk", "0"], "--topk 0")]
+             (["--images", str(setup["images"]), "--topk", "0"], "--topk 0"),
+             # an output that none of the chosen tasks writes: named, with the tasks that would
+             (["--images", str(setup["images"]), "--task", "a", "b", "--masks", str(tmp_path / "m")],
+              "--masks " + str(tmp_path / "m") + " is the output of segmentation tasks, and none of the tasks run "
+              "(a, b) is one: drop --masks, or add one with --task (this bundle's: seg)"),
+             (["--images", str(setup["images"]), "--task", "seg", "--out", str(tmp_path / "p.jsonl")],
+              "--out " + str(tmp_path / "p.jsonl") + " is the output of classification tasks")]
     for argv, words in cases:
         p = run_bundle(setup, *argv)
         assert p.returncode == 2 and "Traceback" not in p.stderr and words in p.stderr, p.stderr[-2000:]
     p = subprocess.run([sys.executable, str(ROOT / "run_bundle.py"), "--bundle", str(tmp_path), "--images",
                         str(setup["images"])], capture_output=True, text=True, env=ENV)
     assert p.returncode == 2 and "not a bundle" in p.stderr
+    p = subprocess.run([sys.executable, str(ROOT / "run_bundle.py"), "--bundle", str(ROOT / "README.md"), "--images",
+                        str(setup["images"])], capture_output=True, text=True, env=ENV)
+    assert p.returncode == 2 and "README.md is a file, not a bundle folder" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "m").exists() and not (tmp_path / "p.jsonl").exists()
     assert not os.path.exists(setup["dir"] / "preds.jsonl")
 
 
