@@ -49,6 +49,7 @@ def usable_cores() -> int:
 WORKER_GB = 3  # a worker's peak memory, with room: ~2.2 GB RSS seen while it lowers an ExecuTorch program
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: the suite also runs without it (plain pytest -q)
 def pytest_xdist_auto_num_workers(config):
     """-n auto: one worker per usable core (xdist's own count takes psutil's physical cores, which is 1 on a 2-vCPU
     machine with hyper-threads, and ignores container quotas), at most one per WORKER_GB of memory."""
