@@ -66,9 +66,9 @@ except BundleError as e:
 tasks = {n: manifest["tasks"][n] for n in names}
 cls_tasks = [n for n, t in tasks.items() if t["task_type"] == "cls"]
 seg_tasks = [n for n, t in tasks.items() if t["task_type"] == "seg"]
-for flag, value, code, kind in (("--out", args.out, "cls", "classification"), ("--masks", args.masks, "seg",
-                                                                                "segmentation")):
-    if value is not None and not any(t["task_type"] == code for t in tasks.values()):  # an output no task writes
+for flag, value, code, kind, chosen in (("--out", args.out, "cls", "classification", cls_tasks),
+                                        ("--masks", args.masks, "seg", "segmentation", seg_tasks)):
+    if value is not None and not chosen:  # an output that no task run writes
         have = [n for n, t in manifest["tasks"].items() if t["task_type"] == code]
         parser.error(f"{flag} {value} is the output of {kind} tasks, and none of the tasks run ({', '.join(tasks)}) "
                      f"is one: drop {flag}" + (f", or add one with --task (this bundle's: {', '.join(have)})" if have

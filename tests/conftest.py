@@ -53,9 +53,8 @@ WORKER_GB = 3  # a worker's peak memory, with room: ~2.2 GB RSS seen while it lo
 def pytest_xdist_auto_num_workers(config):
     """-n auto: one worker per usable core (xdist's own count takes psutil's physical cores, which is 1 on a 2-vCPU
     machine with hyper-threads, and ignores container quotas), at most one per WORKER_GB of memory."""
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else None
-    limit = _read_int("/sys/fs/cgroup/memory.max") or _read_int("/sys/fs/cgroup/memory/memory.limit_in_bytes")
-    memory = min(m for m in (memory, limit) if m) if (memory or limit) else None
+    from models import _memory_bytes  # the machine's memory or its container's limit, as create_model checks
+    memory = _memory_bytes()
     by_memory = max(1, memory // (WORKER_GB << 30)) if memory else usable_cores()
     return max(1, min(usable_cores(), by_memory))
 
