@@ -42,9 +42,11 @@ export PYTHONUNBUFFERED=1
 SITE=$ROOT/.whl/site
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}  # (a folder that does not exist is skipped by Python)
 {
-    for pair in pycocotools:pycocotools segment-anything:segment_anything pytest:pytest; do
-        pkg=${pair%%:*}
-        "$PY" -c "import ${pair#*:}" 2>/dev/null && continue
+    # one Python start finds what is missing (find_spec: importing segment_anything would import torch)
+    missing=$("$PY" -c "import importlib.util as u
+print(' '.join(p for p, m in [('pycocotools', 'pycocotools'), ('segment-anything', 'segment_anything'),
+                              ('pytest', 'pytest')] if u.find_spec(m) is None))")
+    for pkg in $missing; do
         if [ ! -d .whl ]; then
             echo "$pkg is missing and there is no .whl/: run bash bench/gpu_wheels.sh where PyPI is reachable"
             continue

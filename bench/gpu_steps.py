@@ -15,6 +15,8 @@ sam_tiny) and a few steps, on the CPU when there is no CUDA, so that tests/test_
 here. Not a test itself: a driver.
 """
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -311,11 +313,12 @@ def step_env(out: Path, device: str, smoke: bool) -> dict:
     if shutil.which("nvidia-smi"):
         info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                                              "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    # the installed versions, read from the packages' metadata (importing timm, peft, ... would take seconds)
     for name in ("timm", "peft", "torchvision", "segment_anything", "pycocotools", "onnxruntime"):
         try:
-            info[name] = getattr(__import__(name), "__version__", "installed")
-        except ImportError:
-            info[name] = None
+            info[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:  # e.g. onnxruntime-gpu's wheel: another name
+            info[name] = "installed" if importlib.util.find_spec(name) else None
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     info["git"] = git.stdout.strip() or None
     return info

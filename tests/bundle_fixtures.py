@@ -3,10 +3,11 @@
 The files are made as the training scripts make them: a base checkpoint saved with safetensors (random weights,
 random BatchNorm statistics: with default statistics a BatchNorm is nearly the identity and proves little), the
 method's adapters on it, every trained tensor randomised (with B = 0 a merge proves nothing), tasks.task_file.
-save_task with the metadata train_cls.py / train_seg.py write. Bundles are made by export.py itself, in a real
-process (its argparse errors exit the process).
+save_task with the metadata train_cls.py / train_seg.py write. Bundles are made by export.py itself (see export).
 """
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
+from scripts import run_script
 
 from lora import merge_and_unload
 from methods import apply_method, apply_sam_method
@@ -86,10 +88,20 @@ def merged_reference(task_path: Path, base: Path) -> tuple[nn.Module, str]:
     return exportable(merge_and_unload(model), head), head
 
 
-def export(*argv, check: bool = True) -> subprocess.CompletedProcess:
-    """export.py in a real process; check: it must succeed."""
-    p = subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, argv)], capture_output=True, text=True,
-                       env=ENV, cwd=ROOT)
+def export(*argv, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
+    """export.py with these arguments; check: it must succeed. In this process (tests/scripts.run_script, its output
+    captured) unless process=True: a process start and the torch, onnx and ExecuTorch imports cost seconds each
+    time, and a real process adds nothing to what a bundle holds. An exception that escapes export.py's own
+    handling fails the test, as its traceback would. The process path is tested where it matters: its exit status
+    and stderr (tests/test_tasks_bundle.py's first refusal, tests/test_export.py, the README flow)."""
+    if process:
+        p = subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, argv)], capture_output=True,
+                           text=True, env=ENV, cwd=ROOT)
+    else:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = run_script(ROOT / "export.py", *argv)
+        p = subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p

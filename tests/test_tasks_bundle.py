@@ -26,7 +26,6 @@ import torch
 from bundle_fixtures import ENV, ROOT, S, export, make_base, make_task, merged_reference
 from onnx import numpy_helper
 from safetensors.torch import load_file
-from scripts import run_script
 
 from tasks.manifest import BundleError, check_name, read_manifest, verify_files
 from tasks.task_file import read_task
@@ -139,16 +138,6 @@ def snapshot(folder):
     return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))}
 
 
-def export_here(capsys, *argv) -> subprocess.CompletedProcess:
-    """export.py run in this process (tests/scripts.run_script), as a CompletedProcess: for the refusals, which
-    exit before exporting anything, where a process start and the torch import would cost more than the check.
-    An exception that escapes export.py's own handling fails the test, as its traceback would."""
-    capsys.readouterr()
-    rc = run_script(ROOT / "export.py", *argv)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, rc, out.out, out.err)
-
-
 def assert_user_error(p, *words):
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     assert "Traceback" not in p.stderr and "error:" in p.stderr
@@ -156,7 +145,7 @@ def assert_user_error(p, *words):
         assert w in p.stderr, (w, p.stderr[-1500:])
 
 
-def test_refusals_leave_the_bundle_as_it_was(ef, tmp_path, capsys):
+def test_refusals_leave_the_bundle_as_it_was(ef, tmp_path):
     bundle, base, files = ef["bundle"], ef["base"], ef["files"]
     before = snapshot(bundle)
     other_base = make_base(tmp_path / "other.safetensors", seed=5)
@@ -174,20 +163,20 @@ def test_refusals_leave_the_bundle_as_it_was(ef, tmp_path, capsys):
         (["--task", f"z={alone}"], ["needs --weights"]),
     ]
     for i, (argv, words) in enumerate(cases):
-        argv = ["--bundle", bundle, *argv, "--format", "onnx"]  # the first in a process of its own, as users run it
-        p = export(*argv, check=False) if i == 0 else export_here(capsys, *argv)
+        argv = ["--bundle", bundle, *argv, "--format", "onnx"]
+        p = export(*argv, check=False, process=(i == 0))  # the first in a process of its own, as users run it
         assert_user_error(p, *words)
         assert snapshot(bundle) == before  # nothing written, nothing changed
     verify_files(bundle, read_manifest(bundle))  # still valid
 
 
-def test_not_a_bundle_and_changed_files(ef, tmp_path, capsys):
+def test_not_a_bundle_and_changed_files(ef, tmp_path):
     base, a = ef["base"], ef["files"]["a"]
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("hello")
-    assert_user_error(export_here(capsys, "--bundle", junk, "--weights", base, "--task", f"a={a}", "--format", "onnx"),
-                      "is not a bundle", "manifest.json")
+    assert_user_error(export("--bundle", junk, "--weights", base, "--task", f"a={a}", "--format", "onnx",
+                             check=False), "is not a bundle", "manifest.json")
     assert sorted(os.listdir(junk)) == ["notes.txt"]
     with pytest.raises(BundleError, match="not a bundle"):
         read_manifest(str(junk))
@@ -201,8 +190,8 @@ def test_not_a_bundle_and_changed_files(ef, tmp_path, capsys):
         (copy / fname).write_bytes(bytes(data))
         with pytest.raises(BundleError, match=f"{fname}.*sha256"):
             verify_files(str(copy), manifest)
-        assert_user_error(export_here(capsys, "--bundle", copy, "--weights", base, "--task", f"z={a}", "--format",
-                                      "onnx"), fname, "sha256")
+        assert_user_error(export("--bundle", copy, "--weights", base, "--task", f"z={a}", "--format", "onnx",
+                                check=False), fname, "sha256")
         p = subprocess.run([sys.executable, str(ROOT / "run_bundle.py"), "--bundle", str(copy), "--images",
                             str(tmp_path)], capture_output=True, text=True, env=ENV)
         assert_user_error(p, fname, "sha256")
