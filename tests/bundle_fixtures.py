@@ -6,8 +6,6 @@ method's adapters on it, every trained tensor randomised (with B = 0 a merge pro
 save_task with the metadata train_cls.py / train_seg.py write. Bundles are made by export.py itself (see export).
 """
 
-import contextlib
-import io
 import os
 import subprocess
 import sys
@@ -16,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from scripts import run_script
+from scripts import run_captured
 
 from lora import merge_and_unload
 from methods import apply_method, apply_sam_method
@@ -89,19 +87,14 @@ def merged_reference(task_path: Path, base: Path) -> tuple[nn.Module, str]:
 
 
 def export(*argv, check: bool = True, process: bool = False) -> subprocess.CompletedProcess:
-    """export.py with these arguments; check: it must succeed. In this process (tests/scripts.run_script, its output
-    captured) unless process=True: a process start and the torch, onnx and ExecuTorch imports cost seconds each
-    time, and a real process adds nothing to what a bundle holds. An exception that escapes export.py's own
-    handling fails the test, as its traceback would. The process path is tested where it matters: its exit status
-    and stderr (tests/test_tasks_bundle.py's first refusal, tests/test_export.py, the README flow)."""
+    """export.py with these arguments; check: it must succeed. In this process (tests/scripts.run_captured) unless
+    process=True: a real process adds nothing to what a bundle holds. The process path is tested where it matters,
+    its exit status and stderr (tests/test_tasks_bundle.py's first refusal, tests/test_export.py, the README flow)."""
     if process:
         p = subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, argv)], capture_output=True,
                            text=True, env=ENV, cwd=ROOT)
     else:
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = run_script(ROOT / "export.py", *argv)
-        p = subprocess.CompletedProcess(argv, rc, out.getvalue(), err.getvalue())
+        p = run_captured(ROOT / "export.py", *argv)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p

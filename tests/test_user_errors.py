@@ -8,23 +8,20 @@ escaped. Rows that need a real process (a disk that fills up, a read-only file s
 the output directory) run one. Tiny settings: ef_tiny at 32 px, 2 classes, 4 training images, one step per epoch.
 """
 
-import contextlib
 import copy
-import io
 import json
 import os
 import re
-import runpy
 import shutil
 import socket
 import stat
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import run_captured
 from torch import nn
 
 import lora
@@ -41,24 +38,10 @@ TINY = ["--model", "ef_tiny", "--method", "petah", "--data", "synthetic", "--img
 
 
 def run(*argv, script: str = SCRIPT) -> tuple[int, str, str]:
-    """train_cls.py (or `script`) with argv, in this process: (exit code, stdout, stderr); an exception other than
-    SystemExit ends it with code 1 and its traceback in stderr, as the interpreter would print it."""
-    out, err = io.StringIO(), io.StringIO()
-    old = sys.argv
-    sys.argv = [script, *map(str, argv)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(script, run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            except Exception:  # noqa: BLE001
-                traceback.print_exc()
-                code = 1
-    finally:
-        sys.argv = old
-    return code, out.getvalue(), err.getvalue()
+    """train_cls.py (or `script`) with argv, in this process (tests/scripts.run_captured): (exit code, stdout,
+    stderr)."""
+    p = run_captured(script, *argv)
+    return p.returncode, p.stdout, p.stderr
 
 
 def check(code, out, err, expect, phrase, prog="train_cls.py"):
