@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
+from scripts import run_captured
 from torchvision.io import write_jpeg, write_png
 
 from data import build_transform, read_image
@@ -23,6 +24,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(*args):
     return subprocess.run([sys.executable, "predict_cls.py", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def here(*args):
+    """predict_cls.py in this process (tests/scripts.run_captured)."""
+    return run_captured(os.path.join(ROOT, "predict_cls.py"), *args)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +107,8 @@ def test_folder_top1_equals_merged_models(setup):
 
 
 def test_user_errors(setup, tmp_path):
-    """Exit 2, a message naming the problem, no traceback, no partial output (one process per case: few cases)."""
+    """Exit 2, a message naming the problem, no traceback, no partial output (the first case in a process of its
+    own, as users run it; the others in this process: the same exit status and stderr)."""
     d, _, _ = setup
     t = f"birds={d / 'birds.safetensors'}"
     bad_img = tmp_path / "broken.png"
@@ -111,8 +118,8 @@ def test_user_errors(setup, tmp_path):
         (["--tasks", f"x={d / 'base.safetensors'}", "--images", d / "imgs"], "not a task file"),
         (["--tasks", t, "--images", bad_img, "--workers", 0], "cannot read image"),
     ]
-    for extra, phrase in cases:
-        r = run("--weights", d / "base.safetensors", "--out", tmp_path / "p.jsonl", *extra)
+    for i, (extra, phrase) in enumerate(cases):
+        r = (run if i == 0 else here)("--weights", d / "base.safetensors", "--out", tmp_path / "p.jsonl", *extra)
         assert r.returncode == 2 and phrase in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
         assert not os.listdir(tmp_path) or sorted(os.listdir(tmp_path)) == ["broken.png"]  # no partial output
 

@@ -4,13 +4,11 @@ should not, fp16 + EMA + clipping + accumulation resumed bit for bit, --resume's
 --eval-only scoring a task file as the run did, channels_last computing the same function, and the user errors."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from scripts import run_script  # tests/scripts.py
+from scripts import run_captured, run_script  # tests/scripts.py
 
 from lora import read_safetensors
 from methods import apply_method
@@ -53,7 +51,9 @@ def trained(out) -> dict:
 
 @pytest.mark.parametrize("script", ["train_cls.py", "train_seg.py", "train_det.py"])
 def test_every_script_has_the_same_controls(script):
-    text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    help = run_captured(ROOT / script, "--help")  # in this process: --help exits 0 before any work
+    assert help.returncode == 0, help.stderr[-2000:]
+    text = help.stdout
     words = text.replace(",", " ").split()
     for flag in FLAGS + ("--final-model",):
         assert flag in words, (script, flag)
