@@ -160,11 +160,12 @@ def test_unreadable_images_skipped_and_named_base_found_and_leftover_removed(set
     summary = r.stderr.split("skipped 3 image(s) that cannot be read")[1]
     assert all(str(imgs / n) in summary for n in ("bad.png", "trunc.jpg", "gone.png"))
     assert "broken symbolic link" in summary and "Traceback" not in r.stderr
-    r = run("--tasks", f"birds={run_dir / 'adapters.safetensors'}", "--images", imgs, "--workers", 0, "--out",
-            tmp_path / "strict.jsonl", "--strict")
+    # the two refusals in this process (the same exit status and stderr, without a process start)
+    r = here("--tasks", f"birds={run_dir / 'adapters.safetensors'}", "--images", imgs, "--workers", 0, "--out",
+             tmp_path / "strict.jsonl", "--strict")
     assert r.returncode == 2 and "--strict: cannot read" in r.stderr and "gone.png" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "strict.jsonl").exists()
-    r = run("--tasks", f"birds={run_dir / 'adapters.safetensors'}", "--images", imgs, "--out", tmp_path)
+    r = here("--tasks", f"birds={run_dir / 'adapters.safetensors'}", "--images", imgs, "--out", tmp_path)
     assert r.returncode == 2 and "is a folder; --out names the JSON-lines file" in r.stderr
 
 
