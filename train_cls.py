@@ -24,8 +24,8 @@ does not need it.) The same on two CPU processes (gloo): torchrun --nproc_per_no
 
 A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
 Training controls, the same in the three training scripts (training/controls.py): --amp {bf16,fp16,off},
---accum-steps K, --clip-grad NORM, --grad-ckpt, --compile, --channels-last, --ema DECAY (--final-model ema); the run
-record (torch / CUDA / GPU / git versions) goes into args.json, the checkpoints and the task file.
+--accum-steps K, --clip-grad NORM, --grad-ckpt, --compile [BACKEND], --channels-last, --ema DECAY (--final-model
+ema); the run record (torch / CUDA / GPU / git versions) goes into args.json, the checkpoints and the task file.
 Score a finished run's task file without training: the same flags plus --eval-only OUT/adapters.safetensors.
 One run at a time writes into an --out (OUT/.lock); a finished run there is only continued with --resume.
 In --out: args.json, log.jsonl (one line per epoch, then a summary line), summary.csv (epoch, train_loss,
@@ -412,7 +412,7 @@ if args.resume:
 
 raw_model = model  # adapters, checkpoints and the merge work on the plain module
 if args.compile:
-    model = torch.compile(model)
+    model = torch.compile(model, backend=args.compile)
 eval_model = model  # evaluation skips DDP: the ranks evaluate different numbers of batches
 if dist.ddp:
     model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)

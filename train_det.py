@@ -24,8 +24,8 @@ Schedule (PETAH Appendix A.2 = mmdetection 1x): AdamW, LR 1e-4, weight decay 0.0
 12 epochs, linear warmup over 500 steps from 0.001 x LR, LR x 0.1 after epochs 8 and 11.
 A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
 Training controls, the same in the three training scripts (training/controls.py): --amp {bf16,fp16,off},
---accum-steps K, --clip-grad NORM, --grad-ckpt, --compile, --channels-last, --ema DECAY (--final-model ema); the run
-record (torch / CUDA / GPU / git versions) goes into args.json, the checkpoints and the task file.
+--accum-steps K, --clip-grad NORM, --grad-ckpt, --compile [BACKEND], --channels-last, --ema DECAY (--final-model
+ema); the run record (torch / CUDA / GPU / git versions) goes into args.json, the checkpoints and the task file.
 Score a finished run's task file without training: the same flags plus --eval-only OUT/adapters.safetensors.
 In --out: args.json, log.jsonl (one line per epoch, then a summary line), ckpt/ (trainable weights and training
 state of the last completed epoch), adapters.safetensors (the task file: what this fine-tune changed, adapters +
@@ -297,7 +297,7 @@ apply_model_controls(parser, args, model)  # --grad-ckpt (the EfficientFormer's 
 # --amp: the backbone + FPN under autocast; anchors, boxes, RoI sampling and the losses stay float32
 model.backbone.amp_dtype = DTYPES.get(args.amp)
 if args.compile:  # in place (the state_dict keys stay); the RPN and RoI heads have data-dependent shapes
-    model.backbone.compile()
+    model.backbone.compile(backend=args.compile)
 
 # -----------------------------------------------------------------------------
 # optimizer: AdamW over the trainable parameters, weight decay on matrices / kernels only

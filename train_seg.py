@@ -35,8 +35,8 @@ measured with torch 2.14 on a Linux x86 CPU: the random models make the numbers 
 
 A run stopped at any moment continues from its last completed epoch with the same command plus --resume.
 Training controls, the same in the three training scripts (training/controls.py): --amp {bf16,fp16,off},
---accum-steps K, --clip-grad NORM, --grad-ckpt, --compile, --channels-last, --ema DECAY (--final-model ema); the run
-record (torch / CUDA / GPU / git versions) goes into args.json, the checkpoints and the task file.
+--accum-steps K, --clip-grad NORM, --grad-ckpt, --compile [BACKEND], --channels-last, --ema DECAY (--final-model
+ema); the run record (torch / CUDA / GPU / git versions) goes into args.json, the checkpoints and the task file.
 One run at a time writes into an --out (OUT/.lock); a finished run there is only continued with --resume.
 In --out: args.json, log.jsonl (one line per evaluation, then a summary line), summary.csv (epoch, step,
 train_loss, eval_miou, eval_iou_fg, eval_pixel_acc, lr), curves.png (when matplotlib is installed), tb/
@@ -455,7 +455,7 @@ if args.resume:
 raw_model = model  # adapters, checkpoints, evaluation and the merge work on the plain module
 train_model = Segment(model=model)
 if args.compile:  # training only: evaluation slides windows of changing sizes over the plain model
-    train_model = torch.compile(train_model)
+    train_model = torch.compile(train_model, backend=args.compile)
 if dist.ddp:
     train_model = DDP(train_model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
 autocast = amp_autocast(args.amp, dist.device)  # --amp: bf16 / fp16 autocast, or nothing

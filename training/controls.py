@@ -4,7 +4,7 @@
     --accum-steps K         K micro-batches of --batch-size / K per optimizer step (training/steps.py)
     --clip-grad NORM        clip the global gradient norm of the trained tensors (after unscaling fp16)
     --grad-ckpt             activation checkpointing of the transformer / Meta blocks (models/grad_ckpt.py)
-    --compile               torch.compile the network
+    --compile [BACKEND]     torch.compile the network (BACKEND: default inductor; aot_eager skips code generation)
     --channels-last         channels_last memory format for the convolutions (the same function)
     --ema DECAY             an EMA of the trained tensors (training/ema.py), evaluated beside the raw model
 
@@ -47,9 +47,12 @@ def add_control_args(parser) -> None:
                    help="activation checkpointing: the transformer blocks (SAM's image encoder, ViT) and "
                         "EfficientFormer's Meta4D / Meta3D blocks keep only their input and run again in the "
                         "backward pass: less activation memory for one more forward; same gradients")
-    g.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", nargs="?", const="inductor", default=False, metavar="BACKEND",
                    help="torch.compile the network (train_det.py: the backbone and FPN, where the compute is; the "
-                        "RPN and RoI heads have data-dependent shapes)")
+                        "RPN and RoI heads have data-dependent shapes) with torch.compile's BACKEND, as timm's "
+                        "--torchcompile takes it: inductor when none is named; aot_eager captures the graphs and "
+                        "runs AOT autograd without generating code (to tell a capture problem from a code-generation "
+                        "one, or to skip inductor's C++ builds on a CPU)")
     g.add_argument("--channels-last", action="store_true",
                    help="convolution weights and inputs in the channels_last memory format (faster convolutions "
                         "on GPUs with tensor cores; the same function, to float32 rounding)")
@@ -72,10 +75,22 @@ def check_control_args(parser, args, dist) -> None:
         parser.error(f"--ema {args.ema} must be a decay in [0, 1), e.g. 0.9998")
     if getattr(args, "final_model", None) == "ema" and args.ema is None:
         parser.error("--final-model ema needs --ema DECAY (the average to keep)")
+    if args.compile is not False:  # --compile "" too: named, and no backend
+        check_compile_backend(parser, args.compile)
     args.amp = args.amp or default_amp(dist.device)
     problem = check_amp(args.amp, dist.device)
     if problem:
         parser.error(problem)
+
+
+def check_compile_backend(parser, backend: str) -> None:
+    """parser.error unless torch.compile knows the backend (its debug backends, aot_eager and eager, included)."""
+    import torch._dynamo  # imported here: ~1 s, and only --compile needs it
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        main = [b for b in ("inductor", "aot_eager", "eager", "cudagraphs") if b in known]
+        parser.error(f"--compile {backend}: torch.compile has no such backend; choose one of {', '.join(main)} (all: "
+                     f"torch._dynamo.list_backends(exclude_tags=())), or give --compile alone for inductor")
 
 
 def check_accum_steps(parser, args, dist) -> None:
