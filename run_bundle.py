@@ -73,9 +73,11 @@ for flag, value, code, kind, chosen in (("--out", args.out, "cls", "classificati
         parser.error(f"{flag} {value} is the output of {kind} tasks, and none of the tasks run ({', '.join(tasks)}) "
                      f"is one: drop {flag}" + (f", or add one with --task (this bundle's: {', '.join(have)})" if have
                                                 else f" (this bundle has no {kind} task)"))
-args.out = args.out or "preds.jsonl"
-args.masks = args.masks or "masks"
+args.out = "preds.jsonl" if args.out is None else args.out  # the defaults (None above: was the flag given?)
+args.masks = "masks" if args.masks is None else args.masks
 for path, what in ((args.out, "--out"),) if cls_tasks else ():
+    if not path:
+        parser.error(f"{what} is empty: give a file name, e.g. preds.jsonl")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         parser.error(f"{what} {path}: the folder {folder} does not exist; create it first")

@@ -110,7 +110,8 @@ def test_bad_input(setup, tmp_path):
               "--masks " + str(tmp_path / "m") + " is the output of segmentation tasks, and none of the tasks run "
               "(a, b) is one: drop --masks, or add one with --task (this bundle's: seg)"),
              (["--images", str(setup["images"]), "--task", "seg", "--out", str(tmp_path / "p.jsonl")],
-              "--out " + str(tmp_path / "p.jsonl") + " is the output of classification tasks")]
+              "--out " + str(tmp_path / "p.jsonl") + " is the output of classification tasks"),
+             (["--images", str(setup["images"]), "--task", "a", "--out", ""], "--out is empty: give a file name")]
     for argv, words in cases:
         p = run_bundle(setup, *argv)
         assert p.returncode == 2 and "Traceback" not in p.stderr and words in p.stderr, p.stderr[-2000:]
