@@ -2,6 +2,7 @@
 records (args.json, task file metadata, log.jsonl), accumulation and activation checkpointing changing nothing they
 should not, fp16 + EMA + clipping + accumulation resumed bit for bit, --resume's warning about another run record,
 --eval-only scoring a task file as the run did, channels_last computing the same function, and the user errors."""
+import argparse
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from lora import read_safetensors
 from methods import apply_method
 from models import create_model
 from tasks.task_file import read_task
+from training.controls import add_control_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("--amp", "--accum-steps", "--clip-grad", "--grad-ckpt", "--compile", "--channels-last", "--ema")
@@ -228,9 +230,6 @@ DET_TINY = ["--model", "ef_tiny", "--method", "lora", "--data", "synthetic", "--
 
 
 def test_compile_alone_means_inductor():
-    import argparse
-
-    from training.controls import add_control_args
     parser = argparse.ArgumentParser()
     add_control_args(parser)
     assert parser.parse_args([]).compile is False
